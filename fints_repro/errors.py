@@ -1,0 +1,30 @@
+"""Errors a user can act on: each names what was wrong and where."""
+
+from __future__ import annotations
+
+
+class FintsError(Exception):
+    """Base class for the framework's user-facing errors."""
+
+
+class DataError(FintsError):
+    """Bad or missing input data. The message names the file and, where known, the record."""
+
+    def __init__(self, message: str, *, file: str | None = None, record: str | int | None = None):
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if record is not None:
+            where.append(f"record {record}")
+        prefix = f"[{', '.join(where)}] " if where else ""
+        super().__init__(prefix + message)
+        self.file = file
+        self.record = record
+
+
+class MissingDataError(DataError):
+    """Dataset files are not where the config says; the message says how to get them."""
+
+
+class ConfigError(FintsError):
+    """A configuration that cannot work, caught at start-up."""
