@@ -1,0 +1,171 @@
+"""Typed configuration: the schema every Hydra config is merged into.
+
+Each config group (``dataset``, ``model``, ``backbone``, ``steering``, ``retriever``,
+``logger``) has a dataclass here. ``register_configs()`` stores the top-level schema in
+Hydra's ConfigStore as ``schema``; ``conf/config.yaml`` lists it first in its defaults, so
+every group file and command-line override is merged into a typed, struct node: a
+misspelt key or a wrong type stops the run at start-up with Hydra's message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    # Where real datasets live; $FINTS_DATA_ROOT overrides the default.
+    root: str = "${oc.env:FINTS_DATA_ROOT,data}"
+
+
+@dataclass
+class DemoDataConfig:
+    n_users: int = 8
+    n_history: int = 12
+    n_test: int = 4
+    drift: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    # Which loader reads it: lamp | longlamp | demo
+    loader: str = MISSING
+    task: str = MISSING  # lamp4 | lamp5 | longlamp_abstract | demo_news
+    # Folder or file the loader reads (for `demo`: where generated files are written).
+    path: str = MISSING
+    split: str = "dev"
+    # How one history item is shown in a RAG prompt, and how the prompt ends.
+    history_template: str = '"{output}" is the title for "{input}"'
+    rag_prompt_template: str = "{history}.\n\n{input}"
+    history_separator: str = ", and "
+    # How a history item's input is turned into the task's question (pairs, extraction).
+    question_template: str = "{input}"
+    # Retrieval query: the sample input with this prefix removed (the article alone).
+    query_strip_prefix: str = ""
+    rag_k: int = 5
+    # Cut each history item's input to this many words in RAG prompts (null: keep all).
+    history_max_words: Optional[int] = None
+    max_new_tokens: int = 32
+    metrics: list[str] = field(default_factory=lambda: ["rouge"])
+    # Contrastive pairs are kept only below this ROUGE-L F (REFERENCE.md §1.2).
+    pair_rouge_threshold: float = 0.15
+    # User and history selection (REFERENCE.md §1.1).
+    n_users: Optional[int] = None
+    max_samples_per_user: Optional[int] = None
+    history_fraction: float = 1.0
+    time_split: bool = False
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # hub | local | gguf_wheel | tiny_random
+    source: str = MISSING
+    # hub id, local directory, or (gguf_wheel) the distribution name of the wheel
+    id: str = ""
+    gguf_file: str = ""  # gguf_wheel: file name inside the wheel
+    revision: Optional[str] = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # tiny_random: the transformers model_type and config overrides
+    arch: str = ""
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Override of the decoder-layer path for steering (e.g. "model.layers"); "" = discover.
+    layers_path: str = ""
+    system_prompt: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RetrieverConfig:
+    name: str = MISSING  # bm25 | minilm | contriever
+    # dense retrievers: a sentence-transformers directory, a pip distribution holding one,
+    # or a hub id
+    model: str = ""
+    pooling: str = "mean"
+    normalize: bool = True
+    batch_size: int = 64
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING  # zero_shot | rag
+    # rag: how many history items go into the prompt (null = the dataset's rag_k)
+    k: Optional[int] = None
+
+
+@dataclass
+class SteeringConfig:
+    name: str = "none"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # wandb | none
+    project: str = "fints-repro"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    n_table_rows: int = 50
+
+
+@dataclass
+class GenerationConfig:
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 0.1
+    top_p: float = 0.9
+    # null: the dataset's max_new_tokens
+    max_new_tokens: Optional[int] = None
+    # strip | fints_first_line (REFERENCE.md §2 post-processing)
+    postprocess: str = "strip"
+    # Sort prompts by length before batching: less padding, same outputs.
+    sort_by_length: bool = True
+
+
+@dataclass
+class EvalConfig:
+    bootstrap: int = 1000
+
+
+@dataclass
+class MethodSpec:
+    """One method a run evaluates: a backbone and a steering choice (group option names)."""
+
+    backbone: str = MISSING
+    steering: str = "none"
+    name: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    backbone: BackboneConfig = MISSING
+    steering: SteeringConfig = MISSING
+    retriever: RetrieverConfig = MISSING
+    logger: LoggerConfig = MISSING
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Methods compared on the same data and model in one run (empty: the configured
+    # backbone + steering alone). Each entry names group options, e.g.
+    # {backbone: rag, steering: none}.
+    methods: list[MethodSpec] = field(default_factory=list)
+    seed: int = 0
+    # Content-hashed caches (converted models, embeddings, generations).
+    cache_dir: str = "${oc.env:FINTS_CACHE_DIR,.cache}"
+    # Rerun into this directory to resume (default: Hydra's run dir).
+    run_dir: Optional[str] = None
+    progress: bool = True
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=RunConfig)

@@ -1,0 +1,259 @@
+"""The run, stage by stage: data → model → (per method) prompts → generations → metrics.
+
+Every stage is a plain function of plain data. Generations are cached on disk by content
+hash (model fingerprint, decoding settings, steering, prompt), appended batch by batch, so
+a killed run resumes where it stopped and an identical rerun costs no model time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from fints_repro.backbones import build_backbone
+from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig
+from fints_repro.data.load import load_samples
+from fints_repro.data.schema import Sample
+from fints_repro.errors import ConfigError, DataError
+from fints_repro.eval import compute_metrics
+from fints_repro.eval.postprocess import postprocess
+from fints_repro.generation import DecodingParams, generate_batches
+from fints_repro.models.chat import render_chat
+from fints_repro.models.loading import LoadedModel, load_model
+from fints_repro.retrieval import build_retriever
+from fints_repro.steering import STEERING
+from fints_repro.tracking import open_tracker
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+@dataclass
+class Method:
+    name: str
+    backbone: BackboneConfig
+    steering: SteeringConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _group_option(group: str, name: str, schema: type, current: Any) -> Any:
+    """The config of option ``name`` of ``group``; the run's own one (with its command-line
+    overrides) when it is the option the run was composed with."""
+    if current.name == name:
+        return current
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"methods: no {group} option {name!r} (known: {known})")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
+
+
+def resolve_methods(cfg: RunConfig) -> list[Method]:
+    specs = cfg.methods or []
+    if not specs:
+        return [Method(_method_name(cfg.backbone.name, cfg.steering.name), cfg.backbone, cfg.steering)]
+    methods = []
+    for spec in specs:
+        bb = _group_option("backbone", spec.backbone, BackboneConfig, cfg.backbone)
+        st = _group_option("steering", spec.steering, SteeringConfig, cfg.steering)
+        methods.append(Method(spec.name or _method_name(bb.name, st.name), bb, st))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"methods: duplicate method names {names}")
+    return methods
+
+
+def _method_name(backbone: str, steering: str) -> str:
+    return backbone if steering == "none" else f"{backbone}+{steering}"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class GenerationStore:
+    """Append-only JSONL of generations keyed by prompt hash, one file per
+    (model, decoding, batching, steering) fingerprint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: dict[str, str] = {}
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill: regenerate it
+                        continue
+                    self.items[row["key"]] = row["generation"]
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def add(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for k, g in pairs:
+                f.write(json.dumps({"key": k, "generation": g}) + "\n")
+                self.items[k] = g
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_method(
+    cfg: RunConfig, method: Method, lm: LoadedModel, samples: Sequence[Sample],
+    run_dir: Path, retriever_thunk,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Prompts → generations (cached, resumable) → metrics for one method."""
+    t0 = time.time()
+    backbone = build_backbone(method.backbone, cfg.dataset, retriever_thunk)
+    prompts = backbone.build_prompts(samples)
+    texts = [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
+    t_prompts = time.time() - t0
+
+    g = cfg.generation
+    params = DecodingParams(
+        max_new_tokens=g.max_new_tokens or cfg.dataset.max_new_tokens,
+        do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, seed=cfg.seed,
+    )
+    steering_context = STEERING.get(method.steering.name)(method.steering, lm, samples)
+    store_key = _hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
+                       asdict(method.steering), [s.id for s in samples]
+                       if method.steering.name != "none" else None])
+    store = GenerationStore(Path(cfg.cache_dir) / "generations" / f"{store_key}.jsonl")
+    keys = [store.key(t) for t in texts]
+    done = {i for i, k in enumerate(keys) if k in store.items}
+    if done:
+        log.info("[%s] %d/%d generations found in the cache", method.name, len(done), len(texts))
+
+    out_dir = run_dir / method.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t1 = time.time()
+    n_generated = 0
+    for idx, gens in generate_batches(
+        lm, texts, params, batch_size=g.batch_size, sort_by_length=g.sort_by_length,
+        skip=done, batch_context=steering_context, progress=cfg.progress, desc=method.name,
+    ):
+        store.add([(keys[i], gen) for i, gen in zip(idx, gens)])
+        n_generated += len(idx)
+    t_gen = time.time() - t1
+
+    raw = [store.items[k] for k in keys]
+    preds = postprocess(raw, g.postprocess)
+    targets = [s.target for s in samples]
+    if any(t is None for t in targets):
+        log.warning("[%s] the data has no gold outputs: predictions only, no metrics", method.name)
+        agg, per_sample = {"n": len(samples)}, [{} for _ in samples]
+    else:
+        agg, per_sample = compute_metrics(list(cfg.dataset.metrics), preds, targets,
+                                          bootstrap=cfg.eval.bootstrap, seed=cfg.seed)
+    rows = [
+        {"id": s.id, "user": s.user, "prompt": t, "generation": r, "prediction": p,
+         "target": s.target, "history_ids": pr.history_ids, "scores": sc}
+        for s, t, r, p, pr, sc in zip(samples, texts, raw, preds, prompts, per_sample)
+    ]
+    _write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
+    metrics = {
+        **agg,
+        "n_generated": n_generated,
+        "n_cached": len(done),
+        "seconds_prompts": round(t_prompts, 3),
+        "seconds_generation": round(t_gen, 3),
+        "samples_per_second": round(n_generated / t_gen, 3) if n_generated and t_gen > 0 else None,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics, rows
+
+
+def summary_table(results: dict[str, dict[str, Any]], keys: Sequence[str]) -> str:
+    header = "| method | " + " | ".join(keys) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 1)]
+    for name, m in results.items():
+        cells = [f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
+    skip = {"n_generated", "n_cached", "seconds_prompts", "seconds_generation", "samples_per_second"}
+    first = next(iter(results.values()), {})
+    return [k for k in first if k not in skip and isinstance(first[k], (int, float))]
+
+
+def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    methods = resolve_methods(cfg)  # fail on a bad method list before loading anything
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    samples = load_samples(cfg.dataset, seed=cfg.seed)
+    if not samples:
+        raise DataError(f"dataset {cfg.dataset.name}: no samples left after user/history selection")
+    n_users = len({s.user for s in samples})
+    n_empty = sum(1 for s in samples if not s.history)
+    log.info("%d samples of %d users (%d with an empty history)", len(samples), n_users, n_empty)
+
+    t0 = time.time()
+    lm = load_model(cfg.model, cfg.cache_dir)
+    log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
+
+    retriever = None
+
+    def retriever_thunk():
+        nonlocal retriever
+        if retriever is None:
+            retriever = build_retriever(cfg.retriever)
+        return retriever
+
+    results: dict[str, dict[str, Any]] = {}
+    with open_tracker(cfg.logger, run_dir=run_dir, config=resolved,
+                      name=f"{cfg.dataset.name}-{cfg.model.name}") as tracker:
+        for method in methods:
+            metrics, rows = run_method(cfg, method, lm, samples, run_dir, retriever_thunk)
+            results[method.name] = metrics
+            tracker.log_metrics({f"{method.name}/{k}": v for k, v in metrics.items()})
+            tracker.log_table(f"{method.name}/samples", [
+                {k: r[k] for k in ("id", "user", "prompt", "prediction", "target")}
+                | {f"score/{k}": v for k, v in r["scores"].items()}
+                for r in rows[: cfg.logger.n_table_rows]
+            ])
+            log.info("[%s] %s", method.name, json.dumps(
+                {k: v for k, v in metrics.items() if k in metric_keys(results)}))
+
+    summary = {
+        "dataset": cfg.dataset.name, "model": lm.fingerprint, "n_samples": len(samples),
+        "n_users": n_users, "n_empty_history": n_empty, "methods": results,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    table = summary_table(results, metric_keys(results))
+    (run_dir / "summary.md").write_text(table + "\n")
+    print(f"\n{cfg.dataset.name} · {cfg.model.name} · {len(samples)} samples, {n_users} users\n"
+          f"{table}\n\nrun dir: {run_dir}")
+    return summary

