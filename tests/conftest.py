@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+CONF_DIR = ROOT / "fints_repro" / "conf"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The converted default model is shared with `make demo` (converted once per machine).
+os.environ.setdefault("FINTS_CACHE_DIR", str(ROOT / ".cache"))
+
+
+def compose(overrides: list[str]):
+    """Compose the run config exactly as `python -m fints_repro.run <overrides>` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from fints_repro.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """A tiny random model, tiny demo data, no tracker, caches in tmp_path."""
+    return [
+        "model=tiny_random_llama",
+        "logger=none",
+        f"cache_dir={tmp_path / 'cache'}",
+        "dataset.demo.n_users=3",
+        "dataset.demo.n_history=4",
+        "dataset.demo.n_test=2",
+        "dataset.max_new_tokens=6",
+        "eval.bootstrap=50",
+        "progress=false",
+    ]

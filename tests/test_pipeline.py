@@ -1,0 +1,96 @@
+"""End-to-end runs on a tiny random model and tiny data: every preset smoke-runs, outputs
+are complete, a rerun resumes from the cache with identical predictions, bad input fails
+with a message that says what to do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fints_repro.errors import ConfigError, MissingDataError
+from fints_repro.pipeline import run_experiment
+from tests.conftest import CONF_DIR, FIXTURES, ROOT, compose
+
+EXPS = sorted(p.stem for p in (CONF_DIR / "exp").glob("*.yaml"))
+
+
+def _run(overrides: list[str], run_dir: Path) -> dict:
+    return run_experiment(OmegaConf.to_object(compose(overrides)), run_dir)
+
+
+def _predictions(run_dir: Path, method: str) -> list[dict]:
+    lines = (run_dir / method / "predictions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("exp", EXPS)
+def test_every_preset_smoke_runs_on_a_tiny_model(exp: str, tiny_overrides, tmp_path: Path) -> None:
+    overrides = [f"+exp={exp}", *tiny_overrides, f"data.root={FIXTURES}", "dataset.n_users=2"]
+    summary = _run(overrides, tmp_path / "run")
+    assert summary["methods"], "no method ran"
+    for name, metrics in summary["methods"].items():
+        rows = _predictions(tmp_path / "run", name)
+        assert len(rows) == summary["n_samples"] == metrics["n"]
+        for r in rows:
+            assert set(r) >= {"id", "user", "prompt", "generation", "target", "scores"}
+            assert set(r["scores"]) >= {"rouge1", "rougeL"}
+        assert 0.0 <= metrics["rougeL"] <= 1.0
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
+
+
+def test_rag_prompt_holds_the_retrieved_history(tiny_overrides, tmp_path: Path) -> None:
+    summary = _run(["+exp=demo", *tiny_overrides, "backbone.k=2"], tmp_path / "run")
+    rag = _predictions(tmp_path / "run", "rag")
+    zero = _predictions(tmp_path / "run", "zero_shot")
+    assert summary["n_empty_history"] == 0
+    for r, z in zip(rag, zero):
+        assert len(r["history_ids"]) == 2 and z["history_ids"] == []
+        assert len(r["prompt"]) > len(z["prompt"])
+        assert "is the title for" in r["prompt"] and "is the title for" not in z["prompt"]
+
+
+def test_rerun_resumes_from_cache_with_identical_predictions(tiny_overrides, tmp_path: Path) -> None:
+    overrides = ["+exp=demo", *tiny_overrides]
+    first = _run(overrides, tmp_path / "a")
+    assert first["methods"]["rag"]["n_generated"] == first["n_samples"]
+    # Simulate a run killed mid-way: keep half the cached generations of one method.
+    store = next((tmp_path / "cache" / "generations").glob("*.jsonl"))
+    lines = store.read_text().splitlines()
+    store.write_text("\n".join(lines[: len(lines) // 2]) + "\n{\"key\": \"trunc")
+    second = _run(overrides, tmp_path / "b")
+    for method in ("zero_shot", "rag"):
+        assert _predictions(tmp_path / "a", method) == _predictions(tmp_path / "b", method)
+        assert first["methods"][method]["rougeL"] == second["methods"][method]["rougeL"]
+    total_generated = sum(m["n_generated"] for m in second["methods"].values())
+    assert 0 < total_generated < 2 * first["n_samples"]
+
+
+def test_missing_real_data_says_what_it_looked_for(tiny_overrides, tmp_path: Path) -> None:
+    with pytest.raises(MissingDataError) as e:
+        _run(["+exp=lamp_news", *tiny_overrides, f"data.root={tmp_path / 'nowhere'}"],
+             tmp_path / "run")
+    msg = str(e.value)
+    assert "dev_questions.json" in msg and str(tmp_path / "nowhere") in msg
+    assert "scripts/download_data.py lamp4" in msg and "+exp=demo" in msg
+
+
+def test_unknown_method_option_fails_before_any_model_time(tiny_overrides, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no backbone option 'nope'"):
+        _run(["+exp=demo", *tiny_overrides, "methods=[{backbone: nope}]"], tmp_path / "run")
+
+
+def test_cli_reports_missing_data_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fints_repro.run", "+exp=lamp_news", "logger=none",
+         f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "dev_questions.json" in proc.stdout + proc.stderr
