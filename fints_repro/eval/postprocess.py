@@ -1,0 +1,43 @@
+"""Post-processing of generated text before scoring.
+
+``strip`` (the default everywhere) removes surrounding whitespace. ``fints_first_line``
+is the Fints code's extra rule, offered as an option: keep the first line (split on
+``"\\n"``) that is longer than one character, measured as the line stands, and that does
+not contain "headline", "title" or "abstract"; the kept line is stripped. It follows the
+authors' code (KounianhuaDu/Fints, evaluators/eval_lamp.py, first-line version): the
+words are matched case-sensitively, and when no line qualifies the prediction is empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+_HEADER_WORDS = ("headline", "title", "abstract")
+
+
+def strip(text: str) -> str:
+    """The text without leading and trailing whitespace."""
+    return text.strip()
+
+
+def fints_first_line(text: str) -> str:
+    """The first line longer than one character that names no header word, stripped;
+    "" when there is none (as in the authors' code)."""
+    for line in text.split("\n"):
+        if len(line) > 1 and not any(w in line for w in _HEADER_WORDS):
+            return line.strip()
+    return ""
+
+
+MODES: dict[str, Callable[[str], str]] = {"strip": strip, "fints_first_line": fints_first_line}
+
+
+def postprocess(texts: Iterable[str], mode: str) -> list[str]:
+    """Apply the post-processing ``mode`` ("strip" or "fints_first_line") to each text."""
+    try:
+        fn = MODES[mode]
+    except KeyError:
+        raise ValueError(
+            f"unknown post-processing mode {mode!r}; choose one of {sorted(MODES)}"
+        ) from None
+    return [fn(t) for t in texts]
