@@ -88,21 +88,36 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_jsonl_lenient(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file that a killed run may have cut short: a broken last line is
+    dropped (its sample is generated again), never fatal."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class GenerationStore:
     """Append-only JSONL of generations keyed by prompt hash, one file per
     (model, decoding, batching, steering) fingerprint."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.items: dict[str, str] = {}
-        if path.exists():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill: regenerate it
-                        continue
-                    self.items[row["key"]] = row["generation"]
+        self.items: dict[str, str] = {r["key"]: r["generation"] for r in read_jsonl_lenient(path)}
 
     @staticmethod
     def key(text: str) -> str:
@@ -110,12 +125,8 @@ class GenerationStore:
 
     def add(self, pairs: Sequence[tuple[str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for k, g in pairs:
-                f.write(json.dumps({"key": k, "generation": g}) + "\n")
-                self.items[k] = g
-            f.flush()
-            os.fsync(f.fileno())
+        _append_jsonl(self.path, [{"key": k, "generation": g} for k, g in pairs])
+        self.items.update(pairs)
 
 
 def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -148,23 +159,34 @@ def run_method(
                        if method.steering.name != "none" else None])
     store = GenerationStore(Path(cfg.cache_dir) / "generations" / f"{store_key}.jsonl")
     keys = [store.key(t) for t in texts]
-    done = {i for i, k in enumerate(keys) if k in store.items}
-    if done:
-        log.info("[%s] %d/%d generations found in the cache", method.name, len(done), len(texts))
-
+    done: dict[int, str] = {i: store.items[k] for i, k in enumerate(keys) if k in store.items}
     out_dir = run_dir / method.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / "predictions.jsonl"
+    # Rerunning into the same run dir: rows already written there (same id, same prompt).
+    position = {s.id: i for i, s in enumerate(samples)}
+    for row in read_jsonl_lenient(pred_path):
+        i = position.get(row.get("id"))
+        if i is not None and row.get("prompt") == texts[i] and "generation" in row:
+            done.setdefault(i, row["generation"])
+    if done:
+        log.info("[%s] %d/%d generations reused (run dir or cache)", method.name, len(done), len(texts))
+
     t1 = time.time()
-    n_generated = 0
+    n_cached = len(done)
     for idx, gens in generate_batches(
         lm, texts, params, batch_size=g.batch_size, sort_by_length=g.sort_by_length,
-        skip=done, batch_context=steering_context, progress=cfg.progress, desc=method.name,
+        skip=set(done), batch_context=steering_context, progress=cfg.progress, desc=method.name,
     ):
         store.add([(keys[i], gen) for i, gen in zip(idx, gens)])
-        n_generated += len(idx)
+        _append_jsonl(pred_path, [{"id": samples[i].id, "user": samples[i].user, "prompt": texts[i],
+                                   "generation": gen, "target": samples[i].target}
+                                  for i, gen in zip(idx, gens)])
+        done.update(zip(idx, gens))
     t_gen = time.time() - t1
+    n_generated = len(done) - n_cached
 
-    raw = [store.items[k] for k in keys]
+    raw = [done[i] for i in range(len(texts))]
     preds = postprocess(raw, g.postprocess)
     targets = [s.target for s in samples]
     if any(t is None for t in targets):
@@ -178,11 +200,11 @@ def run_method(
          "target": s.target, "history_ids": pr.history_ids, "scores": sc}
         for s, t, r, p, pr, sc in zip(samples, texts, raw, preds, prompts, per_sample)
     ]
-    _write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
+    _write_jsonl_atomic(pred_path, rows)  # now in sample order, with scores
     metrics = {
         **agg,
         "n_generated": n_generated,
-        "n_cached": len(done),
+        "n_cached": n_cached,
         "seconds_prompts": round(t_prompts, 3),
         "seconds_generation": round(t_gen, 3),
         "samples_per_second": round(n_generated / t_gen, 3) if n_generated and t_gen > 0 else None,

@@ -94,3 +94,20 @@ def test_cli_reports_missing_data_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "dev_questions.json" in proc.stdout + proc.stderr
+
+
+def test_rerun_into_the_same_run_dir_resumes_from_its_predictions(tiny_overrides, tmp_path: Path) -> None:
+    overrides = ["+exp=demo", *tiny_overrides, "methods=[{backbone: rag}]"]
+    first = _run(overrides, tmp_path / "run")
+    before = _predictions(tmp_path / "run", "rag")
+    # Killed mid-way, cache gone: the run dir holds the first rows only, the last one cut short.
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / "generations")
+    kept = [{k: r[k] for k in ("id", "user", "prompt", "generation", "target")} for r in before[:3]]
+    text = "".join(json.dumps(r) + "\n" for r in kept) + '{"id": "cut'
+    (tmp_path / "run" / "rag" / "predictions.jsonl").write_text(text)
+    second = _run(overrides, tmp_path / "run")
+    assert second["methods"]["rag"]["n_cached"] == 3
+    assert second["methods"]["rag"]["n_generated"] == first["n_samples"] - 3
+    assert _predictions(tmp_path / "run", "rag") == before
