@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 from fints_repro.config import LoggerConfig
+from fints_repro.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def open_tracker(cfg: LoggerConfig, *, run_dir: Path, config: dict[str, Any],
         yield NullTracker()
         return
     if cfg.name != "wandb":
-        raise ValueError(f"unknown logger.name={cfg.name!r} (wandb | none)")
+        raise ConfigError(f"unknown logger.name={cfg.name!r} (wandb | none)")
     import wandb
 
     run = wandb.init(

