@@ -54,7 +54,8 @@ class DatasetConfig:
     metrics: list[str] = field(default_factory=lambda: ["rouge"])
     # Contrastive pairs are kept only below this ROUGE-L F (REFERENCE.md §1.2).
     pair_rouge_threshold: float = 0.15
-    # User and history selection (REFERENCE.md §1.1).
+    # User and history selection (REFERENCE.md §1.1). `users`: these user ids only.
+    users: Optional[list[str]] = None
     n_users: Optional[int] = None
     max_samples_per_user: Optional[int] = None
     history_fraction: float = 1.0

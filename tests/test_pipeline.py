@@ -111,3 +111,13 @@ def test_rerun_into_the_same_run_dir_resumes_from_its_predictions(tiny_overrides
     assert second["methods"]["rag"]["n_cached"] == 3
     assert second["methods"]["rag"]["n_generated"] == first["n_samples"] - 3
     assert _predictions(tmp_path / "run", "rag") == before
+
+
+def test_selecting_an_unknown_user_names_it(tiny_overrides, tmp_path: Path) -> None:
+    from fints_repro.errors import DataError
+
+    with pytest.raises(DataError, match="nobody_42"):
+        _run(["+exp=lamp_news", *tiny_overrides, f"data.root={FIXTURES}",
+              "dataset.users=[nobody_42]"], tmp_path / "run")
+    summary = _run(["+exp=demo", *tiny_overrides, "dataset.users=[demo_user_01]"], tmp_path / "ok")
+    assert summary["n_users"] == 1

