@@ -269,13 +269,16 @@ def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             log.info("[%s] %s", method.name, json.dumps(
                 {k: v for k, v in metrics.items() if k in metric_keys(results)}))
 
+    synthetic = cfg.dataset.loader == "demo"
     summary = {
-        "dataset": cfg.dataset.name, "model": lm.fingerprint, "n_samples": len(samples),
+        "dataset": cfg.dataset.name, "synthetic_data": synthetic,
+        "model": lm.fingerprint, "n_samples": len(samples),
         "n_users": n_users, "n_empty_history": n_empty, "methods": results,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     table = summary_table(results, metric_keys(results))
     (run_dir / "summary.md").write_text(table + "\n")
-    print(f"\n{cfg.dataset.name} · {cfg.model.name} · {len(samples)} samples, {n_users} users\n"
+    label = f"{cfg.dataset.name} (SYNTHETIC demo data)" if synthetic else cfg.dataset.name
+    print(f"\n{label} · {cfg.model.name} · {len(samples)} samples, {n_users} users\n"
           f"{table}\n\nrun dir: {run_dir}")
     return summary

@@ -36,7 +36,7 @@ def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
         base + [_cache(tmp_path, "c1"), f"dataset.path={tmp_path / 'data'}"]
     )), tmp_path / "a")
     m = summary["methods"]
-    assert summary["n_samples"] == 32 and summary["n_users"] == 8
+    assert summary["n_samples"] == 32 and summary["n_users"] == 8 and summary["synthetic_data"]
     assert m["rag"]["rougeL"] > m["zero_shot"]["rougeL"] + 0.05, m
     assert all(r["prediction"] for r in _rows(tmp_path / "a", "rag"))
 
