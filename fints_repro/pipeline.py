@@ -7,7 +7,6 @@ a killed run resumes where it stopped and an identical rerun costs no model time
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fints_repro.backbones import build_backbone
+from fints_repro.cache import GenerationStore, append_jsonl, content_hash, read_jsonl_lenient
 from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig
 from fints_repro.data.load import load_samples
 from fints_repro.data.schema import Sample
@@ -84,51 +84,6 @@ def _method_name(backbone: str, steering: str) -> str:
     return backbone if steering == "none" else f"{backbone}+{steering}"
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_jsonl_lenient(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file that a killed run may have cut short: a broken last line is
-    dropped (its sample is generated again), never fatal."""
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def _append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class GenerationStore:
-    """Append-only JSONL of generations keyed by prompt hash, one file per
-    (model, decoding, batching, steering) fingerprint."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.items: dict[str, str] = {r["key"]: r["generation"] for r in read_jsonl_lenient(path)}
-
-    @staticmethod
-    def key(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def add(self, pairs: Sequence[tuple[str, str]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _append_jsonl(self.path, [{"key": k, "generation": g} for k, g in pairs])
-        self.items.update(pairs)
-
-
 def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -154,7 +109,7 @@ def run_method(
         do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, seed=cfg.seed,
     )
     steering_context = STEERING.get(method.steering.name)(method.steering, lm, samples)
-    store_key = _hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
+    store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
                        asdict(method.steering), [s.id for s in samples]
                        if method.steering.name != "none" else None])
     store = GenerationStore(Path(cfg.cache_dir) / "generations" / f"{store_key}.jsonl")
@@ -179,7 +134,7 @@ def run_method(
         skip=set(done), batch_context=steering_context, progress=cfg.progress, desc=method.name,
     ):
         store.add([(keys[i], gen) for i, gen in zip(idx, gens)])
-        _append_jsonl(pred_path, [{"id": samples[i].id, "user": samples[i].user, "prompt": texts[i],
+        append_jsonl(pred_path, [{"id": samples[i].id, "user": samples[i].user, "prompt": texts[i],
                                    "generation": gen, "target": samples[i].target}
                                   for i, gen in zip(idx, gens)])
         done.update(zip(idx, gens))

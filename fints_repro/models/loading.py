@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from fints_repro.cache import content_hash
 from fints_repro.config import ModelConfig
 from fints_repro.errors import ConfigError
 
@@ -61,14 +62,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"model.dtype={name!r}: expected auto or one of {sorted(_DTYPES)}")
     return _DTYPES[name]
-
-
-def _hash(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def _file_sha256(path: Path) -> str:
@@ -138,7 +131,7 @@ def _local_fingerprint(path: Path) -> str:
     parts = [(path / "config.json").read_text() if (path / "config.json").exists() else ""]
     for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         parts.append((f.name, f.stat().st_size))
-    return _hash(*parts)
+    return content_hash(parts)
 
 
 def resolve_weights(cfg: ModelConfig, cache_dir: str | Path) -> tuple[str, str]:
@@ -146,7 +139,7 @@ def resolve_weights(cfg: ModelConfig, cache_dir: str | Path) -> tuple[str, str]:
     if cfg.source == "hub":
         if not cfg.id:
             raise ConfigError(f"model {cfg.name}: source=hub needs model.id")
-        return cfg.id, _hash("hub", cfg.id, cfg.revision)
+        return cfg.id, content_hash(["hub", cfg.id, cfg.revision])
     if cfg.source == "local":
         path = Path(cfg.id).expanduser()
         if not (path / "config.json").exists():
@@ -154,7 +147,7 @@ def resolve_weights(cfg: ModelConfig, cache_dir: str | Path) -> tuple[str, str]:
         return str(path), _local_fingerprint(path)
     if cfg.source == "gguf_wheel":
         gguf = find_wheel_file(cfg.id, cfg.gguf_file)
-        fp = _hash("gguf", cfg.id, md.version(cfg.id), cfg.gguf_file, gguf.stat().st_size)
+        fp = content_hash(["gguf", cfg.id, md.version(cfg.id), cfg.gguf_file, gguf.stat().st_size])
         out = Path(cache_dir) / "models" / f"{cfg.name}-{fp}"
         return str(gguf_to_safetensors(gguf, out)), fp
     raise ConfigError(
@@ -170,7 +163,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
         from fints_repro.models.tiny import tiny_model
 
         model, tok = tiny_model(cfg.arch, **dict(cfg.arch_kwargs))
-        fp = _hash("tiny", cfg.arch, dict(cfg.arch_kwargs))
+        fp = content_hash(["tiny", cfg.arch, dict(cfg.arch_kwargs)])
     else:
         src, fp = resolve_weights(cfg, cache_dir)
         kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
