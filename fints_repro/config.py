@@ -54,6 +54,8 @@ class DatasetConfig:
     metrics: list[str] = field(default_factory=lambda: ["rouge"])
     # Contrastive pairs are kept only below this ROUGE-L F (REFERENCE.md §1.2).
     pair_rouge_threshold: float = 0.15
+    # Other users' history items in the pair generator's prompt (5 LaMP-4, 3 abstracts).
+    pair_k_other: int = 5
     # User and history selection (REFERENCE.md §1.1). `users`: these user ids only.
     users: Optional[list[str]] = None
     n_users: Optional[int] = None
@@ -102,8 +104,47 @@ class BackboneConfig:
 
 
 @dataclass
+class PairsConfig:
+    """Contrastive pairs (REFERENCE.md §1.2): chosen = the user's own output for a history
+    item; rejected = what the generator writes when its prompt holds k random history
+    items of *other* users; kept when ROUGE-L F(rejected, chosen) < the dataset's threshold."""
+
+    # The generator model (a `model` group option name); null = the run's own model.
+    generator: Optional[str] = None
+    # Other users' history items in the generator's prompt; null = dataset.pair_k_other.
+    k_other: Optional[int] = None
+    attempts: int = 2  # generations per history item (each with fresh random others); all
+    #                    attempts below the threshold are kept, as in the authors' code
+    do_sample: bool = False  # the authors sample at temperature 0.01: greedy is its limit
+    temperature: float = 0.01
+    batch_size: int = 8
+    # The text the pair's answers are appended to for extraction and retrieval:
+    # `task` = the item's own question (dataset.question_template); `generation_prompt` =
+    # the generator's prompt with the other users' items, as the authors' code stores it.
+    question: str = "task"
+
+
+@dataclass
 class SteeringConfig:
-    name: str = "none"
+    name: str = "none"  # none | caa | fine_grained
+    # Decoder layer to steer (0-based); null = round(2/3 of the depth).
+    layer: Optional[int] = None
+    # Sites: attn (self-attention output, before the residual add), mlp (MLP output),
+    # resid (decoder-layer output).
+    sites: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    alpha: float = 1.0  # strength at attn
+    beta: float = 1.0  # strength at mlp
+    gamma: float = 1.0  # strength at resid
+    positions: str = "all"  # all | prompt | generated
+    # fine_grained: top-K of the user's pairs per test input, and how to weight them.
+    top_k: int = 5
+    aggregate: str = "mean"  # mean | softmax (weights softmax(score / tau))
+    tau: float = 0.1
+    # What extraction reads at `attn`: `output` (the attention output, default) or
+    # `residual` (layer input + attention output: what the authors' code stores).
+    attn_read: str = "output"
+    extract_batch_size: int = 8
+    pairs: PairsConfig = field(default_factory=PairsConfig)
 
 
 @dataclass
