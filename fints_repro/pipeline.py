@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from fints_repro.backbones import build_backbone
 from fints_repro.cache import GenerationStore, append_jsonl, content_hash, read_jsonl_lenient
-from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig
+from fints_repro.config import BackboneConfig, ModelConfig, RunConfig, SteeringConfig
 from fints_repro.data.load import load_samples
 from fints_repro.data.schema import Sample
 from fints_repro.errors import ConfigError, DataError
@@ -31,8 +31,8 @@ from fints_repro.eval.postprocess import postprocess
 from fints_repro.generation import DecodingParams, generate_batches
 from fints_repro.models.chat import render_chat
 from fints_repro.models.loading import LoadedModel, load_model
-from fints_repro.retrieval import build_retriever
-from fints_repro.steering import STEERING
+from fints_repro.retrieval import Retriever, build_retriever
+from fints_repro.steering import STEERING, SteeringInputs, load_methods
 from fints_repro.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,43 @@ def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+class Resources:
+    """Built on first use and shared by every method of a run: the retriever, and models
+    other than the run's own (e.g. a separate pair generator)."""
+
+    def __init__(self, cfg: RunConfig, lm: LoadedModel):
+        self.cfg, self.lm = cfg, lm
+        self._retriever: Retriever | None = None
+        self._models: dict[str, LoadedModel] = {}
+
+    def retriever(self) -> Retriever:
+        if self._retriever is None:
+            self._retriever = build_retriever(self.cfg.retriever)
+        return self._retriever
+
+    def model(self, name: str | None) -> LoadedModel:
+        if name is None or name == self.cfg.model.name:
+            return self.lm
+        if name not in self._models:
+            mcfg = _group_option("model", name, ModelConfig, self.cfg.model)
+            self._models[name] = load_model(mcfg, self.cfg.cache_dir)
+        return self._models[name]
+
+    def steering_inputs(self, steering: SteeringConfig) -> SteeringInputs:
+        return SteeringInputs(
+            dataset=self.cfg.dataset, cache_dir=self.cfg.cache_dir, seed=self.cfg.seed,
+            retriever=self.retriever, generator=lambda: self.model(steering.pairs.generator),
+            layers_path=self.cfg.model.layers_path, progress=self.cfg.progress,
+        )
+
+
 def run_method(
     cfg: RunConfig, method: Method, lm: LoadedModel, samples: Sequence[Sample],
-    run_dir: Path, retriever_thunk,
+    run_dir: Path, resources: Resources,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Prompts → generations (cached, resumable) → metrics for one method."""
+    """Prompts → (steering plan) → generations (cached, resumable) → metrics, for one method."""
     t0 = time.time()
-    backbone = build_backbone(method.backbone, cfg.dataset, retriever_thunk)
+    backbone = build_backbone(method.backbone, cfg.dataset, resources.retriever)
     prompts = backbone.build_prompts(samples)
     texts = [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
     t_prompts = time.time() - t0
@@ -108,12 +138,16 @@ def run_method(
         max_new_tokens=g.max_new_tokens or cfg.dataset.max_new_tokens,
         do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, seed=cfg.seed,
     )
-    steering_context = STEERING.get(method.steering.name)(method.steering, lm, samples)
-    store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
-                       asdict(method.steering), [s.id for s in samples]
-                       if method.steering.name != "none" else None])
+    t_steer = time.time()
+    plan = STEERING.get(method.steering.name)(method.steering, lm, samples,
+                                               resources.steering_inputs(method.steering))
+    t_steer = time.time() - t_steer
+    batch_context = plan.batch_context(lm.model) if plan else None
+    # A row's cache key is its full input: the prompt and, when steered, its vectors.
+    store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length])
     store = GenerationStore(Path(cfg.cache_dir) / "generations" / f"{store_key}.jsonl")
-    keys = [store.key(t) for t in texts]
+    digests = plan.row_digests() if plan else [""] * len(texts)
+    keys = [store.key(t + "\0" + d if d else t) for t, d in zip(texts, digests)]
     done: dict[int, str] = {i: store.items[k] for i, k in enumerate(keys) if k in store.items}
     out_dir = run_dir / method.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +165,7 @@ def run_method(
     n_cached = len(done)
     for idx, gens in generate_batches(
         lm, texts, params, batch_size=g.batch_size, sort_by_length=g.sort_by_length,
-        skip=set(done), batch_context=steering_context, progress=cfg.progress, desc=method.name,
+        skip=set(done), batch_context=batch_context, progress=cfg.progress, desc=method.name,
     ):
         store.add([(keys[i], gen) for i, gen in zip(idx, gens)])
         append_jsonl(pred_path, [{"id": samples[i].id, "user": samples[i].user, "prompt": texts[i],
@@ -155,15 +189,24 @@ def run_method(
          "target": s.target, "history_ids": pr.history_ids, "scores": sc}
         for s, t, r, p, pr, sc in zip(samples, texts, raw, preds, prompts, per_sample)
     ]
+    if plan:
+        for i, row in enumerate(rows):
+            row["steering"] = {"steered": plan.steered[i], **(plan.row_info[i] if plan.row_info else {})}
     _write_jsonl_atomic(pred_path, rows)  # now in sample order, with scores
     metrics = {
         **agg,
         "n_generated": n_generated,
         "n_cached": n_cached,
         "seconds_prompts": round(t_prompts, 3),
+        "seconds_steering_prep": round(t_steer, 3),
         "seconds_generation": round(t_gen, 3),
         "samples_per_second": round(n_generated / t_gen, 3) if n_generated and t_gen > 0 else None,
     }
+    if plan:
+        metrics.update({f"steering_{k}": v for k, v in plan.stats.items()})
+        if plan.stats.get("n_samples_unsteered"):
+            log.warning("[%s] %d of %d samples have no pairs and were generated unsteered",
+                        method.name, plan.stats["n_samples_unsteered"], len(samples))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics, rows
 
@@ -178,14 +221,18 @@ def summary_table(results: dict[str, dict[str, Any]], keys: Sequence[str]) -> st
 
 
 def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
-    skip = {"n_generated", "n_cached", "seconds_prompts", "seconds_generation", "samples_per_second"}
-    first = next(iter(results.values()), {})
-    return [k for k in first if k not in skip and isinstance(first[k], (int, float))]
+    skip = {"n_generated", "n_cached", "samples_per_second"}
+    keys: list[str] = []
+    for m in results.values():
+        keys += [k for k, v in m.items() if k not in keys and k not in skip
+                 and not k.startswith(("seconds_", "steering_")) and isinstance(v, (int, float))]
+    return keys
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    load_methods()
     methods = resolve_methods(cfg)  # fail on a bad method list before loading anything
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -201,19 +248,12 @@ def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     lm = load_model(cfg.model, cfg.cache_dir)
     log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
 
-    retriever = None
-
-    def retriever_thunk():
-        nonlocal retriever
-        if retriever is None:
-            retriever = build_retriever(cfg.retriever)
-        return retriever
-
+    resources = Resources(cfg, lm)
     results: dict[str, dict[str, Any]] = {}
     with open_tracker(cfg.logger, run_dir=run_dir, config=resolved,
                       name=f"{cfg.dataset.name}-{cfg.model.name}") as tracker:
         for method in methods:
-            metrics, rows = run_method(cfg, method, lm, samples, run_dir, retriever_thunk)
+            metrics, rows = run_method(cfg, method, lm, samples, run_dir, resources)
             results[method.name] = metrics
             tracker.log_metrics({f"{method.name}/{k}": v for k, v in metrics.items()})
             tracker.log_table(f"{method.name}/samples", [

@@ -59,16 +59,16 @@ def test_rerun_resumes_from_cache_with_identical_predictions(tiny_overrides, tmp
     overrides = ["+exp=demo", *tiny_overrides]
     first = _run(overrides, tmp_path / "a")
     assert first["methods"]["rag"]["n_generated"] == first["n_samples"]
-    # Simulate a run killed mid-way: keep half the cached generations of one method.
+    # Simulate a run killed mid-way: keep half of the cached generations.
     store = next((tmp_path / "cache" / "generations").glob("*.jsonl"))
     lines = store.read_text().splitlines()
     store.write_text("\n".join(lines[: len(lines) // 2]) + "\n{\"key\": \"trunc")
     second = _run(overrides, tmp_path / "b")
-    for method in ("zero_shot", "rag"):
+    for method in first["methods"]:
         assert _predictions(tmp_path / "a", method) == _predictions(tmp_path / "b", method)
         assert first["methods"][method]["rougeL"] == second["methods"][method]["rougeL"]
     total_generated = sum(m["n_generated"] for m in second["methods"].values())
-    assert 0 < total_generated < 2 * first["n_samples"]
+    assert total_generated == len(lines) - len(lines) // 2
 
 
 def test_missing_real_data_says_what_it_looked_for(tiny_overrides, tmp_path: Path) -> None:

@@ -1,24 +1,82 @@
-"""Steering plug-ins: build per-row vectors and inject them around generation.
+"""Steering plug-ins: from a user's contrastive pairs to per-row vectors injected during
+generation.
 
-A steering method turns a batch of sample indices into the context manager that
-``generation.generate_batches`` enters around that batch's ``generate``. ``none`` is the
-unsteered baseline.
+A method is one function registered in ``STEERING`` (``methods/*.py``) that turns the run's
+samples into a ``SteeringPlan``: one vector per sample and site (a zero row leaves that
+sample unsteered, exactly). The pipeline enters ``plan.batch_context(rows)`` around each
+generation batch. ``none`` is the unsteered baseline. Adding a method is one file here and
+one config in ``conf/steering/``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
-from fints_repro.config import SteeringConfig
+import torch
+
+from fints_repro.config import DatasetConfig, SteeringConfig
 from fints_repro.data.schema import Sample
-from fints_repro.generation import BatchContext
 from fints_repro.models.loading import LoadedModel
 from fints_repro.registry import Registry
+from fints_repro.retrieval import Retriever
+from fints_repro.steering.hooks import SiteKey, steer
 
-SteeringFactory = Callable[[SteeringConfig, LoadedModel, Sequence[Sample]], Optional[BatchContext]]
-STEERING: Registry[SteeringFactory] = Registry("steering method")
+
+@dataclass
+class SteeringInputs:
+    """What a method may use besides the model and the samples."""
+
+    dataset: DatasetConfig
+    cache_dir: str
+    seed: int
+    retriever: Callable[[], Retriever]
+    generator: Callable[[], LoadedModel]  # writes the rejected side of the pairs
+    layers_path: str = ""
+    progress: bool = True
+
+
+@dataclass
+class SteeringPlan:
+    vectors: dict[SiteKey, torch.Tensor]  # (layer, site) -> [n_samples, H]
+    steered: list[bool]  # per sample: False = zero vectors (no pairs)
+    positions: str = "all"
+    layers_path: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    row_info: list[dict[str, Any]] = field(default_factory=list)  # per sample, for predictions.jsonl
+
+    def batch_context(self, model: torch.nn.Module) -> Callable[[list[int]], ContextManager]:
+        def ctx(rows: list[int]) -> ContextManager:
+            return steer(model, {k: v[rows] for k, v in self.vectors.items()}, self.positions,
+                         layers_path=self.layers_path)
+
+        return ctx
+
+    def row_digests(self) -> list[str]:
+        """Per sample, a digest of its vectors (part of the generation cache key)."""
+        keys = sorted(self.vectors)
+        out = []
+        for i in range(len(self.steered)):
+            h = hashlib.sha256(repr((keys, self.positions)).encode())
+            for k in keys:
+                h.update(self.vectors[k][i].to(torch.float32).cpu().numpy().tobytes())
+            out.append(h.hexdigest()[:16])
+        return out
+
+
+SteeringMethod = Callable[
+    [SteeringConfig, LoadedModel, Sequence[Sample], SteeringInputs], Optional[SteeringPlan]
+]
+STEERING: Registry[SteeringMethod] = Registry("steering method")
 
 
 @STEERING.register("none")
-def _no_steering(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]) -> None:
+def _no_steering(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
+                 inputs: SteeringInputs) -> None:
     return None
+
+
+def load_methods() -> None:
+    """Import the method modules so they register themselves."""
+    from fints_repro.steering.methods import caa, fine_grained  # noqa: F401

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from rouge_score import rouge_scorer
 
+from fints_repro.backbones.prompting import truncate_words
 from fints_repro.cache import GenerationStore, content_hash
 from fints_repro.config import DatasetConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
@@ -65,10 +66,13 @@ def user_history(samples: Sequence[Sample]) -> dict[str, list[HistoryItem]]:
 
 
 def generator_prompt(others: Sequence[HistoryItem], item: HistoryItem, dataset: DatasetConfig) -> str:
-    """The generator's user turn: other users' items as ``Historical sample`` lines, then
-    the item's task question (the authors' ``build_rag_instruction`` with ``rag=others``)."""
+    """The generator's user turn: other users' items as ``Historical sample`` lines (their
+    inputs cut to ``dataset.history_max_words`` like RAG prompts), then the item's task
+    question (the authors' ``build_rag_instruction`` with ``rag=others``)."""
     lines = [
-        f"Historical sample {i}:\n Q: {dataset.question_template.format(input=o.input)}. \n A: {o.output}."
+        f"Historical sample {i}:\n Q: "
+        f"{dataset.question_template.format(input=truncate_words(o.input, dataset.history_max_words))}"
+        f". \n A: {o.output}."
         for i, o in enumerate(others)
     ]
     return "\n".join(lines) + "\n\n" + dataset.question_template.format(input=item.input)

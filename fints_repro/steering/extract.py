@@ -1,0 +1,122 @@
+"""One steering vector per contrastive pair, site and layer (REFERENCE.md §1.3):
+
+    v_i = mean(a(q + chosen)[answer tokens]) - mean(a(q + rejected)[answer tokens])
+
+on plain text (no chat template). The question is tokenized on its own and the answer
+(" " + answer) appended as its own tokens, so "answer tokens" are exactly the positions
+from len(question tokens) on. Sequences run in right-padded batches (positions then start
+at 0, as unpadded), sorted by length, and each forward pass stops after the deepest layer
+needed. Vectors are cached by content hash (model, layer, sites, read mode, pairs).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fints_repro.cache import content_hash
+from fints_repro.models.loading import LoadedModel
+from fints_repro.steering.hooks import capture
+from fints_repro.steering.pairs import Pair
+from fints_repro.steering.sites import SITES, SteeringError
+from fints_repro.steering.store import load_vectors, save_vectors
+
+log = logging.getLogger(__name__)
+
+ATTN_READS = ("output", "residual")
+
+
+def read_site(site: str, attn_read: str) -> str:
+    """The capture site extraction reads for a steering site."""
+    if attn_read not in ATTN_READS:
+        raise SteeringError(f"steering.attn_read={attn_read!r}; expected one of {list(ATTN_READS)}")
+    return "attn_residual" if site == "attn" and attn_read == "residual" else site
+
+
+def tokenize_pair_texts(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str]):
+    """(ids, answer start) per sequence: question ids (with the tokenizer's own special
+    tokens, e.g. BOS) followed by the answer's ids."""
+    tok = lm.tokenizer
+    q_ids = tok(list(questions))["input_ids"]
+    a_ids = tok([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+    return [(q + a, len(q)) for q, a in zip(q_ids, a_ids)]
+
+
+@torch.inference_mode()
+def answer_means(
+    lm: LoadedModel, questions: Sequence[str], answers: Sequence[str], layer: int,
+    sites: Sequence[str], *, attn_read: str = "output", batch_size: int = 8,
+    layers_path: str = "", progress: bool = True, desc: str = "extract",
+) -> dict[str, torch.Tensor]:
+    """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU)."""
+    seqs = tokenize_pair_texts(lm, questions, answers)
+    if any(len(ids) == start for ids, start in seqs):
+        bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) == start)
+        raise SteeringError(f"answer {bad} has no tokens: {answers[bad]!r}")
+    reads = {s: read_site(s, attn_read) for s in sites}
+    keys = [(layer, r) for r in dict.fromkeys(reads.values())]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    out: dict[str, torch.Tensor] = {}
+    pad = lm.tokenizer.pad_token_id
+    bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not progress, leave=False)
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        width = max(len(seqs[i][0]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        answer = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, i in enumerate(rows):
+            seq, start = seqs[i]
+            ids[r, :len(seq)] = torch.tensor(seq)
+            attn[r, :len(seq)] = 1
+            answer[r, start:len(seq)] = True
+        with capture(lm.model, keys, layers_path=layers_path, stop_early=True) as acts:
+            lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), use_cache=False)
+        w = answer.to(lm.device, torch.float32)[..., None]
+        for site, r in reads.items():
+            a = acts[(layer, r)].float()
+            mean = (a * w).sum(1) / w.sum(1)
+            if site not in out:
+                out[site] = torch.empty((len(seqs), a.shape[-1]), dtype=torch.float32)
+            out[site][rows] = mean.cpu()
+        bar.update(len(rows))
+    bar.close()
+    return out
+
+
+def pair_vectors(
+    lm: LoadedModel, pairs: Sequence[Pair], layer: int, sites: Sequence[str], *,
+    attn_read: str = "output", batch_size: int = 8, cache_dir: str | Path, layers_path: str = "",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``{site: [len(pairs), H]}``, chosen minus rejected, loaded from the cache when the
+    same model, layer, read mode and pairs were extracted before."""
+    for s in sites:
+        if s not in SITES:
+            raise SteeringError(f"unknown site {s!r}; expected one of {list(SITES)}")
+    recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
+              "attn_read": attn_read, "answer_join": "space", "mean": "answer_tokens"}
+    data_hash = content_hash([[p.question, p.chosen, p.rejected] for p in pairs])
+    path = Path(cache_dir) / "vectors" / f"{content_hash([recipe, data_hash])}.safetensors"
+    cached = load_vectors(path)
+    if cached is not None:
+        log.info("loaded %d pair vectors at layer %d from %s", len(pairs), layer, path)
+        return cached
+    if not pairs:
+        return {}
+    qs = [p.question for p in pairs]
+    chosen = answer_means(lm, qs, [p.chosen for p in pairs], layer, sites, attn_read=attn_read,
+                          batch_size=batch_size, layers_path=layers_path, progress=progress,
+                          desc="extract chosen")
+    rejected = answer_means(lm, qs, [p.rejected for p in pairs], layer, sites, attn_read=attn_read,
+                            batch_size=batch_size, layers_path=layers_path, progress=progress,
+                            desc="extract rejected")
+    vectors = {s: chosen[s] - rejected[s] for s in sites}
+    save_vectors(path, vectors, {**recipe, "data_hash": data_hash, "n_pairs": len(pairs),
+                                 "hidden_size": int(next(iter(vectors.values())).shape[1])})
+    log.info("extracted %d pair vectors at layer %d into %s", len(pairs), layer, path)
+    return vectors

@@ -1,0 +1,34 @@
+"""CAA-style user-level steering (REFERENCE.md §1.9): one vector per user and site, the mean
+of the user's pair vectors, times the site's strength (alpha attn, beta mlp, gamma resid)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fints_repro.config import SteeringConfig
+from fints_repro.data.schema import Sample
+from fints_repro.models.loading import LoadedModel
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering.methods.common import plan_stats, prepare, strength
+from fints_repro.steering.sites import hidden_size
+
+
+@STEERING.register("caa")
+def caa(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
+        inputs: SteeringInputs) -> SteeringPlan:
+    pv = prepare(cfg, lm, samples, inputs)
+    steered = [bool(pv.rows.get(s.user)) for s in samples]
+    H = hidden_size(lm.model)
+    vectors = {}
+    for site in cfg.sites:
+        out = torch.zeros((len(samples), H), dtype=torch.float32)
+        user_mean = {u: pv.vectors[site][r].mean(0) for u, r in pv.rows.items() if r}
+        for i, s in enumerate(samples):
+            if s.user in user_mean:
+                out[i] = strength(cfg, site) * user_mean[s.user]
+        vectors[(pv.layer, site)] = out
+    info = [{"n_pairs": len(pv.rows.get(s.user, []))} for s in samples]
+    return SteeringPlan(vectors, steered, cfg.positions, inputs.layers_path,
+                        plan_stats(pv, steered), info)

@@ -1,0 +1,80 @@
+"""What every pair-based method shares: validate the config against the model, build (or
+load) the contrastive pairs, extract (or load) one vector per pair at the steered layer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fints_repro.config import SteeringConfig
+from fints_repro.data.schema import Sample
+from fints_repro.models.loading import LoadedModel
+from fints_repro.steering import SteeringInputs
+from fints_repro.steering.extract import pair_vectors, read_site
+from fints_repro.steering.hooks import POSITIONS
+from fints_repro.steering.pairs import Pair, build_pairs, pair_stats
+from fints_repro.steering.sites import SITES, SteeringError, check_site, decoder_layers, default_layer
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: SteeringConfig, lm: LoadedModel, layers_path: str = "") -> int:
+    """Check the steering config against the model before any model time; return the layer."""
+    n_layers = len(decoder_layers(lm.model, layers_path))
+    layer = cfg.layer if cfg.layer is not None else default_layer(lm.model, layers_path)
+    if not cfg.sites:
+        raise SteeringError("steering.sites is empty")
+    for s in cfg.sites:
+        check_site(layer, s, n_layers, allowed=SITES)
+    read_site("attn", cfg.attn_read)
+    if cfg.positions not in POSITIONS:
+        raise SteeringError(f"steering.positions={cfg.positions!r}; expected one of {list(POSITIONS)}")
+    if cfg.top_k < 1:
+        raise SteeringError(f"steering.top_k={cfg.top_k}; must be at least 1")
+    if cfg.aggregate not in ("mean", "softmax"):
+        raise SteeringError(f"steering.aggregate={cfg.aggregate!r}; expected mean or softmax")
+    if cfg.tau <= 0:
+        raise SteeringError(f"steering.tau={cfg.tau}; must be positive")
+    for name in ("alpha", "beta", "gamma"):
+        if not torch.isfinite(torch.tensor(getattr(cfg, name))):
+            raise SteeringError(f"steering.{name} must be a finite number")
+    return layer
+
+
+def strength(cfg: SteeringConfig, site: str) -> float:
+    return {"attn": cfg.alpha, "mlp": cfg.beta, "resid": cfg.gamma}[site]
+
+
+@dataclass
+class PairVectors:
+    layer: int
+    pairs: list[Pair]  # all users' pairs, grouped by user
+    rows: dict[str, list[int]]  # user -> indices into pairs / vectors
+    vectors: dict[str, torch.Tensor]  # site -> [len(pairs), H]
+
+
+def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
+            inputs: SteeringInputs) -> PairVectors:
+    layer = validate(cfg, lm, inputs.layers_path)
+    by_user = build_pairs(samples, inputs.generator(), inputs.dataset, cfg.pairs,
+                          cache_dir=inputs.cache_dir, seed=inputs.seed, progress=inputs.progress)
+    log.info("contrastive pairs: %s", pair_stats(by_user))
+    pairs: list[Pair] = []
+    rows: dict[str, list[int]] = {}
+    for user, ps in by_user.items():
+        rows[user] = list(range(len(pairs), len(pairs) + len(ps)))
+        pairs.extend(ps)
+    vectors = pair_vectors(lm, pairs, layer, list(cfg.sites), attn_read=cfg.attn_read,
+                           batch_size=cfg.extract_batch_size, cache_dir=inputs.cache_dir,
+                           layers_path=inputs.layers_path, progress=inputs.progress)
+    return PairVectors(layer, pairs, rows, vectors)
+
+
+def plan_stats(pv: PairVectors, steered: Sequence[bool]) -> dict:
+    return {"layer": pv.layer, "n_pairs": len(pv.pairs),
+            "n_users_with_pairs": sum(1 for r in pv.rows.values() if r),
+            "n_samples_steered": int(sum(steered)),
+            "n_samples_unsteered": int(len(steered) - sum(steered))}

@@ -1,0 +1,63 @@
+"""Fints fine-grained, instance-tailored steering (REFERENCE.md §1.5-1.6).
+
+For each test input: the top-K of its user's pairs by the run's retriever (query = the
+input without its instruction prefix; documents = question + chosen), combined with equal
+weights (``mean``) or ``softmax(score / tau)``; then ``alpha * v_attn`` is added to the
+attention output and ``beta * v_mlp`` to the MLP output of the same layer ("pulse and
+re-pulse"), at every position. K larger than a user's pairs is clipped (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from fints_repro.backbones.prompting import retrieval_query
+from fints_repro.config import SteeringConfig
+from fints_repro.data.schema import Sample
+from fints_repro.models.loading import LoadedModel
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering.methods.common import plan_stats, prepare, strength
+from fints_repro.steering.sites import hidden_size
+
+log = logging.getLogger(__name__)
+
+
+def pair_weights(scores: Sequence[float], aggregate: str, tau: float) -> torch.Tensor:
+    s = torch.tensor(scores, dtype=torch.float64)
+    if aggregate == "mean":
+        return torch.full_like(s, 1.0 / len(s))
+    return torch.softmax(s / tau, dim=0)
+
+
+@STEERING.register("fine_grained")
+def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
+                 inputs: SteeringInputs) -> SteeringPlan:
+    pv = prepare(cfg, lm, samples, inputs)
+    rows = [i for i, s in enumerate(samples) if pv.rows.get(s.user)]
+    rankings = inputs.retriever().rank_many(
+        [retrieval_query(samples[i], inputs.dataset) for i in rows],
+        [[f"{pv.pairs[j].question} {pv.pairs[j].chosen}" for j in pv.rows[samples[i].user]]
+         for i in rows],
+        cfg.top_k,
+    ) if rows else []
+    clipped = sum(1 for i in rows if len(pv.rows[samples[i].user]) < cfg.top_k)
+    if clipped:
+        log.warning("steering.top_k=%d is more than the pairs of the user for %d of %d samples: "
+                    "those use all their user's pairs", cfg.top_k, clipped, len(rows))
+    H = hidden_size(lm.model)
+    vectors = {(pv.layer, s): torch.zeros((len(samples), H)) for s in cfg.sites}
+    info: list[dict] = [{"pairs": [], "weights": []} for _ in samples]
+    for i, ranking in zip(rows, rankings):
+        user_rows = pv.rows[samples[i].user]
+        picked = [user_rows[j] for j, _ in ranking]
+        w = pair_weights([score for _, score in ranking], cfg.aggregate, cfg.tau).to(torch.float32)
+        for site in cfg.sites:
+            vectors[(pv.layer, site)][i] = strength(cfg, site) * (w @ pv.vectors[site][picked])
+        info[i] = {"pairs": [f"{pv.pairs[j].item_id}#{pv.pairs[j].attempt}" for j in picked],
+                   "weights": [round(float(x), 6) for x in w]}
+    steered = [bool(pv.rows.get(s.user)) for s in samples]
+    stats = {**plan_stats(pv, steered), "n_samples_k_clipped": clipped}
+    return SteeringPlan(vectors, steered, cfg.positions, inputs.layers_path, stats, info)
