@@ -26,6 +26,7 @@ BatchContext = Callable[[list[int]], ContextManager]
 @dataclass(frozen=True)
 class DecodingParams:
     max_new_tokens: int
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 0.1
     top_p: float = 0.9
@@ -33,6 +34,8 @@ class DecodingParams:
 
     def generate_kwargs(self) -> dict:
         kw: dict = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
+        if self.min_new_tokens:
+            kw["min_new_tokens"] = self.min_new_tokens
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p)
         else:  # silence transformers' warnings about sampling params under greedy

@@ -26,8 +26,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 def main(cfg: DictConfig) -> None:
     from fints_repro.pipeline import run_experiment
 
-    for noisy in ("bm25s", "absl"):  # their INFO/DEBUG lines drown the run's own
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's per-call INFO lines
     run_cfg = to_run_config(cfg)
     run_dir = Path(run_cfg.run_dir or HydraConfig.get().runtime.output_dir)
     try:

@@ -177,5 +177,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     tok.padding_side = "left"
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
+    # Numerics depend on dtype and device type too: they are part of every cache key.
+    fp = content_hash([fp, str(dtype), device.type])
     return LoadedModel(model, tok, fingerprint=f"{cfg.name}-{fp}", name=cfg.name,
                        system_prompt=cfg.system_prompt)

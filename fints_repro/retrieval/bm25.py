@@ -3,12 +3,15 @@ idf = ln(1 + (N - df + 0.5) / (df + 0.5)))."""
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import bm25s
 import numpy as np
 
 from fints_repro.retrieval.base import Ranking, group_by_docs
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build
 
 
 def _tokenize(texts: list[str]):

@@ -54,10 +54,14 @@ class SteeringPlan:
         return ctx
 
     def row_digests(self) -> list[str]:
-        """Per sample, a digest of its vectors (part of the generation cache key)."""
+        """Per sample, a digest of its vectors (part of the generation cache key); "" for
+        an unsteered row, whose zero vectors leave the output exactly as without steering."""
         keys = sorted(self.vectors)
         out = []
         for i in range(len(self.steered)):
+            if not self.steered[i]:
+                out.append("")
+                continue
             h = hashlib.sha256(repr((keys, self.positions)).encode())
             for k in keys:
                 h.update(self.vectors[k][i].to(torch.float32).cpu().numpy().tobytes())

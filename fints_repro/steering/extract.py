@@ -50,9 +50,10 @@ def tokenize_pair_texts(lm: LoadedModel, questions: Sequence[str], answers: Sequ
 def answer_means(
     lm: LoadedModel, questions: Sequence[str], answers: Sequence[str], layer: int,
     sites: Sequence[str], *, attn_read: str = "output", batch_size: int = 8,
-    layers_path: str = "", progress: bool = True, desc: str = "extract",
+    layers_path: str = "", progress: bool = True, desc: str = "extract", stop_early: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU)."""
+    """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU).
+    ``stop_early=False`` runs the whole model (only the benchmark's baseline wants that)."""
     seqs = tokenize_pair_texts(lm, questions, answers)
     if any(len(ids) == start for ids, start in seqs):
         bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) == start)
@@ -74,7 +75,7 @@ def answer_means(
             ids[r, :len(seq)] = torch.tensor(seq)
             attn[r, :len(seq)] = 1
             answer[r, start:len(seq)] = True
-        with capture(lm.model, keys, layers_path=layers_path, stop_early=True) as acts:
+        with capture(lm.model, keys, layers_path=layers_path, stop_early=stop_early) as acts:
             lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), use_cache=False)
         w = answer.to(lm.device, torch.float32)[..., None]
         for site, r in reads.items():

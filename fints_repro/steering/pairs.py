@@ -97,6 +97,8 @@ def _plan_attempts(
             stranded.append(user)
             continue
         for item in items:
+            if not item.output.strip():  # no chosen side: nothing to contrast
+                continue
             for a in range(attempts):
                 rng = random.Random(f"{seed}|{user}|{item.id}|{a}")
                 prompt = generator_prompt(_draw_others(rng, others, history, k), item, dataset)

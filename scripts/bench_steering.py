@@ -1,0 +1,132 @@
+"""Speed of the steering stages on the default model (CPU or GPU), measured in one run:
+
+1. steered vs unsteered generation, same batch and prompts, same number of new tokens
+   (min_new_tokens = max_new_tokens): tokens/s ratio;
+2. fine-grained steering, batch B with per-row vectors vs the same samples one at a time
+   (batch 1, each with its own vectors): samples/s ratio, on RAG and zero-shot prompts;
+3. extraction at 2/3 depth, batched with early stop vs one pair at a time through the
+   whole model: pairs/s ratio.
+
+    python scripts/bench_steering.py [--n 16] [--batch 8] [--repeats 3]
+
+Uses the demo's pairs and vectors (computed and cached on first use, as `make demo` does).
+Each timing is the best of --repeats runs, steered and unsteered interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=16, help="samples for the generation timings")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=32, help="pairs for the extraction timing")
+    args = ap.parse_args()
+
+    from hydra import compose, initialize_config_module
+
+    from fints_repro.backbones import build_backbone
+    from fints_repro.config import register_configs
+    from fints_repro.data.load import load_samples
+    from fints_repro.generation import DecodingParams, generate_batches
+    from fints_repro.models.chat import render_chat
+    from fints_repro.pipeline import Resources
+    from fints_repro.models.loading import load_model
+    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.steering.extract import answer_means
+    from fints_repro.steering.methods.common import prepare
+
+    register_configs()
+    load_methods()
+    with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", overrides=["+exp=demo", "logger=none",
+                                                               "progress=false"]))
+    samples = load_samples(cfg.dataset, seed=cfg.seed)
+    lm = load_model(cfg.model, cfg.cache_dir)
+    res = Resources(cfg, lm)
+    inputs = res.steering_inputs(cfg.steering)
+    plan = STEERING.get("fine_grained")(cfg.steering, lm, samples, inputs)
+    sub = list(range(min(args.n, len(samples))))
+    max_new = cfg.dataset.max_new_tokens
+    out: dict = {"model": lm.fingerprint, "device": str(lm.device),
+                 "threads": torch.get_num_threads(), "n_samples": len(sub), "batch": args.batch,
+                 "layer": plan.stats["layer"]}
+
+    def texts_for(backbone: str) -> list[str]:
+        bcfg = OmegaConf.to_object(OmegaConf.merge(
+            OmegaConf.structured(type(cfg.backbone)), {"name": backbone}))
+        prompts = build_backbone(bcfg, cfg.dataset, res.retriever).build_prompts(
+            [samples[i] for i in sub])
+        return [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
+
+    def gen(texts, batch_size, steered, fixed_length):
+        params = DecodingParams(max_new_tokens=max_new, min_new_tokens=max_new if fixed_length else 0)
+        ctx = (lambda rows: plan.batch_context(lm.model)([sub[r] for r in rows])) if steered else None
+        n_tok = 0
+        for _, gens in generate_batches(lm, texts, params, batch_size=batch_size, progress=False,
+                                        batch_context=ctx):
+            n_tok += sum(len(lm.tokenizer(g, add_special_tokens=False)["input_ids"]) for g in gens)
+        return n_tok
+
+    rag = texts_for("rag")
+    gen(rag[: args.batch], args.batch, True, True)  # warm-up
+    # 1. steered vs unsteered, same batch, same number of new tokens
+    tokens = len(rag) * max_new
+    t_plain = best_of(lambda: gen(rag, args.batch, False, True), args.repeats)
+    t_steer = best_of(lambda: gen(rag, args.batch, True, True), args.repeats)
+    out["steered_vs_unsteered"] = {
+        "unsteered_tokens_per_s": round(tokens / t_plain, 2),
+        "steered_tokens_per_s": round(tokens / t_steer, 2),
+        "ratio": round(t_plain / t_steer, 3)}
+
+    # 2. batch B with per-row vectors vs one at a time
+    for name, texts in (("rag", rag), ("zero_shot", texts_for("zero_shot"))):
+        t1 = best_of(lambda: gen(texts, 1, True, False), max(1, args.repeats - 1))
+        tb = best_of(lambda: gen(texts, args.batch, True, False), max(1, args.repeats - 1))
+        out[f"batch_vs_single_{name}"] = {
+            "single_samples_per_s": round(len(texts) / t1, 3),
+            f"batch{args.batch}_samples_per_s": round(len(texts) / tb, 3),
+            "ratio": round(t1 / tb, 2)}
+
+    # 3. extraction: batched + early stop vs one pair at a time through the whole model
+    pv = prepare(cfg.steering, lm, samples, inputs)
+    pairs = pv.pairs[: args.pairs]
+    qs, ans = [p.question for p in pairs], [p.chosen for p in pairs]
+    layer = pv.layer
+
+    def extract(batch_size, stop_early):
+        answer_means(lm, qs, ans, layer, ["attn", "mlp"], batch_size=batch_size,
+                     stop_early=stop_early, progress=False)
+
+    extract(args.batch, True)  # warm-up
+    t_fast = best_of(lambda: extract(args.batch, True), args.repeats)
+    t_slow = best_of(lambda: extract(1, False), args.repeats)
+    out["extraction"] = {"n_sequences": len(qs), "layer": layer,
+                         "one_at_a_time_full_model_seq_per_s": round(len(qs) / t_slow, 2),
+                         f"batch{args.batch}_early_stop_seq_per_s": round(len(qs) / t_fast, 2),
+                         "ratio": round(t_slow / t_fast, 2)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
