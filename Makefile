@@ -9,7 +9,8 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-drift test test-slow bench clean-cache
+.PHONY: install demo demo-drift test test-slow bench bench-steering repro-demo sweep-demo \
+	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
 install: $(VENV)/.installed
 
@@ -36,6 +37,41 @@ test-slow: install
 
 bench: install
 	$(BIN)/python scripts/bench_generation.py
+
+bench-steering: install
+	$(BIN)/python scripts/bench_steering.py
+
+# Reproduction targets: a multirun into outputs/, then its tables and plots into results/.
+RUN := $(BIN)/python -m fints_repro.run
+define publish
+	mkdir -p results/$(1)
+	cp outputs/$(1)/*.md outputs/$(1)/*.csv results/$(1)/
+	-cp outputs/$(1)/*.png results/$(1)/ 2>/dev/null
+endef
+
+repro-demo: install  ## all methods on the embedded data, 3 seeds (and the drift setting)
+	$(RUN) -m +exp=demo logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo
+	$(call publish,repro-demo)
+	$(RUN) -m +exp=demo_drift logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-drift
+	$(call publish,repro-demo-drift)
+
+sweep-demo: install  ## layers x strengths of fine-grained steering on the embedded data
+	$(RUN) -m +exp=demo_sweep logger=none hydra.sweep.dir=outputs/sweep-demo
+	$(call publish,sweep-demo)
+
+sparsity-demo: install  ## fraction of history kept: 0.05 ... 1.0
+	$(RUN) -m +exp=demo_sparsity logger=none hydra.sweep.dir=outputs/sparsity-demo
+	$(call publish,sparsity-demo)
+
+# Paper settings (layer 20, alpha = beta = 1, K = 5, RAG history 5 / 3): need the real data
+# (scripts/download_data.py) and a GPU with the 8B model (hub access or model.id=/path).
+repro-lamp-news: install
+	$(RUN) -m +exp=lamp_news seed=0,1,2 hydra.sweep.dir=outputs/repro-lamp-news
+	$(call publish,repro-lamp-news)
+
+repro-longlamp: install
+	$(RUN) -m +exp=longlamp_abstract seed=0,1,2 hydra.sweep.dir=outputs/repro-longlamp
+	$(call publish,repro-longlamp)
 
 clean-cache:
 	rm -rf $(FINTS_CACHE_DIR)

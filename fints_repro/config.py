@@ -135,6 +135,7 @@ class SteeringConfig:
     alpha: float = 1.0  # strength at attn
     beta: float = 1.0  # strength at mlp
     gamma: float = 1.0  # strength at resid
+    scale: float = 1.0  # multiplies every site's strength (one knob for sweeps)
     positions: str = "all"  # all | prompt | generated
     # fine_grained: top-K of the user's pairs per test input, and how to weight them.
     top_k: int = 5
@@ -184,6 +185,9 @@ class MethodSpec:
     backbone: str = MISSING
     steering: str = "none"
     name: Optional[str] = None
+    # Dotted overrides of this method's configs, e.g. {steering.layer: 20}; an
+    # interpolation such as ${steering.layer} shares the run's value.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

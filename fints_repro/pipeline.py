@@ -71,8 +71,18 @@ def resolve_methods(cfg: RunConfig) -> list[Method]:
         return [Method(_method_name(cfg.backbone.name, cfg.steering.name), cfg.backbone, cfg.steering)]
     methods = []
     for spec in specs:
-        bb = _group_option("backbone", spec.backbone, BackboneConfig, cfg.backbone)
-        st = _group_option("steering", spec.steering, SteeringConfig, cfg.steering)
+        groups = {
+            "backbone": _group_option("backbone", spec.backbone, BackboneConfig, cfg.backbone),
+            "steering": _group_option("steering", spec.steering, SteeringConfig, cfg.steering),
+        }
+        for key, value in spec.overrides.items():
+            group, _, rest = key.partition(".")
+            if group not in groups or not rest:
+                raise ConfigError(f"methods: override {key!r} must start with backbone. or steering.")
+            node = OmegaConf.structured(groups[group])
+            OmegaConf.update(node, rest, value, merge=False)  # struct: a misspelt key fails here
+            groups[group] = OmegaConf.to_object(node)
+        bb, st = groups["backbone"], groups["steering"]
         methods.append(Method(spec.name or _method_name(bb.name, st.name), bb, st))
     names = [m.name for m in methods]
     if len(set(names)) != len(names):

@@ -1,6 +1,8 @@
-"""Multirun results → tables.
+"""Multirun results → tables and plots.
 
     python -m fints_repro.report <multirun dir>
+
+(also run by a Hydra callback at the end of every multirun, see conf/config.yaml)
 
 Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml`` under the directory and
 writes, next to them:
@@ -9,7 +11,11 @@ writes, next to them:
   the metrics and counts; a job without ``metrics.json`` (failed or killed) is a row with
   status ``failed``;
 - ``seeds.md`` (when ``seed`` was swept): per (other overrides, method), the mean and the
-  sample standard deviation over seeds of each score.
+  sample standard deviation over seeds of each score;
+- ``heatmap_<metric>.png`` (when a layer and a strength were swept): layer × strength of
+  the metric, one panel per steered method, the unsteered baseline in the title;
+- ``vs_<param>.png``: the metric against each swept parameter, one line per method, the
+  unsteered methods drawn as dashed horizontal baselines.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
 
 SCORES = ("rouge1", "rougeL", "meteor")
+LAYER_KEYS = ("steering.layer",)
+STRENGTH_KEYS = ("steering.scale", "steering.alpha", "steering.beta", "steering.gamma")
 
 
 def _overrides(job: Path) -> dict[str, str]:
@@ -44,7 +53,9 @@ def collect(root: Path) -> list[dict[str, Any]]:
         over = _overrides(job)
         metrics_path = job / "metrics.json"
         if not metrics_path.exists():
-            rows.append({"job": job.name, "status": "failed", **over})
+            failed = job / "FAILED"
+            error = failed.read_text().strip().splitlines()[-1] if failed.exists() else "no metrics.json"
+            rows.append({"job": job.name, "status": "failed", **over, "error": error[:200]})
             continue
         summary = json.loads(metrics_path.read_text())
         for method, m in summary["methods"].items():
@@ -83,6 +94,83 @@ def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _num(v: Any) -> float | str:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _mean_by(rows: list[dict[str, Any]], keys: tuple[str, ...], metric: str) -> dict[tuple, float]:
+    acc: dict[tuple, list[float]] = {}
+    for r in rows:
+        if isinstance(r.get(metric), (int, float)):
+            acc.setdefault(tuple(r.get(k) for k in keys), []).append(r[metric])
+    return {k: statistics.mean(v) for k, v in acc.items()}
+
+
+def plot_heatmap(rows: list[dict[str, Any]], layer_key: str, strength_key: str, metric: str,
+                 path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    steered = sorted({r["method"] for r in ok if "+" in r["method"]})
+    baseline = _mean_by([r for r in ok if "+" not in r["method"]], ("method",), metric)
+    layers = sorted({r[layer_key] for r in ok}, key=_num)
+    strengths = sorted({r[strength_key] for r in ok}, key=_num)
+    fig, axes = plt.subplots(1, len(steered), figsize=(1.6 + 1.1 * len(strengths) * len(steered),
+                                                      1.2 + 0.6 * len(layers)), squeeze=False)
+    for ax, method in zip(axes[0], steered):
+        vals = _mean_by([r for r in ok if r["method"] == method], (layer_key, strength_key), metric)
+        grid = [[vals.get((lay, st), math.nan) for st in strengths] for lay in layers]
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, "" if math.isnan(v) else f"{v:.3f}", ha="center", va="center",
+                        color="w", fontsize=8)
+        ax.set_xticks(range(len(strengths)), strengths)
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set_xlabel(strength_key)
+        ax.set_ylabel(layer_key)
+        base = ", ".join(f"{m[0]} {v:.3f}" for m, v in baseline.items())
+        ax.set_title(f"{method}: {metric}" + (f"\nunsteered: {base}" if base else ""), fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_lines(rows: list[dict[str, Any]], key: str, metric: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method in sorted({r["method"] for r in ok}):
+        mine = [r for r in ok if r["method"] == method]
+        if "+" not in method:  # unaffected by steering parameters: a baseline
+            ax.axhline(statistics.mean(r[metric] for r in mine), ls="--", lw=1, color="gray")
+            ax.annotate(method, (0.01, statistics.mean(r[metric] for r in mine)),
+                        xycoords=("axes fraction", "data"), fontsize=8, color="gray")
+            continue
+        vals = _mean_by(mine, (key,), metric)
+        xs = sorted(vals, key=lambda k: _num(k[0]))
+        ax.plot([str(x[0]) for x in xs], [vals[x] for x in xs], marker="o", label=method)
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(root: Path) -> dict[str, Path]:
     rows = collect(root)
     if not rows:
@@ -97,6 +185,8 @@ def write_report(root: Path) -> dict[str, Path]:
                                "meteor", "steering_n_pairs", "steering_n_samples_unsteered",
                                "seconds_generation") if any(k in r for r in rows)]
     columns = ["job", "status", *over_keys, "method", *metric_keys]
+    if any(r["status"] == "failed" for r in rows):
+        columns.append("error")
     out = {"csv": root / "summary.csv", "md": root / "summary.md"}
     with open(out["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -112,7 +202,29 @@ def write_report(root: Path) -> dict[str, Path]:
         cols = [*others, "method", "seeds", *[s for s in SCORES if any(s in t for t in table)]]
         out["seeds"].write_text(header + "\n\nMean ± sample standard deviation over seeds.\n\n"
                                 + markdown(table, cols))
+    metric = next((m for m in ("rougeL", "meteor") if any(m in r for r in rows)), None)
+    if metric:
+        swept = [k for k in over_keys if k != "seed"]
+        layer_key = next((k for k in LAYER_KEYS if k in swept), None)
+        strength_key = next((k for k in STRENGTH_KEYS if k in swept), None)
+        if layer_key and strength_key:
+            out["heatmap"] = plot_heatmap(rows, layer_key, strength_key, metric,
+                                          root / f"heatmap_{metric}.png")
+        for k in swept:
+            out[f"vs_{k}"] = plot_lines(rows, k, metric, root / f"vs_{k}.png")
     return out
+
+
+class ReportCallback(Callback):
+    """Hydra callback: write the report when a multirun ends (listed in conf/config.yaml)."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        root = Path(config.hydra.sweep.dir)
+        try:
+            for name, path in write_report(root).items():
+                print(f"report {name}: {path}")
+        except SystemExit as e:  # no job folders: nothing ran
+            print(f"report: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,14 +38,14 @@ def validate(cfg: SteeringConfig, lm: LoadedModel, layers_path: str = "") -> int
         raise SteeringError(f"steering.aggregate={cfg.aggregate!r}; expected mean or softmax")
     if cfg.tau <= 0:
         raise SteeringError(f"steering.tau={cfg.tau}; must be positive")
-    for name in ("alpha", "beta", "gamma"):
+    for name in ("alpha", "beta", "gamma", "scale"):
         if not torch.isfinite(torch.tensor(getattr(cfg, name))):
             raise SteeringError(f"steering.{name} must be a finite number")
     return layer
 
 
 def strength(cfg: SteeringConfig, site: str) -> float:
-    return {"attn": cfg.alpha, "mlp": cfg.beta, "resid": cfg.gamma}[site]
+    return cfg.scale * {"attn": cfg.alpha, "mlp": cfg.beta, "resid": cfg.gamma}[site]
 
 
 @dataclass
