@@ -43,3 +43,14 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "eval.bootstrap=50",
         "progress=false",
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and immune to a busy CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
