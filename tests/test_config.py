@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def test_every_group_option_composes(group: str, option: str) -> None:
 @pytest.mark.parametrize("exp", sorted(p.stem for p in (CONF / "exp").glob("*.yaml")))
 def test_every_exp_preset_composes_and_documents_its_command(exp: str) -> None:
     text = (CONF / "exp" / f"{exp}.yaml").read_text()
-    assert f"python -m fints_repro.run +exp={exp}" in text, "preset must open with its command"
+    assert re.search(rf"python -m fints_repro\.run (-m )?\+exp={exp}\b", text), \
+        "preset must open with its command"
     run = OmegaConf.to_object(compose([f"+exp={exp}"]))
     assert isinstance(run, RunConfig)
 

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from fints_repro.pipeline import run_experiment
@@ -31,7 +32,8 @@ def _cache(tmp_path: Path, name: str) -> str:
 
 
 def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
-    base = ["+exp=demo", "logger=none", "progress=false", "eval.bootstrap=200"]
+    base = ["+exp=demo", "logger=none", "progress=false", "eval.bootstrap=200",
+            "methods=[{backbone: zero_shot},{backbone: rag}]"]
     summary = run_experiment(OmegaConf.to_object(compose(
         base + [_cache(tmp_path, "c1"), f"dataset.path={tmp_path / 'data'}"]
     )), tmp_path / "a")
@@ -41,11 +43,34 @@ def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
     assert all(r["prediction"] for r in _rows(tmp_path / "a", "rag"))
 
     # Same config, fresh generation cache: identical predictions for a subset of users.
-    small = base + ["dataset.n_users=2", "methods=[{backbone: rag}]",
-                    f"dataset.path={tmp_path / 'data'}"]
+    small = base[:-1] + ["dataset.n_users=2", "methods=[{backbone: rag}]",
+                         f"dataset.path={tmp_path / 'data'}"]
     run_experiment(OmegaConf.to_object(compose(small + [_cache(tmp_path, "c2")])),
                    tmp_path / "b")
     run_experiment(OmegaConf.to_object(compose(small + [_cache(tmp_path, "c3")])),
                    tmp_path / "c")
     b, c = _rows(tmp_path / "b", "rag"), _rows(tmp_path / "c", "rag")
     assert len(b) == 8 and [r["generation"] for r in b] == [r["generation"] for r in c]
+
+
+@pytest.mark.slow
+def test_demo_steering_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
+    """Pairs, vectors and both steering methods on SmolLM2 for 3 users (about 2 minutes):
+    every sample of a user with pairs is steered, vectors have the model's hidden size and
+    are finite, and steering changes some generations."""
+    from fints_repro.steering.store import load_vectors
+
+    summary = run_experiment(OmegaConf.to_object(compose([
+        "+exp=demo", "logger=none", "progress=false", "eval.bootstrap=100", "dataset.n_users=3",
+        _cache(tmp_path, "c"), f"dataset.path={tmp_path / 'data'}"])), tmp_path / "run")
+    m = summary["methods"]
+    for name in ("rag+caa", "rag+fine_grained"):
+        assert m[name]["steering_layer"] == 20 and m[name]["steering_n_pairs"] > 0
+        assert m[name]["steering_n_samples_steered"] + m[name]["steering_n_samples_unsteered"] == 12
+    [vec_file] = list((tmp_path / "c" / "vectors").glob("*.safetensors"))
+    vecs = load_vectors(vec_file)
+    assert set(vecs) == {"attn", "mlp"} and all(v.shape[1] == 576 and v.isfinite().all()
+                                                 for v in vecs.values())
+    rag = [r["generation"] for r in _rows(tmp_path / "run", "rag")]
+    fg = [r["generation"] for r in _rows(tmp_path / "run", "rag+fine_grained")]
+    assert rag != fg

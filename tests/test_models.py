@@ -202,7 +202,9 @@ def test_cached_default_model_gives_exactly_the_gguf_logits(cached, direct) -> N
 def test_cached_default_model_folder(cached, gguf_path: Path) -> None:
     cache_dir = Path(os.environ["FINTS_CACHE_DIR"])
     assert cached.name == "smollm2_135m" and cached.fingerprint.startswith("smollm2_135m-")
-    folder = cache_dir / "models" / cached.fingerprint
+    src, weights_fp = loading.resolve_weights(_default_model_cfg(), cache_dir)
+    folder = cache_dir / "models" / f"smollm2_135m-{weights_fp}"  # keyed by the weights alone
+    assert Path(src) == folder
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["model_type"] == "llama"
@@ -210,9 +212,9 @@ def test_cached_default_model_folder(cached, gguf_path: Path) -> None:
     assert not list((cache_dir / "models").glob(".tmp-*"))
     source = json.loads((folder / "SOURCE.json").read_text())
     assert source["sha256"] == _file_sha256(gguf_path)
-    # Loading again gives the same fingerprint (the cache key).
-    src, fp = loading.resolve_weights(_default_model_cfg(), cache_dir)
-    assert Path(src) == folder and cached.fingerprint == f"smollm2_135m-{fp}"
+    # The run-level fingerprint adds dtype and device (numerics) to the weights' one.
+    again = loading.load_model(_default_model_cfg(), cache_dir)
+    assert again.fingerprint == cached.fingerprint != f"smollm2_135m-{weights_fp}"
 
 
 def test_cached_default_model_has_its_chat_template(cached, direct) -> None:
