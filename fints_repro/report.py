@@ -74,22 +74,34 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seed_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _mean_sd(vals: list[float]) -> str:
+    sd = statistics.stdev(vals) if len(vals) > 1 else math.nan
+    return f"{statistics.mean(vals):.4f} ± {sd:.4f}"
+
+
+def seed_table(rows: list[dict[str, Any]], others: list[str]) -> list[dict[str, Any]]:
+    """Per (other overrides, method): mean ± sd over seeds of each score, and for a steered
+    method ``B+S`` the paired difference to its backbone ``B`` on the same seed (seeds
+    draw different data, so the paired difference is the comparison that means something)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    by_seed = {(tuple(str(r.get(k)) for k in others), r["method"], str(r.get("seed"))): r for r in ok}
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        key = tuple(sorted((k, str(v)) for k, v in r.items() if k in r.get("_over", ())))
-        groups.setdefault(key + (("method", r["method"]),), []).append(r)
+    for r in ok:
+        groups.setdefault((tuple(str(r.get(k)) for k in others), r["method"]), []).append(r)
     out = []
-    for key, members in groups.items():
-        row: dict[str, Any] = dict(key)
-        row["seeds"] = len(members)
+    for (over, method), members in groups.items():
+        row: dict[str, Any] = {**dict(zip(others, over)), "method": method, "seeds": len(members)}
         for s in SCORES:
             vals = [m[s] for m in members if isinstance(m.get(s), (int, float))]
-            if vals:
-                sd = statistics.stdev(vals) if len(vals) > 1 else math.nan
-                row[s] = f"{statistics.mean(vals):.4f} ± {sd:.4f}"
+            if not vals:
+                continue
+            row[s] = _mean_sd(vals)
+            base = method.split("+")[0]
+            if base != method:
+                deltas = [m[s] - by_seed[(over, base, str(m.get("seed")))][s] for m in members
+                          if (over, base, str(m.get("seed"))) in by_seed]
+                if deltas:
+                    row[f"Δ{s} vs {base}"] = _mean_sd(deltas)
         out.append(row)
     return out
 
@@ -195,12 +207,12 @@ def write_report(root: Path) -> dict[str, Path]:
     out["md"].write_text(header + "\n\n" + markdown(rows, columns))
     if "seed" in over_keys:
         others = [k for k in over_keys if k != "seed"]
-        for r in rows:
-            r["_over"] = others
-        table = seed_table(rows)
+        table = seed_table(rows, others)
         out["seeds"] = root / "seeds.md"
-        cols = [*others, "method", "seeds", *[s for s in SCORES if any(s in t for t in table)]]
-        out["seeds"].write_text(header + "\n\nMean ± sample standard deviation over seeds.\n\n"
+        score_cols = [s for s in SCORES if any(s in t for t in table)]
+        delta_cols = sorted({k for t in table for k in t if k.startswith("Δ")})
+        cols = [*others, "method", "seeds", *score_cols, *delta_cols]
+        out["seeds"].write_text(header + "\n\nMean ± sample standard deviation over seeds; Δ: paired difference to the method's backbone on the same seed.\n\n"
                                 + markdown(table, cols))
     metric = next((m for m in ("rougeL", "meteor") if any(m in r for r in rows)), None)
     if metric:
