@@ -46,7 +46,7 @@ RUN := $(BIN)/python -m fints_repro.run
 define publish
 	mkdir -p results/$(1)
 	cp outputs/$(1)/*.md outputs/$(1)/*.csv results/$(1)/
-	-cp outputs/$(1)/*.png results/$(1)/ 2>/dev/null
+	for f in outputs/$(1)/*.png; do if [ -e "$$f" ]; then cp "$$f" results/$(1)/; fi; done
 endef
 
 repro-demo: install  ## all methods on the embedded data, 3 seeds (and the drift setting)

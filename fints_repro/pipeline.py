@@ -31,6 +31,7 @@ from fints_repro.eval.postprocess import postprocess
 from fints_repro.generation import DecodingParams, generate_batches
 from fints_repro.models.chat import render_chat
 from fints_repro.models.loading import LoadedModel, load_model
+from fints_repro.report import markdown
 from fints_repro.retrieval import Retriever, build_retriever
 from fints_repro.steering import STEERING, SteeringInputs, load_methods
 from fints_repro.tracking import open_tracker
@@ -221,15 +222,6 @@ def run_method(
     return metrics, rows
 
 
-def summary_table(results: dict[str, dict[str, Any]], keys: Sequence[str]) -> str:
-    header = "| method | " + " | ".join(keys) + " |"
-    lines = [header, "|" + "---|" * (len(keys) + 1)]
-    for name, m in results.items():
-        cells = [f"{m[k]:.4f}" if isinstance(m.get(k), float) else str(m.get(k, "")) for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
     skip = {"n_generated", "n_cached", "samples_per_second"}
     keys: list[str] = []
@@ -281,7 +273,8 @@ def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         "n_users": n_users, "n_empty_history": n_empty, "methods": results,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    table = summary_table(results, metric_keys(results))
+    table = markdown([{"method": name, **m} for name, m in results.items()],
+                     ["method", *metric_keys(results)]).rstrip()
     (run_dir / "summary.md").write_text(table + "\n")
     label = f"{cfg.dataset.name} (SYNTHETIC demo data)" if synthetic else cfg.dataset.name
     print(f"\n{label} · {cfg.model.name} · {len(samples)} samples, {n_users} users\n"

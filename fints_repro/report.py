@@ -176,6 +176,7 @@ def plot_lines(rows: list[dict[str, Any]], key: str, metric: str, path: Path) ->
         ax.plot([str(x[0]) for x in xs], [vals[x] for x in xs], marker="o", label=method)
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs {key} (mean over any other swept parameter)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
