@@ -9,7 +9,8 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-drift test test-slow bench bench-steering repro-demo sweep-demo \
+
+.PHONY: install demo demo-drift test test-fast bench bench-steering repro-demo sweep-demo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
 install: $(VENV)/.installed
@@ -29,11 +30,11 @@ demo: install
 demo-drift: install
 	$(BIN)/python -m fints_repro.run +exp=demo_drift
 
-test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+test: install  ## everything, the end-to-end checks on the embedded model included (~6 min)
+	$(BIN)/python -m pytest -q
 
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+test-fast: install  ## without the tests marked slow (~3 min)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python scripts/bench_generation.py

@@ -59,7 +59,7 @@ def test_a_failing_job_is_reported_and_the_others_run(tmp_path: Path) -> None:
 
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None:
-    proc, out = _multirun(tmp_path, ["steering.scale=1,2", "hydra/launcher=joblib",
+    proc, out = _multirun(tmp_path, ["steering.layer=1", "steering.scale=1,2", "hydra/launcher=joblib",
                                      "hydra.launcher.n_jobs=2"], "joblib")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "summary.csv")))
