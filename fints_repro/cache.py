@@ -31,12 +31,25 @@ def read_jsonl_lenient(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _write_rows(f, rows: Sequence[dict[str, Any]]) -> None:
+    for r in rows:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
 def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows and flush them to disk (a kill loses at most the line being written)."""
     with open(path, "a", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        _write_rows(f, rows)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Replace the file with these rows: written beside it, then renamed."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        _write_rows(f, rows)
+    os.replace(tmp, path)
 
 
 class GenerationStore:

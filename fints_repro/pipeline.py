@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +20,13 @@ import torch
 from omegaconf import OmegaConf
 
 from fints_repro.backbones import build_backbone
-from fints_repro.cache import GenerationStore, append_jsonl, content_hash, read_jsonl_lenient
+from fints_repro.cache import (
+    GenerationStore,
+    append_jsonl,
+    content_hash,
+    read_jsonl_lenient,
+    write_jsonl_atomic,
+)
 from fints_repro.config import BackboneConfig, ModelConfig, RunConfig, SteeringConfig
 from fints_repro.data.load import load_samples
 from fints_repro.data.schema import Sample
@@ -93,14 +98,6 @@ def resolve_methods(cfg: RunConfig) -> list[Method]:
 
 def _method_name(backbone: str, steering: str) -> str:
     return backbone if steering == "none" else f"{backbone}+{steering}"
-
-
-def _write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 class Resources:
@@ -203,7 +200,7 @@ def run_method(
     if plan:
         for i, row in enumerate(rows):
             row["steering"] = {"steered": plan.steered[i], **(plan.row_info[i] if plan.row_info else {})}
-    _write_jsonl_atomic(pred_path, rows)  # now in sample order, with scores
+    write_jsonl_atomic(pred_path, rows)  # now in sample order, with scores
     metrics = {
         **agg,
         "n_generated": n_generated,
