@@ -18,6 +18,7 @@ import torch
 
 from fints_repro.config import ModelConfig
 from fints_repro.generation import DecodingParams, generate_batches
+from fints_repro.models.kv_cache import reserved_cache
 from fints_repro.models.loading import load_model
 from fints_repro.models.tiny import tiny_model
 from fints_repro.steering.hooks import capture, steer
@@ -132,9 +133,19 @@ def _reference_generate(model, tok, prompt: str, v: torch.Tensor, positions: str
     return ids[n_prompt:]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def _cache_kwargs(model, cache: str) -> dict:
+    """generate() kwargs for a KV cache kind: transformers' default (dynamic), its static
+    cache (the model gets a prepared 4-D mask, per attention type for Qwen2), or ours."""
+    return {"dynamic": {}, "static": {"cache_implementation": "static"},
+            "reserved": {"past_key_values": reserved_cache(model, 2)}}[cache]
+
+
+@pytest.mark.parametrize(("arch", "cache"), [("llama", "dynamic"), ("gpt2", "dynamic"),
+                                             ("llama", "static"), ("qwen2", "static"),
+                                             ("llama", "reserved")])
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
-def test_kv_cache_left_padding_and_positions_match_no_cache_reference(arch: str, positions: str) -> None:
+def test_kv_cache_left_padding_and_positions_match_no_cache_reference(
+        arch: str, cache: str, positions: str) -> None:
     model, tok = _model(arch)
     H = hidden_size(model)
     g = torch.Generator().manual_seed(1)
@@ -143,7 +154,7 @@ def test_kv_cache_left_padding_and_positions_match_no_cache_reference(arch: str,
     n = 6
     with torch.no_grad(), steer(model, {(LAYER, "attn"): vectors}, positions=positions):
         out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+                             pad_token_id=tok.pad_token_id, **_cache_kwargs(model, cache))
     got = out[:, enc["input_ids"].shape[1]:].tolist()
     want = [_reference_generate(model, tok, p, vectors[i], positions, n) for i, p in enumerate(PROMPTS)]
     assert got == want
@@ -289,5 +300,37 @@ def test_pad_positions_are_never_changed(site: str) -> None:
         with steer(model, {(LAYER, site): torch.ones(H) * 5}), capture(model, [(LAYER, site)]) as got:
             model(**enc)
     a, b = ref[(LAYER, site)], got[(LAYER, site)]
+    assert torch.equal(a[pad], b[pad])
+    torch.testing.assert_close(b[~pad], a[~pad] + 5.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_pad_positions_are_never_changed_under_a_static_cache(arch: str) -> None:
+    """A static cache hands the model a prepared 4-D mask (a dict of them for Qwen2)
+    instead of the 2-D one: the prompt's pad positions must still be left alone."""
+    model, tok = _model(arch)
+    enc = _batch(tok)
+    pad = ~enc["attention_mask"].bool()
+    H = hidden_size(model)
+    first: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        if not first:
+            first.append((output[0] if isinstance(output, tuple) else output).clone())
+
+    def prefill(vector):
+        first.clear()
+        with torch.no_grad(), steer(model, {(LAYER, "mlp"): vector}):
+            # registered after steer's hook, so it sees the steered output
+            handle = site_module(model, LAYER, "mlp").register_forward_hook(record)
+            try:
+                model.generate(**enc, max_new_tokens=1, do_sample=False,
+                               pad_token_id=tok.pad_token_id, cache_implementation="static")
+            finally:
+                handle.remove()
+        return first[0]
+
+    a, b = prefill(torch.zeros(H)), prefill(torch.ones(H) * 5)
+    assert pad.any()
     assert torch.equal(a[pad], b[pad])
     torch.testing.assert_close(b[~pad], a[~pad] + 5.0)

@@ -117,20 +117,35 @@ class _CallState:
     skip: bool = False  # nothing to steer in this call
 
 
+def _past_length(past) -> int:
+    return int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+
+
+def _not_pad_from_4d(mask, start: int, end: int) -> torch.Tensor | None:
+    """``[B, end - start]`` non-pad flags of this call's positions from a prepared 4-D mask
+    ``[B, 1|heads, T_new, keys]`` (static caches get one): the keys the call's last query
+    may attend. That query is never a pad (left padding), and reading its row rather than
+    the diagonal stays right where fully masked pad rows were unmasked for the kernel."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    row = mask[:, 0, -1, start:end]
+    return row if row.dtype == torch.bool else row == 0
+
+
 def _model_pre_hook(state: _CallState):
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         state.batch, t_new = (ids if ids is not None else embeds).shape[:2]
         attn = kwargs.get("attention_mask")
-        if attn is not None and attn.dim() == 2:
+        if isinstance(attn, dict):  # per attention type (e.g. full and sliding layers)
+            attn = attn.get("full_attention", next(iter(attn.values()), None))
+        if isinstance(attn, torch.Tensor) and attn.dim() == 2:
             t_total = attn.shape[1]
             not_pad = attn[:, t_total - t_new:].bool()
         else:
-            past = kwargs.get("past_key_values")
-            past_len = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
-            t_total = past_len + t_new
-            not_pad = None
+            t_total = _past_length(kwargs.get("past_key_values")) + t_new
+            not_pad = _not_pad_from_4d(attn, t_total - t_new, t_total)
         if t_total == t_new:  # a new sequence: everything in this call is prompt
             state.prompt_len = t_total
         is_prompt = torch.arange(t_total - t_new, t_total) < state.prompt_len
