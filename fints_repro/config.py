@@ -83,6 +83,12 @@ class ModelConfig:
     layers_path: str = ""
     system_prompt: Optional[str] = None
     trust_remote_code: bool = False
+    # CPU speed-ups, both computing the same products up to float rounding (models/cpu.py):
+    # glibc malloc reuses large freed buffers instead of page-faulting fresh ones (batched
+    # prefill ~13% faster) ...
+    cpu_tune_malloc: bool = True
+    # ... and batched decoding steps multiply with MKL-packed fp32 weights (~1.2x faster)
+    cpu_packed_weights: bool = True
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fints_repro.models.cpu import packed_linears
+from fints_repro.models.kv_cache import reserved_cache
 from fints_repro.models.loading import LoadedModel
 
 # Given the sample indices of a batch, returns the context to generate that batch in.
@@ -64,19 +66,37 @@ def generate_batches(
     sort_by_length: bool = True,
     skip: set[int] | frozenset[int] = frozenset(),
     batch_context: BatchContext | None = None,
+    packed_weights: bool | None = None,
+    reserved_kv: bool = True,
     progress: bool = True,
     desc: str = "generate",
 ) -> Iterator[tuple[list[int], list[str]]]:
     """Yield ``(indices, generations)`` batch by batch for the texts not in ``skip``.
 
     ``texts`` are complete model inputs (chat template already applied).
+    ``packed_weights`` (default: the model's ``cpu_packed_weights``): on the CPU, the
+    decoding steps of full batches multiply with MKL-packed fp32 weights (``models/cpu.py``).
+    ``reserved_kv``: the KV cache appends in place (``models/kv_cache.py``; bit-identical
+    to transformers' default cache, which ``False`` uses).
     """
-    tok, model = lm.tokenizer, lm.model
-    encoded = tok(list(texts), add_special_tokens=False)["input_ids"]
+    encoded = lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     batches = [b for b in plan_batches([len(e) for e in encoded], batch_size, sort_by_length)
                if any(i not in skip for i in b)]
-    todo = sum(len(b) for b in batches)
-    bar = tqdm(total=todo, desc=desc, unit="sample", disable=not progress, leave=False)
+    if not batches:
+        return
+    pack = lm.packed is not None if packed_weights is None else packed_weights
+    rows = len(batches[0]) if pack and lm.device.type == "cpu" else 0
+    bar = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="sample",
+               disable=not progress, leave=False)
+    with packed_linears(lm.model, rows, keep=lm.packed):
+        yield from _generate(lm, encoded, batches, params, skip, batch_context, reserved_kv, bar)
+    bar.close()
+
+
+def _generate(lm: LoadedModel, encoded: list[list[int]], batches: list[list[int]],
+              params: DecodingParams, skip: set[int] | frozenset[int],
+              batch_context: BatchContext | None, reserved_kv: bool, bar: tqdm) -> Iterator[tuple[list[int], list[str]]]:
+    tok, model = lm.tokenizer, lm.model
     for batch in batches:
         enc = tok.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt",
                       padding=True).to(lm.device)
@@ -84,10 +104,10 @@ def generate_batches(
         generator_seed = _batch_seed(params.seed, batch[0])
         with ctx, torch.random.fork_rng(devices=[] if lm.device.type == "cpu" else [lm.device]):
             torch.manual_seed(generator_seed)
-            out = model.generate(**enc, **params.generate_kwargs(),
-                                 pad_token_id=tok.pad_token_id)
+            cache = reserved_cache(model, params.max_new_tokens) if reserved_kv else None
+            out = model.generate(**enc, **params.generate_kwargs(), pad_token_id=tok.pad_token_id,
+                                 **({"past_key_values": cache} if cache is not None else {}))
         gen = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         keep = [(i, g) for i, g in zip(batch, gen) if i not in skip]
         bar.update(len(keep))
         yield [i for i, _ in keep], [g for _, g in keep]
-    bar.close()

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fints_repro.cache import content_hash
 from fints_repro.config import ModelConfig
+from fints_repro.models.cpu import PackedWeights, tune_malloc
 from fints_repro.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class LoadedModel:
     fingerprint: str
     name: str
     system_prompt: str | None = None
+    # set: generate_batches runs full batches' decoding steps with MKL-packed weights
+    # (CPU, fp32), kept here between calls
+    packed: PackedWeights | None = None
 
     @property
     def device(self) -> torch.device:
@@ -169,6 +173,8 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
         tok = AutoTokenizer.from_pretrained(src, **kw)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
     model.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu" and cfg.cpu_tune_malloc:
+        tune_malloc()
     model.requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -179,4 +185,6 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     # Numerics depend on dtype and device type too: they are part of every cache key.
     fp = content_hash([fp, str(dtype), device.type])
     return LoadedModel(model, tok, fingerprint=f"{cfg.name}-{fp}", name=cfg.name,
-                       system_prompt=cfg.system_prompt)
+                       system_prompt=cfg.system_prompt,
+                       packed=PackedWeights() if device.type == "cpu" and cfg.cpu_packed_weights
+                       else None)

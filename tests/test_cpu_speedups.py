@@ -1,0 +1,189 @@
+"""The CPU speed-ups compute what the plain path computes.
+
+- packed linears: a full batch's rows go through MKL's packed GEMM (counted) and match
+  F.linear to float rounding; any other row count, autograd or a weight changed in place
+  uses F.linear exactly; the model is left as found, also after an exception; packed
+  copies are reused across blocks and packed again after a change;
+- generation with packed weights gives the same tokens (tiny models and SmolLM2);
+- the reserved KV cache gives bit-identical scores to DynamicCache, and stays right after
+  crop, batch selection, reset and running past its reserve.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from fints_repro.config import ModelConfig
+from fints_repro.generation import DecodingParams, generate_batches
+from fints_repro.models.cpu import PackedWeights, packed_gemm_available, packed_linears, tune_malloc
+from fints_repro.models.kv_cache import ReservedLayer, reserved_cache
+from fints_repro.models.loading import load_model
+from fints_repro.models.tiny import tiny_model
+
+needs_mkl = pytest.mark.skipif(not packed_gemm_available(), reason="torch built without MKL")
+PROMPTS = ["the quick brown fox jumps over", "hi", "a medium sized prompt here", "ok then"]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 96), nn.SiLU(), nn.Linear(96, 48, bias=False)).eval()
+
+
+def _overrides(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if "forward" in m.__dict__]
+
+
+@needs_mkl
+def test_packed_rows_match_linear_and_other_rows_are_exact() -> None:
+    model = _mlp()
+    x8, x3 = torch.randn(8, 1, 48), torch.randn(3, 1, 48)
+    with torch.no_grad():
+        ref8, ref3 = model(x8), model(x3)
+        with packed_linears(model, 8) as packed:
+            assert set(packed) == {"0", "2"}
+            got8, got3 = model(x8), model(x3)
+            calls = {n: p.calls for n, p in packed.items()}
+    assert calls == {"0": 1, "2": 1}  # only the 8-row call was packed
+    torch.testing.assert_close(got8, ref8, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got3, ref3)
+    assert _overrides(model) == []
+
+
+@needs_mkl
+def test_grad_and_changed_weights_fall_back_to_linear() -> None:
+    model = _mlp()
+    lin = model[0]
+    x = torch.randn(8, 48)
+    with packed_linears(model, 8) as packed:
+        y = lin(x)  # autograd on: plain F.linear, differentiable
+        y.sum().backward()
+        assert packed["0"].calls == 0 and lin.weight.grad is not None
+        with torch.no_grad():
+            lin.weight.mul_(2.0)  # in place: the packed copy is stale
+            assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        assert packed["0"].calls == 0
+
+
+@needs_mkl
+def test_model_is_restored_after_an_exception() -> None:
+    model = _mlp()
+    with pytest.raises(RuntimeError, match="boom"):
+        with packed_linears(model, 4):
+            assert len(_overrides(model)) == 2
+            raise RuntimeError("boom")
+    assert _overrides(model) == []
+    assert isinstance(model[0].forward.__self__, nn.Linear)
+
+
+@needs_mkl
+def test_kept_packs_are_reused_and_repacked_after_a_change() -> None:
+    model, keep = _mlp(), PackedWeights()
+    with packed_linears(model, 8, keep) as first:
+        a = dict(first)
+    with packed_linears(model, 8, keep) as second:
+        assert all(second[n] is a[n] for n in a)
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    x = torch.randn(8, 96)
+    with torch.no_grad(), packed_linears(model, 8, keep) as third:
+        assert third["0"] is a["0"] and third["2"] is not a["2"]
+        torch.testing.assert_close(model[2](x), F.linear(x, model[2].weight), rtol=1e-5, atol=1e-5)
+        assert third["2"].calls == 1
+    with packed_linears(model, 4, keep) as other_rows:
+        assert all(other_rows[n] is not third[n] for n in third)
+
+
+def test_nothing_is_packed_where_it_does_not_apply() -> None:
+    model = _mlp()
+    with packed_linears(model, 1) as packed:
+        assert packed == {}
+    with packed_linears(model.to(torch.float64), 8) as packed:
+        assert packed == {}
+
+
+def test_tune_malloc_is_idempotent() -> None:
+    import platform
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert tune_malloc() is expected
+    assert tune_malloc() is expected
+
+
+def _texts(lm, packed: bool, batch_size: int = 4) -> list[str]:
+    out = {}
+    params = DecodingParams(max_new_tokens=10)
+    for idx, gens in generate_batches(lm, PROMPTS, params, batch_size=batch_size, progress=False,
+                                      packed_weights=packed):
+        out.update(zip(idx, gens))
+    return [out[i] for i in range(len(PROMPTS))]
+
+
+@needs_mkl
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_generation_with_packed_weights_gives_the_same_tokens(arch: str) -> None:
+    lm = load_model(ModelConfig(name="t", source="tiny_random", arch=arch, dtype="float32",
+                                device="cpu"))
+    assert lm.packed is not None and lm.packed.layers == {}
+    packed = _texts(lm, True)
+    assert lm.packed.rows == 4 and lm.packed.layers  # kept for the next call
+    assert sum(p.calls for p in lm.packed.layers.values()) > 0  # decoding steps ran packed
+    assert packed == _texts(lm, False)
+    assert _overrides(lm.model) == []
+    off = load_model(ModelConfig(name="t", source="tiny_random", arch=arch, dtype="float32",
+                                 device="cpu", cpu_packed_weights=False))
+    assert off.packed is None
+
+
+# ---- reserved KV cache -----------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma", "phi3", "mistral"])
+def test_reserved_cache_gives_identical_scores(arch: str) -> None:
+    model, tok = tiny_model(arch)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+              output_scores=True, return_dict_in_generate=True)
+    cache = reserved_cache(model, 4)  # runs past its reserve once
+    with torch.no_grad():
+        plain = model.generate(**enc, **kw)
+        fast = model.generate(**enc, **kw, past_key_values=cache)
+    assert torch.equal(plain.sequences, fast.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, fast.scores))
+    full = [layer for layer in cache.layers if isinstance(layer, ReservedLayer)]
+    if getattr(model.config, "sliding_window", None):  # sliding layers keep their own kind
+        assert not full
+    else:
+        assert len(full) == len(cache.layers) and full[0].keys.shape[-2] == enc["input_ids"].shape[1] + 7
+
+
+def _kv(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 2, t, 4, generator=g), torch.randn(b, 2, t, 4, generator=g)
+
+
+def test_reserved_layer_follows_dynamic_layer_through_crop_select_and_reset() -> None:
+    fast, ref = ReservedLayer(reserve=3), DynamicLayer()
+
+    def both(method, *args):
+        for layer in (fast, ref):
+            out = getattr(layer, method)(*args)
+        return out
+
+    def same():
+        assert fast.get_seq_length() == ref.get_seq_length()
+        assert torch.equal(fast.keys, ref.keys) and torch.equal(fast.values, ref.values)
+
+    both("update", *_kv(3, 5, 0)); same()
+    for step in range(5):  # 3 within the reserve, then a reallocation
+        both("update", *_kv(3, 1, step + 1)); same()
+    both("crop", -2); same()
+    both("update", *_kv(3, 1, 9)); same()
+    both("batch_select_indices", torch.tensor([2, 0])); same()
+    both("update", *_kv(2, 2, 10)); same()
+    both("reset")
+    assert fast.get_seq_length() == 0
+    both("update", *_kv(1, 4, 11)); same()
