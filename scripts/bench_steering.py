@@ -3,11 +3,13 @@
 1. steered vs unsteered generation, same batch and prompts, same number of new tokens
    (min_new_tokens = max_new_tokens): tokens/s ratio;
 2. fine-grained steering, batch B with per-row vectors vs the same samples one at a time
-   (batch 1, each with its own vectors): samples/s ratio, on RAG and zero-shot prompts;
+   (batch 1, each with its own vectors): samples/s ratio, on RAG and zero-shot prompts,
+   with the bound the prefill puts on it (and, with --ablate, the ratio without each
+   CPU speed-up);
 3. extraction at 2/3 depth, batched with early stop vs one pair at a time through the
    whole model: pairs/s ratio.
 
-    python scripts/bench_steering.py [--n 16] [--batch 8] [--repeats 3]
+    python scripts/bench_steering.py [--n 16] [--batch 8] [--repeats 2] [--ablate]
 
 Uses the demo's pairs and vectors (computed and cached on first use, as `make demo` does).
 Each timing is the best of --repeats runs, steered and unsteered interleaved.
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=32, help="pairs for the extraction timing")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time batch B with each CPU speed-up turned off")
     args = ap.parse_args()
 
     from hydra import compose, initialize_config_module
@@ -79,12 +83,13 @@ def main() -> None:
             [samples[i] for i in sub])
         return [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
 
-    def gen(texts, batch_size, steered, fixed_length):
-        params = DecodingParams(max_new_tokens=max_new, min_new_tokens=max_new if fixed_length else 0)
+    def gen(texts, batch_size, steered, fixed_length, max_new_tokens=max_new, **kw):
+        params = DecodingParams(max_new_tokens=max_new_tokens,
+                                min_new_tokens=max_new_tokens if fixed_length else 0)
         ctx = (lambda rows: plan.batch_context(lm.model)([sub[r] for r in rows])) if steered else None
         n_tok = 0
         for _, gens in generate_batches(lm, texts, params, batch_size=batch_size, progress=False,
-                                        batch_context=ctx):
+                                        batch_context=ctx, **kw):
             n_tok += sum(len(lm.tokenizer(g, add_special_tokens=False)["input_ids"]) for g in gens)
         return n_tok
 
@@ -99,14 +104,31 @@ def main() -> None:
         "steered_tokens_per_s": round(tokens / t_steer, 2),
         "ratio": round(t_plain / t_steer, 3)}
 
-    # 2. batch B with per-row vectors vs one at a time
+    # 2. batch B with per-row vectors vs one at a time. `prefill_bound` is the ratio if
+    # batched decoding cost nothing: one-at-a-time time / batched prefill time (a prefill
+    # is compute-bound on a CPU and gains little from batching). The ablations turn off
+    # one speed-up of the batched run each (models/cpu.py, models/kv_cache.py).
+    def n_tokens(ts):
+        return [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in ts]
+
     for name, texts in (("rag", rag), ("zero_shot", texts_for("zero_shot"))):
-        t1 = best_of(lambda: gen(texts, 1, True, False), max(1, args.repeats - 1))
-        tb = best_of(lambda: gen(texts, args.batch, True, False), max(1, args.repeats - 1))
-        out[f"batch_vs_single_{name}"] = {
-            "single_samples_per_s": round(len(texts) / t1, 3),
-            f"batch{args.batch}_samples_per_s": round(len(texts) / tb, 3),
-            "ratio": round(t1 / tb, 2)}
+        n_new = gen(texts, 1, True, False)
+        t1 = best_of(lambda: gen(texts, 1, True, False), args.repeats)
+        tb = best_of(lambda: gen(texts, args.batch, True, False), args.repeats)
+        t_prefill = best_of(lambda: gen(texts, args.batch, True, True, max_new_tokens=1),
+                            args.repeats)
+        res = {"mean_prompt_tokens": round(sum(n_tokens(texts)) / len(texts), 1),
+               "mean_new_tokens": round(n_new / len(texts), 1),
+               "single_samples_per_s": round(len(texts) / t1, 3),
+               f"batch{args.batch}_samples_per_s": round(len(texts) / tb, 3),
+               "ratio": round(t1 / tb, 2),
+               "prefill_bound": round(t1 / t_prefill, 2)}
+        if args.ablate:
+            for what, kw in (("without_packed_weights", {"packed_weights": False}),
+                             ("without_reserved_kv", {"reserved_kv": False})):
+                t = best_of(lambda: gen(texts, args.batch, True, False, **kw), args.repeats)
+                res[f"ratio_{what}"] = round(t1 / t, 2)
+        out[f"batch_vs_single_{name}"] = res
 
     # 3. extraction: batched + early stop vs one pair at a time through the whole model
     pv = prepare(cfg.steering, lm, samples, inputs)
