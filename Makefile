@@ -37,10 +37,11 @@ test-fast: install  ## without the tests marked slow (~3 min)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
-	$(BIN)/python scripts/bench_generation.py
+	$(BIN)/python scripts/bench_generation.py --backbone zero_shot
+	$(BIN)/python scripts/bench_generation.py --backbone rag
 
 bench-steering: install
-	$(BIN)/python scripts/bench_steering.py
+	$(BIN)/python scripts/bench_steering.py --ablate --repeats 3
 
 # Reproduction targets: a multirun into outputs/, then its tables and plots into results/.
 RUN := $(BIN)/python -m fints_repro.run
