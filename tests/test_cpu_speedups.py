@@ -187,3 +187,15 @@ def test_reserved_layer_follows_dynamic_layer_through_crop_select_and_reset() ->
     both("reset")
     assert fast.get_seq_length() == 0
     both("update", *_kv(1, 4, 11)); same()
+
+
+@needs_mkl
+def test_a_consumer_stopping_early_leaves_the_model_clean() -> None:
+    lm = load_model(ModelConfig(name="t", source="tiny_random", arch="llama", dtype="float32",
+                                device="cpu"))
+    batches = generate_batches(lm, PROMPTS, DecodingParams(max_new_tokens=3), batch_size=2,
+                               progress=False)
+    next(batches)
+    assert _overrides(lm.model)  # packed while the generation is under way
+    batches.close()
+    assert _overrides(lm.model) == []
