@@ -93,8 +93,15 @@ def test_kept_packs_are_reused_and_repacked_after_a_change() -> None:
         assert third["0"] is a["0"] and third["2"] is not a["2"]
         torch.testing.assert_close(model[2](x), F.linear(x, model[2].weight), rtol=1e-5, atol=1e-5)
         assert third["2"].calls == 1
+    with torch.no_grad():
+        model[0].weight.data += 0.01  # bypasses the version counter, as PEFT's merge does
+    with torch.no_grad(), packed_linears(model, 8, keep) as fourth:
+        assert fourth["0"] is not a["0"] and fourth["2"] is third["2"]
+        x = torch.randn(8, 48)
+        torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight, model[0].bias),
+                                   rtol=1e-5, atol=1e-5)
     with packed_linears(model, 4, keep) as other_rows:
-        assert all(other_rows[n] is not third[n] for n in third)
+        assert all(other_rows[n] is not fourth[n] for n in fourth)
 
 
 def test_nothing_is_packed_where_it_does_not_apply() -> None:
@@ -199,3 +206,24 @@ def test_a_consumer_stopping_early_leaves_the_model_clean() -> None:
     assert _overrides(lm.model)  # packed while the generation is under way
     batches.close()
     assert _overrides(lm.model) == []
+
+
+@needs_mkl
+def test_a_merged_peft_adapter_is_seen_by_kept_packs() -> None:
+    """PEFT's merge_adapter adds the LoRA delta through ``weight.data``; generation after
+    it must use the merged weights, not the packed copies of the old ones."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = load_model(ModelConfig(name="t", source="tiny_random", arch="llama", dtype="float32",
+                                device="cpu"))
+    base = _texts(lm, False)
+    peft_model = get_peft_model(lm.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    peft_model.eval()
+    lm.model = peft_model
+    unmerged = _texts(lm, True)  # packs the base weights (and LoRA's), kept on lm
+    assert unmerged == _texts(lm, False) != base
+    peft_model.merge_adapter()  # from now on the base layers alone, with merged weights
+    merged = _texts(lm, False)
+    assert merged != base  # stale packed base weights would give `base`
+    assert _texts(lm, True) == merged
