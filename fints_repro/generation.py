@@ -85,7 +85,7 @@ def generate_batches(
     if not batches:
         return
     pack = lm.packed is not None if packed_weights is None else packed_weights
-    rows = len(batches[0]) if pack and lm.device.type == "cpu" else 0
+    rows = len(batches[0]) if pack else 0  # packed_linears packs only fp32 CPU weights
     bar = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="sample",
                disable=not progress, leave=False)
     with packed_linears(lm.model, rows, keep=lm.packed):
@@ -93,9 +93,11 @@ def generate_batches(
     bar.close()
 
 
-def _generate(lm: LoadedModel, encoded: list[list[int]], batches: list[list[int]],
-              params: DecodingParams, skip: set[int] | frozenset[int],
-              batch_context: BatchContext | None, reserved_kv: bool, bar: tqdm) -> Iterator[tuple[list[int], list[str]]]:
+def _generate(
+    lm: LoadedModel, encoded: list[list[int]], batches: list[list[int]], params: DecodingParams,
+    skip: set[int] | frozenset[int], batch_context: BatchContext | None, reserved_kv: bool,
+    bar: tqdm,
+) -> Iterator[tuple[list[int], list[str]]]:
     tok, model = lm.tokenizer, lm.model
     for batch in batches:
         enc = tok.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt",

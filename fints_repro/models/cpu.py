@@ -119,9 +119,6 @@ class PackedWeights:
         self.rows = 0
         self.layers: dict[str, _Packed] = {}
 
-    def clear(self) -> None:
-        self.rows, self.layers = 0, {}
-
 
 def _fits_in_memory(mods: list[nn.Module]) -> bool:
     """Packed copies double the linears' memory: only where they take under a quarter of

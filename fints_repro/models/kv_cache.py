@@ -13,12 +13,8 @@ tensors; the next append takes them over).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 try:  # transformers >= 5: caches made of per-layer objects
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -78,11 +74,7 @@ def reserved_cache(model: nn.Module, reserve: int):
     this transformers has no per-layer caches (``generate`` then makes its default)."""
     if DynamicCache is None:
         return None
-    try:
-        cache = DynamicCache(config=model.config)
-    except Exception as e:  # noqa: BLE001 - an exotic config: let generate decide
-        log.debug("reserved KV cache unavailable for %s: %s", type(model).__name__, e)
-        return None
+    cache = DynamicCache(config=model.config)  # what generate itself would make
     if not cache.layers:
         return None
     cache.layers = [ReservedLayer(reserve) if type(layer) is DynamicLayer else layer
