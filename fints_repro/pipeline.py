@@ -43,7 +43,7 @@ from fints_repro.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # replaced by Hydra compose below
 
 
 @dataclass

@@ -24,7 +24,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://fints_repro.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from fints_repro.pipeline import run_experiment
 

@@ -12,7 +12,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from fints_repro.config import RunConfig
 from tests.conftest import compose
 
-CONF = Path(__file__).resolve().parents[1] / "fints_repro" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["dataset", "model", "backbone", "steering", "retriever", "logger"]
 
 
