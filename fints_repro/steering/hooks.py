@@ -9,19 +9,22 @@ also after an exception:
     with steer(model, {(layer, "attn"): v_attn, (layer, "mlp"): v_mlp}, positions="all"):
         model.generate(**batch)
 
-A vector is ``[H]`` (every row) or ``[B, H]`` (one per row of the batch). ``positions``:
-``all`` (prompt and generated tokens: Fints), ``prompt`` or ``generated``. Pad positions
-(attention mask 0, e.g. left padding) are never changed. Under the KV cache each decoding
-step is one more forward call whose positions are generated tokens; a pre-hook on the
-model reads each call's attention mask and works out, once per call, which positions of
-that call to steer.
+A vector is ``[H]`` (every row) or ``[B, H]`` (one per row of the batch); one that
+requires grad stays in the autograd graph. ``positions``: ``all`` (prompt and generated
+tokens: Fints), ``prompt``, ``generated``, or a ``[B, T]`` mask / weight tensor over the
+positions of the full sequence (see ``steer``). Pad positions (attention mask 0, e.g. left
+padding) are never changed. Under the KV cache each decoding step is one more forward
+call whose positions are generated tokens; a pre-hook on the module that runs the decoder
+layers (``sites.layers_owner``: LlamaModel, GPT2Model..., which every call goes through,
+also under a PEFT wrapper whose own forward ``generate`` bypasses) reads each call's
+attention mask and works out, once per call, which positions of that call to steer.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -34,12 +37,14 @@ from fints_repro.steering.sites import (
     decoder_layers,
     first_tensor,
     hidden_size,
+    layers_owner,
     replace_first,
     site_module,
 )
 
 SiteKey = tuple[int, str]
 POSITIONS = ("all", "prompt", "generated")
+Positions = Union[str, torch.Tensor]
 
 
 class _StopForward(Exception):
@@ -62,7 +67,8 @@ def capture(
     acts: dict[SiteKey, torch.Tensor] = {}
     deepest = max((layer for layer, _ in sites), default=-1)
     state = _CallState("all")
-    handles = [model.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True)]
+    owner = layers_owner(model, layers_path)
+    handles = [owner.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True)]
     try:
         for key in dict.fromkeys(sites):
             mod = site_module(model, key[0], key[1], layers_path)
@@ -107,11 +113,11 @@ def _stopper(module, args, output):
 
 @dataclass
 class _CallState:
-    """Which positions of the current forward call to steer: ``mask[B, T_new]`` or None
-    (all positions)."""
+    """Which positions of the current forward call to steer: ``mask`` ``[B|1, T_new]``
+    (bool flags, or float weights for a weight tensor) or None (all positions)."""
 
-    positions: str
-    batch: int = 1
+    positions: Positions
+    batch: int | None = None  # None until the pre-hook has seen a forward call
     prompt_len: int = 0
     mask: torch.Tensor | None = None
     skip: bool = False  # nothing to steer in this call
@@ -133,6 +139,8 @@ def _not_pad_from_4d(mask, start: int, end: int) -> torch.Tensor | None:
 
 
 def _model_pre_hook(state: _CallState):
+    """Forward pre-hook (with kwargs) on ``layers_owner(model)``: this call's positions."""
+
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -146,6 +154,10 @@ def _model_pre_hook(state: _CallState):
         else:
             t_total = _past_length(kwargs.get("past_key_values")) + t_new
             not_pad = _not_pad_from_4d(attn, t_total - t_new, t_total)
+        if isinstance(state.positions, torch.Tensor):
+            state.skip, state.mask = False, _weights_of_call(state.positions, state.batch,
+                                                             t_total - t_new, t_total, not_pad)
+            return None
         if t_total == t_new:  # a new sequence: everything in this call is prompt
             state.prompt_len = t_total
         is_prompt = torch.arange(t_total - t_new, t_total) < state.prompt_len
@@ -166,10 +178,36 @@ def _model_pre_hook(state: _CallState):
     return hook
 
 
+def _weights_of_call(weights: torch.Tensor, batch: int, start: int, end: int,
+                     not_pad: torch.Tensor | None) -> torch.Tensor:
+    """Columns ``start:end`` (this call's absolute positions) of a ``[B|1, T]`` position
+    mask, zero (False) at pad positions; differentiable in ``weights``."""
+    if weights.shape[0] not in (1, batch):
+        raise SteeringError(f"position mask has {weights.shape[0]} rows; the forward call has "
+                            f"{batch} (one row per row of the batch, or one for all)")
+    if weights.shape[1] < end:
+        raise SteeringError(
+            f"position mask covers positions 0..{weights.shape[1] - 1}; this forward call "
+            f"covers positions {start}..{end - 1} (under the KV cache a mask must cover the "
+            "prompt and every generated token)")
+    w = weights[:, start:end]
+    if not_pad is None:
+        return w
+    not_pad = not_pad.to(w.device)
+    if w.dtype == torch.bool:
+        return w & not_pad
+    return torch.where(not_pad, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
 def _adder(vector: torch.Tensor, state: _CallState):
-    """Adds ``vector`` (``[1, 1, H]`` or ``[B, 1, H]``) at the chosen positions."""
+    """Adds ``vector`` (``[1, 1, H]`` or ``[B, 1, H]``) at the chosen positions, times
+    their weight for a weight tensor."""
 
     def hook(module, args, output):
+        if state.batch is None:
+            raise SteeringError(
+                f"{type(module).__name__} ran, but no forward call of the module that holds "
+                "the decoder layers did (set model.layers_path to the layers that run)")
         if state.skip:
             return None
         out = first_tensor(output)
@@ -196,29 +234,81 @@ def validate_vectors(
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise SteeringError(f"vector at {(layer, site)} has shape {shape}; expected [{h}] "
                                 f"or [batch, {h}]")
-        if not torch.isfinite(v).all():
+        if not torch.isfinite(v.detach()).all():  # detached: the check is no graph node
             raise SteeringError(f"vector at {(layer, site)} contains NaN or inf")
+
+
+def _position_weights(positions: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A checked ``[B|1, T]`` position mask on the model's device: bool stays bool, any
+    other dtype becomes float weights in the model's dtype (kept in the graph if it
+    requires grad)."""
+    if positions.dim() != 2:
+        raise SteeringError(f"position mask has shape {tuple(positions.shape)}; expected "
+                            "[batch, seq_len] (or [1, seq_len])")
+    if positions.is_complex():
+        raise SteeringError("position mask is complex; expected bool or real weights")
+    w = positions if positions.requires_grad else positions.detach()
+    if w.dtype == torch.bool:
+        return w.to(param.device)
+    if not torch.isfinite(w.detach()).all():
+        raise SteeringError("position mask contains NaN or inf")
+    dtype = param.dtype if param.is_floating_point() else torch.float32
+    return w.to(device=param.device, dtype=dtype)
 
 
 @contextlib.contextmanager
 def steer(
     model: nn.Module,
     vectors: Mapping[SiteKey, torch.Tensor],
-    positions: str = "all",
+    positions: Positions = "all",
     *,
     layers_path: str = "",
 ) -> Iterator[None]:
-    """Add ``vectors[(layer, site)]`` to that site's output inside the block."""
-    if positions not in POSITIONS:
-        raise SteeringError(f"positions={positions!r}; expected one of {list(POSITIONS)}")
-    validate_vectors(model, vectors, layers_path)
+    """Add ``vectors[(layer, site)]`` to that site's output inside the block.
+
+    ``model`` may be a bare transformers model or a wrapper around one (a PEFT model):
+    the hooks go on its decoder layers and on the module that runs them, which every
+    forward call and ``generate`` step goes through.
+
+    A vector is ``[H]`` (every row) or ``[B, H]`` (one per row). One that requires grad
+    is added through differentiable ops (cast to the model's dtype and device only where
+    they differ), so a ``loss.backward()`` on outputs computed in the block fills its
+    ``.grad``; one that does not is detached, as before.
+
+    ``positions`` says where, per forward call:
+
+    - ``"all"``: every position, prompt and generated;
+    - ``"prompt"``: the positions of the call that starts a sequence (the prompt pass,
+      with nothing cached before it);
+    - ``"generated"``: every later position: the decoding steps under the KV cache
+      (nothing in a single forward pass);
+    - a tensor ``[B, T]`` (or ``[1, T]`` for every row), bool (steer or not) or real
+      (the vector times that weight; integers are weights too), indexed by the absolute
+      position in the full sequence, left pads included: a forward call whose inputs are
+      positions ``past_length .. past_length + T_new - 1`` (``past_length`` = 0 without a
+      KV cache, else the cached length; with a 2-D attention mask, its length minus
+      ``T_new``) reads columns ``past_length .. past_length + T_new - 1`` of the mask. A
+      call beyond its last column raises SteeringError, so under ``generate`` it must
+      cover the prompt and every generated token. Weights that require grad stay in the
+      graph.
+
+    Pad positions (attention mask 0) are never changed, whatever ``positions`` says.
+    """
     param = next(model.parameters())
+    if isinstance(positions, torch.Tensor):
+        positions = _position_weights(positions, param)
+    elif positions not in POSITIONS:
+        raise SteeringError(f"positions={positions!r}; expected one of {list(POSITIONS)} "
+                            "or a [batch, seq_len] tensor")
+    validate_vectors(model, vectors, layers_path)
     state = _CallState(positions)
     handles = []
     try:
-        handles.append(model.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True))
+        owner = layers_owner(model, layers_path)
+        handles.append(owner.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True))
         for (layer, site), v in vectors.items():
-            v3 = v.detach().to(device=param.device, dtype=param.dtype).reshape(-1, 1, v.shape[-1])
+            src = v if v.requires_grad else v.detach()
+            v3 = src.to(device=param.device, dtype=param.dtype).reshape(-1, 1, v.shape[-1])
             mod = site_module(model, layer, site, layers_path)
             handles.append(mod.register_forward_hook(_adder(v3, state)))
         yield

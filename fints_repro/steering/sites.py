@@ -85,6 +85,21 @@ def decoder_layers(model: nn.Module, override: str = "") -> nn.ModuleList:
     )
 
 
+def layers_owner(model: nn.Module, layers_path: str = "") -> nn.Module:
+    """The module whose forward runs the decoder layers: the parent of their ModuleList
+    (LlamaModel, GPT2Model, OPTDecoder, Gemma3's language model...).
+
+    Every forward call of the layers goes through it, with the call's input_ids (or
+    inputs_embeds), attention mask and past_key_values, while wrappers around it can be
+    bypassed: ``PeftModel.generate`` calls the wrapped model's ``generate``, so a hook on
+    the PEFT wrapper never fires."""
+    layers = decoder_layers(model, layers_path)
+    for mod in model.modules():
+        if any(child is layers for child in mod.children()):
+            return mod
+    raise SteeringError(f"the decoder layers of {type(model).__name__} have no parent module")
+
+
 def _child(layer: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
     for name in names:
         mod = getattr(layer, name, None)
