@@ -63,6 +63,29 @@ class DatasetConfig:
     history_fraction: float = 1.0
     time_split: bool = False
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    # The authors' prompts (their instruction.py: get_his, build_rag_instruction), used by
+    # steering.pairs.prompt_layout=authors and by the paper presets' RAG prompt.
+    # `{i}` in a history template is the item's 0-based position in the prompt.
+    authors_history_template: str = "Historical sample {i}:\n Q: {input}. \n A: {output}."
+    authors_history_separator: str = "\n"
+    # Their RAG prompt (form `raw`): {input} = the sample's input, {history} = the items.
+    authors_rag_prompt_template: str = (
+        "{input}\nFor your reference, here are the user's past QA pairs:\n {history}\n"
+        "Please only generate the most suitable one headline, except which no extra text is needed.")
+    # An item's task input in the authors' generator prompt: the item's input as it is
+    # when it starts with authors_keep_prefix (their `startswith('Generate')`; "" = never),
+    # else this template.
+    authors_question_template: str = "Generate a headline for the following article: {input}"
+    authors_keep_prefix: str = "Generate"
+    # Their pair generator prompt (form `python`): {input} = the item's task input,
+    # {history} = the other users' items (raw inputs, untruncated).
+    pair_prompt_template: str = (
+        "{input}\nFor your reference, here are the user's past QA pairs:\n {history}\n"
+        "\nFormat the output in python code like this:\n```python\n"
+        "print(\"Your generated headline here\")\n```")
+    # What the authors' layout keeps of a generation: group 1 of the first match (no
+    # match: no pair); null = the whole answer.
+    pair_answer_regex: Optional[str] = "print\\([\"'](.*?)[\"']\\)"
 
 
 @dataclass
@@ -129,6 +152,21 @@ class PairsConfig:
     # `task` = the item's own question (dataset.question_template); `generation_prompt` =
     # the generator's prompt with the other users' items, as the authors' code stores it.
     question: str = "task"
+    # The generator's prompt: `compact` = the other users' items (inputs cut to
+    # dataset.history_max_words), a blank line, the item's question; `authors` = the
+    # authors' layout (dataset.pair_prompt_template: the task input, "For your reference,
+    # here are the user's past QA pairs:", the other users' items untruncated, the output
+    # format instruction), and only the answer's dataset.pair_answer_regex match is kept.
+    prompt_layout: str = "compact"
+    # New tokens per generation; null = dataset.max_new_tokens (the authors decode 1024).
+    max_new_tokens: Optional[int] = None
+    # ROUGE-L of the filter: `rouge_score` (the LaMP convention) or `rouge` (the `rouge`
+    # package, as the authors' code: sentences split on ".", summary-level LCS).
+    rouge_impl: str = "rouge_score"
+    # The items pairs are made from: `profile` = the history items of the users' samples;
+    # `train_samples` = the users' training-split samples (LaMP) / queries + profile
+    # items (LongLaMP), as the authors' code (the pipeline passes them to build_pairs).
+    source: str = "profile"
 
 
 @dataclass
@@ -151,6 +189,10 @@ class SteeringConfig:
     # What extraction reads at `attn`: `output` (the attention output, default) or
     # `residual` (layer input + attention output: what the authors' code stores).
     attn_read: str = "output"
+    # How extraction finds the answer tokens: `separate` = question and " " + answer
+    # tokenised apart and concatenated (ours); `joint` = question + answer tokenised as one
+    # string, answer tokens from len(tokens(question)) on (the authors' code).
+    answer_tokenization: str = "separate"
     extract_batch_size: int = 8
     pairs: PairsConfig = field(default_factory=PairsConfig)
 

@@ -6,6 +6,9 @@
   with several sequences of different lengths in batches smaller than the input, so the
   right padding and the length sort are exercised;
 - ``attn_read="residual"`` reads layer input + attention output;
+- ``answer_tokenization="joint"`` tokenises question + answer as one string and averages
+  from len(tokens(question)) on (the authors' way); it is part of the cache key, while
+  ``separate`` keeps the key it always had;
 - ``pair_vectors`` = chosen mean - rejected mean, cached in a safetensors file whose
   metadata says what it holds; a second call runs no forward pass; other inputs, other file;
 - the forward pass stops after the requested layer; bad requests fail loudly.
@@ -21,7 +24,8 @@ import torch
 
 from fints_repro.config import ModelConfig
 from fints_repro.models.loading import LoadedModel, load_model
-from fints_repro.steering.extract import answer_means, pair_vectors
+from fints_repro.cache import content_hash
+from fints_repro.steering.extract import answer_means, pair_vectors, tokenize_pair_texts
 from fints_repro.steering.pairs import Pair
 from fints_repro.steering.sites import SteeringError, decoder_layers, site_module
 from fints_repro.steering.store import load_vectors, vector_metadata
@@ -62,17 +66,20 @@ def llama() -> LoadedModel:
     return _lm("llama")
 
 
-def _ids(lm: LoadedModel, question: str, answer: str) -> tuple[list[int], int]:
+def _ids(lm: LoadedModel, question: str, answer: str, joint: bool = False) -> tuple[list[int], int]:
     q = lm.tokenizer(question)["input_ids"]
+    if joint:  # one string, answer from len(tokens(question)) on
+        return lm.tokenizer(question + answer)["input_ids"], len(q)
     a = lm.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     return q + a, len(q)
 
 
 @torch.no_grad()
-def _reference(lm: LoadedModel, question: str, answer: str, layer: int) -> dict[str, torch.Tensor]:
+def _reference(lm: LoadedModel, question: str, answer: str, layer: int,
+               joint: bool = False) -> dict[str, torch.Tensor]:
     """One unpadded forward pass; each site read independently, averaged over answer tokens.
     ``attn_residual`` = layer input (hidden_states[layer]) + attention output."""
-    ids, start = _ids(lm, question, answer)
+    ids, start = _ids(lm, question, answer, joint)
     got: dict[str, torch.Tensor] = {}
 
     def rec(name):
@@ -96,8 +103,8 @@ def _reference(lm: LoadedModel, question: str, answer: str, layer: int) -> dict[
     return {k: a[start:].mean(0) for k, a in acts.items()}
 
 
-def _reference_stack(lm, questions, answers, layer, key):
-    return torch.stack([_reference(lm, q, a, layer)[key] for q, a in zip(questions, answers)])
+def _reference_stack(lm, questions, answers, layer, key, joint=False):
+    return torch.stack([_reference(lm, q, a, layer, joint)[key] for q, a in zip(questions, answers)])
 
 
 def test_answer_means_equal_unpadded_single_passes(lm: LoadedModel) -> None:
@@ -132,6 +139,36 @@ def test_attn_read_residual_is_layer_input_plus_attention_output(lm: LoadedModel
     # attn_read only changes what attn reads
     torch.testing.assert_close(res["mlp"], _reference_stack(lm, QUESTIONS, ANSWERS, LAYER, "mlp"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_joint_tokenization_is_question_plus_answer_as_one_string(lm: LoadedModel) -> None:
+    seqs = tokenize_pair_texts(lm, QUESTIONS, ANSWERS, "joint")
+    for (ids, start), q, a in zip(seqs, QUESTIONS, ANSWERS):
+        assert ids == lm.tokenizer(q + a)["input_ids"] and start == len(lm.tokenizer(q)["input_ids"])
+    assert seqs != tokenize_pair_texts(lm, QUESTIONS, ANSWERS, "separate")
+    got = answer_means(lm, QUESTIONS, ANSWERS, LAYER, ["attn", "mlp"], attn_read="residual",
+                       answer_tokenization="joint", batch_size=2, progress=False)
+    for site, key in (("attn", "attn_residual"), ("mlp", "mlp")):
+        want = _reference_stack(lm, QUESTIONS, ANSWERS, LAYER, key, joint=True)
+        torch.testing.assert_close(got[site], want, rtol=1e-5, atol=1e-5)
+        sep = _reference_stack(lm, QUESTIONS, ANSWERS, LAYER, key)
+        assert (got[site] - sep).abs().max() > 1e-3
+
+
+def test_joint_boundary_follows_the_question_token_count() -> None:
+    """With a tokenizer whose tokens merge across the join, the answer is still every
+    position from len(tokens(question)) on (the authors' slicing)."""
+
+    class Words:  # one token per whitespace word, BOS first
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [([0] if add_special_tokens else []) + [len(w) for w in t.split()]
+                                  for t in texts]}
+
+    lm = LoadedModel(None, Words(), "fp", "words")
+    (ids, start), = tokenize_pair_texts(lm, ["write the head"], ["line now"], "joint")
+    assert ids == [0, 5, 3, 8, 3] and start == 4  # "headline" merged: one answer token
+    (ids, start), = tokenize_pair_texts(lm, ["write the head"], ["line now"], "separate")
+    assert ids == [0, 5, 3, 4, 4, 3] and start == 4
 
 
 def _pairs() -> list[Pair]:
@@ -206,6 +243,19 @@ def test_pair_vectors_recomputed_cached_and_keyed(llama: LoadedModel, tmp_path: 
     assert len(files) == 4
     assert sorted(vector_metadata(p)["attn_read"] for p in files) == ["output"] * 3 + ["residual"]
 
+    # `separate` keeps the key vectors were cached under before `joint` existed; `joint`
+    # is another file, and says so in its metadata.
+    old_recipe = {"model": lm.fingerprint, "layer": LAYER, "sites": sorted(sites),
+                  "attn_read": "output", "answer_join": "space", "mean": "answer_tokens"}
+    assert path.name == f"{content_hash([old_recipe, meta['data_hash']])}.safetensors"
+    assert meta["answer_tokenization"] == "separate"
+    joint = pair_vectors(lm, pairs, LAYER, sites, answer_tokenization="joint", batch_size=2,
+                         cache_dir=tmp_path, progress=False)
+    files = list((tmp_path / "vectors").glob("*.safetensors"))
+    assert len(files) == 5
+    assert sorted(vector_metadata(p)["answer_tokenization"] for p in files) == ["joint"] + ["separate"] * 4
+    assert not torch.allclose(joint["attn"], first["attn"])
+
 
 def test_extraction_stops_after_the_requested_layer(llama: LoadedModel) -> None:
     lm, layer = llama, 1
@@ -264,6 +314,12 @@ def test_bad_requests_fail_loudly(llama: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(SteeringError, match="attn_read"):
         pair_vectors(llama, _pairs(), LAYER, ["attn"], attn_read="foo", cache_dir=tmp_path,
                      progress=False)
+    with pytest.raises(SteeringError, match="answer_tokenization"):
+        answer_means(llama, QUESTIONS, ANSWERS, LAYER, ["attn"], answer_tokenization="glued",
+                     progress=False)
+    with pytest.raises(SteeringError, match="answer_tokenization"):
+        pair_vectors(llama, _pairs(), LAYER, ["attn"], answer_tokenization="glued",
+                     cache_dir=tmp_path, progress=False)
     with pytest.raises(SteeringError, match="outside the model"):
         answer_means(llama, QUESTIONS, ANSWERS, 4, ["attn"], progress=False)
     assert not (tmp_path / "vectors").exists() or not list((tmp_path / "vectors").iterdir())

@@ -214,3 +214,136 @@ def test_a_single_user_gets_no_pairs_and_no_crash(lm, samples, tmp_path, caplog)
     assert pair_stats(out) == {"n_users": 1, "n_pairs": 0, "n_users_without_pairs": 1,
                                "mean_rouge_l": None}
 
+
+
+# --- The authors' layout, the items pairs are made from, the ROUGE implementation --------
+
+AUTHORS = replace(
+    DATASET,
+    authors_question_template="Generate a headline for the following article: {input}",
+    authors_keep_prefix="Generate",
+    pair_prompt_template="{input}\nFor your reference, here are the user's past QA pairs:\n {history}\n"
+                         "\nFormat the output in python code like this:\n```python\n"
+                         "print(\"Your generated headline here\")\n```",
+)
+
+
+def _train_items(samples: list[Sample]) -> dict[str, list[HistoryItem]]:
+    """Training-split-like items: full task inputs (as a LaMP-4 training sample has them)."""
+    return {u: [HistoryItem(f"t-{h.id}", _question(h), h.output) for h in items]
+            for u, items in user_history(samples).items()}
+
+
+def _user_turn(text: str) -> str:
+    return text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+
+
+class FakeAuthorsGeneration:
+    """Answers each authors-layout prompt with ``answer(item)`` (item = the prompt's first
+    line, its task input) and records the prompts and the decoding parameters."""
+
+    def __init__(self, answer: Callable[[str], str]):
+        self.answer, self.prompts, self.params = answer, [], []
+
+    def __call__(self, lm, texts, params, *, skip=frozenset(), **kw):
+        idx = [i for i in range(len(texts)) if i not in skip]
+        self.params.append(params)
+        self.prompts += [_user_turn(texts[i]) for i in idx]
+        yield idx, [self.answer(_user_turn(texts[i]).split("\n", 1)[0]) for i in idx]
+
+
+def test_authors_layout_prompt_answer_and_question(lm, samples, tmp_path, monkeypatch) -> None:
+    items = _train_items(samples)
+    by_input = {h.input: (u, h) for u, hs in items.items() for h in hs}
+    # per item: a print("...") answer after a thought, an answer without print(), an empty print
+    kind = {h.input: j % 3 for j, h in enumerate(h for hs in items.values() for h in hs)}
+    answers = {0: "<think>print('no')</think>\n```python\nprint(\"" + UNRELATED + "\")\n```",
+               1: UNRELATED, 2: 'print("  ")'}
+    fake = FakeAuthorsGeneration(lambda first: answers[kind[first]])
+    monkeypatch.setattr(pairs_mod, "generate_batches", fake)
+    cfg = PairsConfig(attempts=1, prompt_layout="authors", question="generation_prompt",
+                      max_new_tokens=1024, source="train_samples")
+    out = build_pairs(samples, lm, AUTHORS, cfg, cache_dir=tmp_path, seed=0, progress=False,
+                      items_by_user=items)
+    assert [p.max_new_tokens for p in fake.params] == [1024]
+    assert len(fake.prompts) == sum(map(len, items.values()))
+    lines = {f"Historical sample {i}:\n Q: {h.input}. \n A: {h.output}.": u
+             for u, hs in items.items() for h in hs for i in range(K)}
+    for prompt in fake.prompts:
+        first = prompt.split("\n", 1)[0]
+        user, item = by_input[first]
+        # the item's full input is kept as it is (it starts with "Generate")
+        head = f"{item.input}\nFor your reference, here are the user's past QA pairs:\n "
+        tail = "\n\nFormat the output in python code like this:\n```python\nprint(\"Your generated headline here\")\n```"
+        assert prompt.startswith(head) and prompt.endswith(tail)
+        shown = prompt[len(head):-len(tail)].split("\nHistorical sample ")
+        shown = [shown[0]] + ["Historical sample " + x for x in shown[1:]]
+        assert len(shown) == K and all(x.startswith(f"Historical sample {i}:") for i, x in enumerate(shown))
+        assert all(lines.get(x) not in (None, user) for x in shown)  # other users' items, untruncated
+    kept = {(p.user, p.item_id): p for ps in out.values() for p in ps}
+    assert {k[1] for k in kept} == {h.id for hs in items.values() for h in hs if kind[h.input] == 0}
+    for p in kept.values():
+        assert p.rejected == UNRELATED
+        assert p.question in fake.prompts and p.question.startswith(
+            next(h.input for h in items[p.user] if h.id == p.item_id))
+    # question=task: the item's task input, not doubled
+    task = build_pairs(samples, lm, AUTHORS, replace(cfg, question="task"), cache_dir=tmp_path,
+                       seed=0, progress=False, items_by_user=items)
+    assert all(p.question == next(h.input for h in items[p.user] if h.id == p.item_id)
+               for ps in task.values() for p in ps)
+
+
+def test_items_by_user_are_the_items_pairs_come_from(lm, samples, tmp_path, monkeypatch) -> None:
+    fake = FakeGeneration(samples, lambda u, h: UNRELATED)
+    monkeypatch.setattr(pairs_mod, "generate_batches", fake)
+    profile = user_history(samples)
+    # One item per sample user, and an extra user (not among the samples) whose items
+    # only ever appear as the "other users'" items.
+    items = {u: hs[:1] for u, hs in profile.items()}
+    extra = next(h for hs in profile.values() for h in hs[1:])
+    items["zz-extra"] = [HistoryItem("extra", extra.input, extra.output)]
+    out = build_pairs(samples, lm, DATASET, PairsConfig(attempts=3), cache_dir=tmp_path, seed=0,
+                      progress=False, items_by_user=items)
+    assert sorted(out) == sorted(profile)  # pairs for the samples' users only
+    assert {(u, p.item_id) for u, ps in out.items() for p in ps} == {(u, hs[0].id) for u, hs in profile.items()}
+    assert 0 < len(fake.generated) <= 3 * len(profile)  # identical prompts are generated once
+    assert any(f"A: {extra.output}." in t for t in fake.generated)
+    # compact layout: a full task input is not prefixed twice
+    full = {u: [HistoryItem(h.id, _question(h), h.output) for h in hs] for u, hs in items.items()}
+    fake.generated.clear()
+    build_pairs(samples, lm, DATASET, PairsConfig(attempts=3), cache_dir=tmp_path / "full",
+                seed=0, progress=False, items_by_user=full)
+    assert not any(_question(HistoryItem("", _question(h), "")) in t
+                   for t in fake.generated for hs in full.values() for h in hs)
+
+
+def test_rouge_impl_decides_which_attempts_are_kept(lm, samples, tmp_path, monkeypatch) -> None:
+    from rouge import Rouge
+
+    # Same words, other case: rouge_score (lowercased tokens) scores 1, the `rouge`
+    # package (case-sensitive words) scores the words whose case changed only.
+    monkeypatch.setattr(pairs_mod, "generate_batches",
+                        FakeGeneration(samples, lambda u, h: h.output.upper()))
+    score = _run(lm, samples, tmp_path, PairsConfig(attempts=1))
+    pkg = _run(lm, samples, tmp_path, PairsConfig(attempts=1, rouge_impl="rouge"))
+    assert pair_stats(score)["n_pairs"] == 0
+    want = {}
+    for h in (h for hs in user_history(samples).values() for h in hs):
+        f = Rouge().get_scores(h.output.upper(), h.output)[0]["rouge-l"]["f"]
+        if f < DATASET.pair_rouge_threshold:
+            want[h.id] = f
+    assert len(want) >= 5
+    assert {p.item_id: p.rouge_l for ps in pkg.values() for p in ps} == want
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (PairsConfig(prompt_layout="theirs"), "prompt_layout"),
+    (PairsConfig(rouge_impl="rouge2"), "rouge_impl"),
+    (PairsConfig(source="test"), "source"),
+    (PairsConfig(source="train_samples"), "training-split"),
+    (PairsConfig(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_pair_options_fail_before_any_generation(lm, samples, tmp_path, cfg, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _run(lm, samples, tmp_path, cfg)
+    assert not (tmp_path / "pairs").exists()

@@ -57,11 +57,12 @@ class RAG:
         d = self.dataset
         if not items:  # empty history: the prompt is the zero-shot one
             return sample.input
+        # `{i}` in the template: the item's 0-based position (the authors' "Historical sample i")
         shown = [
             d.history_template.format(
-                input=truncate_words(h.input, d.history_max_words), output=h.output
+                i=i, input=truncate_words(h.input, d.history_max_words), output=h.output
             )
-            for h in items
+            for i, h in enumerate(items)
         ]
         return d.rag_prompt_template.format(history=d.history_separator.join(shown),
                                             input=sample.input)

@@ -2,11 +2,18 @@
 
     v_i = mean(a(q + chosen)[answer tokens]) - mean(a(q + rejected)[answer tokens])
 
-on plain text (no chat template). The question is tokenized on its own and the answer
-(" " + answer) appended as its own tokens, so "answer tokens" are exactly the positions
-from len(question tokens) on. Sequences run in right-padded batches (positions then start
-at 0, as unpadded), sorted by length, and each forward pass stops after the deepest layer
-needed. Vectors are cached by content hash (model, layer, sites, read mode, pairs).
+on plain text (no chat template). Answer tokens, by ``answer_tokenization``:
+
+- ``separate`` (ours): the question is tokenized on its own and " " + answer appended as
+  its own tokens, so the answer tokens are exactly the answer's;
+- ``joint`` (the authors' code, ``train.py`` / ``PerSteer.get_vectors``): question + answer
+  tokenized as one string, no separator, with the tokenizer's special tokens; the answer
+  tokens are the positions from len(tokens(question)) on (a token merged across the
+  boundary counts as the answer's when it ends there).
+
+Sequences run in right-padded batches (positions then start at 0, as unpadded), sorted by
+length, and each forward pass stops after the deepest layer needed. Vectors are cached by
+content hash (model, layer, sites, read mode, tokenization, pairs).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from fints_repro.steering.store import load_vectors, save_vectors
 log = logging.getLogger(__name__)
 
 ATTN_READS = ("output", "residual")
+ANSWER_TOKENIZATIONS = ("separate", "joint")
 
 
 def read_site(site: str, attn_read: str) -> str:
@@ -37,11 +45,20 @@ def read_site(site: str, attn_read: str) -> str:
     return "attn_residual" if site == "attn" and attn_read == "residual" else site
 
 
-def tokenize_pair_texts(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str]):
-    """(ids, answer start) per sequence: question ids (with the tokenizer's own special
-    tokens, e.g. BOS) followed by the answer's ids."""
+def tokenize_pair_texts(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str],
+                        mode: str = "separate"):
+    """(ids, answer start) per sequence. ``separate``: question ids (with the tokenizer's
+    own special tokens, e.g. BOS) followed by the ids of " " + answer. ``joint``: the ids of
+    question + answer as one string (special tokens included), the answer from
+    len(question ids) on."""
+    if mode not in ANSWER_TOKENIZATIONS:
+        raise SteeringError(f"steering.answer_tokenization={mode!r}; expected one of "
+                            f"{list(ANSWER_TOKENIZATIONS)}")
     tok = lm.tokenizer
     q_ids = tok(list(questions))["input_ids"]
+    if mode == "joint":
+        full = tok([q + a for q, a in zip(questions, answers)])["input_ids"]
+        return [(f, len(q)) for f, q in zip(full, q_ids)]
     a_ids = tok([" " + a for a in answers], add_special_tokens=False)["input_ids"]
     return [(q + a, len(q)) for q, a in zip(q_ids, a_ids)]
 
@@ -49,14 +66,15 @@ def tokenize_pair_texts(lm: LoadedModel, questions: Sequence[str], answers: Sequ
 @torch.inference_mode()
 def answer_means(
     lm: LoadedModel, questions: Sequence[str], answers: Sequence[str], layer: int,
-    sites: Sequence[str], *, attn_read: str = "output", batch_size: int = 8,
-    layers_path: str = "", progress: bool = True, desc: str = "extract", stop_early: bool = True,
+    sites: Sequence[str], *, attn_read: str = "output", answer_tokenization: str = "separate",
+    batch_size: int = 8, layers_path: str = "", progress: bool = True, desc: str = "extract",
+    stop_early: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU).
     ``stop_early=False`` runs the whole model (only the benchmark's baseline wants that)."""
-    seqs = tokenize_pair_texts(lm, questions, answers)
-    if any(len(ids) == start for ids, start in seqs):
-        bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) == start)
+    seqs = tokenize_pair_texts(lm, questions, answers, answer_tokenization)
+    if any(len(ids) <= start for ids, start in seqs):
+        bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) <= start)
         raise SteeringError(f"answer {bad} has no tokens: {answers[bad]!r}")
     reads = {s: read_site(s, attn_read) for s in sites}
     keys = [(layer, r) for r in dict.fromkeys(reads.values())]
@@ -91,16 +109,22 @@ def answer_means(
 
 def pair_vectors(
     lm: LoadedModel, pairs: Sequence[Pair], layer: int, sites: Sequence[str], *,
-    attn_read: str = "output", batch_size: int = 8, cache_dir: str | Path, layers_path: str = "",
-    progress: bool = True,
+    attn_read: str = "output", answer_tokenization: str = "separate", batch_size: int = 8,
+    cache_dir: str | Path, layers_path: str = "", progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``{site: [len(pairs), H]}``, chosen minus rejected, loaded from the cache when the
-    same model, layer, read mode and pairs were extracted before."""
+    same model, layer, read mode, answer tokenization and pairs were extracted before."""
     for s in sites:
         if s not in SITES:
             raise SteeringError(f"unknown site {s!r}; expected one of {list(SITES)}")
+    read_site("attn", attn_read)
+    if answer_tokenization not in ANSWER_TOKENIZATIONS:
+        raise SteeringError(f"steering.answer_tokenization={answer_tokenization!r}; expected one "
+                            f"of {list(ANSWER_TOKENIZATIONS)}")
+    # `separate` keeps the key it always had, so vectors cached before stay valid.
+    join = "space" if answer_tokenization == "separate" else "joint"
     recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
-              "attn_read": attn_read, "answer_join": "space", "mean": "answer_tokens"}
+              "attn_read": attn_read, "answer_join": join, "mean": "answer_tokens"}
     data_hash = content_hash([[p.question, p.chosen, p.rejected] for p in pairs])
     path = Path(cache_dir) / "vectors" / f"{content_hash([recipe, data_hash])}.safetensors"
     cached = load_vectors(path)
@@ -111,13 +135,14 @@ def pair_vectors(
         return {}
     qs = [p.question for p in pairs]
     chosen = answer_means(lm, qs, [p.chosen for p in pairs], layer, sites, attn_read=attn_read,
-                          batch_size=batch_size, layers_path=layers_path, progress=progress,
-                          desc="extract chosen")
+                          answer_tokenization=answer_tokenization, batch_size=batch_size,
+                          layers_path=layers_path, progress=progress, desc="extract chosen")
     rejected = answer_means(lm, qs, [p.rejected for p in pairs], layer, sites, attn_read=attn_read,
-                            batch_size=batch_size, layers_path=layers_path, progress=progress,
-                            desc="extract rejected")
+                            answer_tokenization=answer_tokenization, batch_size=batch_size,
+                            layers_path=layers_path, progress=progress, desc="extract rejected")
     vectors = {s: chosen[s] - rejected[s] for s in sites}
-    save_vectors(path, vectors, {**recipe, "data_hash": data_hash, "n_pairs": len(pairs),
+    save_vectors(path, vectors, {**recipe, "answer_tokenization": answer_tokenization,
+                                 "data_hash": data_hash, "n_pairs": len(pairs),
                                  "hidden_size": int(next(iter(vectors.values())).shape[1])})
     log.info("extracted %d pair vectors at layer %d into %s", len(pairs), layer, path)
     return vectors

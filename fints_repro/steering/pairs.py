@@ -1,9 +1,21 @@
-"""Contrastive pairs (REFERENCE.md §1.2), as the authors' ``data_collect`` script builds them.
+"""Contrastive pairs (REFERENCE.md §1.2), as the authors' ``data_collect_para.py`` builds them.
 
-For each history item of each user, and each attempt: the generator is prompted with k
-random history items of *other* users followed by the item's task question; its answer is
-the ``rejected`` side and the user's own output the ``chosen`` side. An attempt is kept when
-ROUGE-L F(rejected, chosen) < the dataset's threshold (all passing attempts are kept).
+For each item of each user, and each attempt: the generator is prompted with k random
+items of *other* users and the item's task question; its answer is the ``rejected`` side
+and the user's own output the ``chosen`` side. An attempt is kept when ROUGE-L
+F(rejected, chosen) < the dataset's threshold (all passing attempts are kept).
+
+The items are the users' profile (history) items by default, or any items the caller
+passes (``items_by_user``: the authors use the users' training-split samples). Two prompt
+layouts (``steering.pairs.prompt_layout``):
+
+- ``compact`` (ours): the other users' items as ``Historical sample i`` lines (inputs cut
+  to ``dataset.history_max_words``), a blank line, the item's question; the stripped answer;
+- ``authors`` (their ``build_rag_instruction`` with ``form=python``): the item's task
+  input, "For your reference, here are the user's past QA pairs:", the other users' items
+  untruncated, and an instruction to answer as ``print("...")``
+  (``dataset.pair_prompt_template``); only the quoted text is kept
+  (``dataset.pair_answer_regex``) and an answer without it gives no pair.
 
 Each attempt draws its other-user items from its own ``random.Random`` seeded with
 ``seed|user|item|attempt``, so prompts do not depend on iteration order. All prompts go
@@ -15,9 +27,10 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from rouge_score import rouge_scorer
 
@@ -33,6 +46,9 @@ from fints_repro.models.loading import LoadedModel
 log = logging.getLogger(__name__)
 
 QUESTION_MODES = ("task", "generation_prompt")
+PROMPT_LAYOUTS = ("compact", "authors")
+ROUGE_IMPLS = ("rouge_score", "rouge")
+SOURCES = ("profile", "train_samples")
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,7 @@ class Pair:
     question: str  # what the answers are appended to for extraction and retrieval
     chosen: str  # the user's own output for the history item
     rejected: str  # the generator's output
-    rouge_l: float  # ROUGE-L F(rejected, chosen), LaMP convention (rouge_score, no stemmer)
+    rouge_l: float  # ROUGE-L F(rejected, chosen) by steering.pairs.rouge_impl
     attempt: int
 
 
@@ -65,17 +81,67 @@ def user_history(samples: Sequence[Sample]) -> dict[str, list[HistoryItem]]:
     return {u: list(seen[u].values()) for u in sorted(seen)}
 
 
-def generator_prompt(others: Sequence[HistoryItem], item: HistoryItem, dataset: DatasetConfig) -> str:
-    """The generator's user turn: other users' items as ``Historical sample`` lines (their
-    inputs cut to ``dataset.history_max_words`` like RAG prompts), then the item's task
-    question (the authors' ``build_rag_instruction`` with ``rag=others``)."""
+def _inner(text: str, template: str) -> str:
+    """``text`` without the template's fixed beginning when it already has it (a training
+    sample's full input, "Generate a headline for the following article: ..."), so the
+    template does not add it twice."""
+    prefix = template.split("{input}")[0] if "{input}" in template else ""
+    return text[len(prefix):] if prefix and text.startswith(prefix) else text
+
+
+def item_question(item: HistoryItem, dataset: DatasetConfig, layout: str = "compact") -> str:
+    """An item's task question. ``compact``: ``dataset.question_template`` (an input that
+    already is the whole question stays as it is); ``authors``: the item's input as it is
+    when it starts with ``dataset.authors_keep_prefix`` (their ``startswith('Generate')``),
+    else ``dataset.authors_question_template``."""
+    if layout == "authors":
+        keep = dataset.authors_keep_prefix
+        if keep and item.input.startswith(keep):
+            return item.input
+        return dataset.authors_question_template.format(input=item.input)
+    t = dataset.question_template
+    return t.format(input=_inner(item.input, t))
+
+
+def generator_prompt(others: Sequence[HistoryItem], item: HistoryItem, dataset: DatasetConfig,
+                     layout: str = "compact") -> str:
+    """The generator's user turn (before any chat template).
+
+    ``compact``: the other users' items as ``Historical sample`` lines (as task questions,
+    their inputs cut to ``dataset.history_max_words`` like RAG prompts), a blank line, then
+    the item's question. ``authors``: ``dataset.pair_prompt_template`` with the item's task
+    input and the other users' items by ``dataset.authors_history_template`` (raw inputs,
+    untruncated, numbered from 0, joined by ``dataset.authors_history_separator``)."""
+    if layout == "authors":
+        history = dataset.authors_history_separator.join(
+            dataset.authors_history_template.format(i=i, input=o.input, output=o.output)
+            for i, o in enumerate(others))
+        return dataset.pair_prompt_template.format(input=item_question(item, dataset, layout),
+                                                   history=history)
+    t = dataset.question_template
     lines = [
         f"Historical sample {i}:\n Q: "
-        f"{dataset.question_template.format(input=truncate_words(o.input, dataset.history_max_words))}"
+        f"{t.format(input=truncate_words(_inner(o.input, t), dataset.history_max_words))}"
         f". \n A: {o.output}."
         for i, o in enumerate(others)
     ]
-    return "\n".join(lines) + "\n\n" + dataset.question_template.format(input=item.input)
+    return "\n".join(lines) + "\n\n" + item_question(item, dataset)
+
+
+def extract_answer(generation: str, dataset: DatasetConfig, layout: str = "compact") -> str:
+    """What a generation contributes as the ``rejected`` side ("" = no pair).
+
+    ``compact``: the stripped generation. ``authors`` (their ``generate``): the stripped
+    text after the last ``</think>``, then group 1 of the first ``dataset.pair_answer_regex``
+    match, as it is ("" without a match; a null regex keeps the whole text)."""
+    text = generation.strip()
+    if layout != "authors":
+        return text
+    text = text.split("</think>")[-1]
+    if dataset.pair_answer_regex is None:
+        return text
+    m = re.search(dataset.pair_answer_regex, text)
+    return m.group(1) if m else ""
 
 
 def _draw_others(
@@ -86,12 +152,15 @@ def _draw_others(
 
 
 def _plan_attempts(
-    history: dict[str, list[HistoryItem]], dataset: DatasetConfig, k: int, attempts: int, seed: int
+    history: dict[str, list[HistoryItem]], users: Sequence[str], dataset: DatasetConfig, k: int,
+    attempts: int, seed: int, layout: str,
 ) -> list[_Attempt]:
+    """Attempts for the items of ``users``; other users' items come from all of ``history``."""
     with_history = [u for u, items in history.items() if items]
     plan: list[_Attempt] = []
     stranded = []
-    for user, items in history.items():
+    for user in users:
+        items = history[user]
         others = [u for u in with_history if u != user]
         if items and not others:
             stranded.append(user)
@@ -101,7 +170,8 @@ def _plan_attempts(
                 continue
             for a in range(attempts):
                 rng = random.Random(f"{seed}|{user}|{item.id}|{a}")
-                prompt = generator_prompt(_draw_others(rng, others, history, k), item, dataset)
+                prompt = generator_prompt(_draw_others(rng, others, history, k), item, dataset,
+                                          layout)
                 plan.append(_Attempt(user, item, a, prompt))
     if stranded:
         log.warning("pairs: no other user has history for %d user(s) (%s): they get no pairs",
@@ -126,6 +196,28 @@ def _generate_cached(
     return [done[i] for i in range(len(texts))]
 
 
+def _rouge_l(impl: str):
+    """``f(chosen, rejected)`` -> ROUGE-L F, or None where it cannot be scored (no pair)."""
+    if impl == "rouge":
+        from fints_repro.eval.rouge_pkg import rouge_l_f
+
+        return lambda chosen, rejected: rouge_l_f(rejected, chosen)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return lambda chosen, rejected: scorer.score(chosen, rejected)["rougeL"].fmeasure
+
+
+def _check(cfg: PairsConfig, items_by_user) -> None:
+    for name, allowed in (("question", QUESTION_MODES), ("prompt_layout", PROMPT_LAYOUTS),
+                          ("rouge_impl", ROUGE_IMPLS), ("source", SOURCES)):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"steering.pairs.{name}={getattr(cfg, name)!r}: expected one of {allowed}")
+    if cfg.source == "train_samples" and items_by_user is None:
+        raise ConfigError("steering.pairs.source=train_samples: pairs are made from the users' "
+                          "training-split items, and none were given (items_by_user)")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise ConfigError(f"steering.pairs.max_new_tokens={cfg.max_new_tokens}: must be >= 1")
+
+
 def build_pairs(
     samples: Sequence[Sample],
     lm: LoadedModel,
@@ -135,22 +227,33 @@ def build_pairs(
     cache_dir: str | Path,
     seed: int,
     progress: bool = True,
+    items_by_user: Mapping[str, Sequence[HistoryItem]] | None = None,
 ) -> dict[str, list[Pair]]:
     """{user: pairs} for every user of ``samples`` (``[]`` where none was kept), pairs in
-    history order, then attempt order. ``lm`` is the generator (``cfg.generator`` or the
-    run's own model, as the caller resolves it)."""
-    if cfg.question not in QUESTION_MODES:
-        raise ConfigError(f"steering.pairs.question={cfg.question!r}: expected one of {QUESTION_MODES}")
+    item order, then attempt order. ``lm`` is the generator (``cfg.generator`` or the
+    run's own model, as the caller resolves it).
+
+    ``items_by_user``: the items pairs are made from, per user (``cfg.source=train_samples``:
+    the users' training-split samples); default (None) the history items of the users'
+    samples. Pairs are made for the users of ``samples``; the other users' items in the
+    prompts are drawn from every user of ``items_by_user`` (or of ``samples``)."""
+    _check(cfg, items_by_user)
     k = cfg.k_other if cfg.k_other is not None else dataset.pair_k_other
     if k < 1:
         raise ConfigError(f"pairs: k_other must be >= 1, got {k}")
-    history = user_history(samples)
-    plan = _plan_attempts(history, dataset, k, cfg.attempts, seed)
-    out: dict[str, list[Pair]] = {u: [] for u in history}
+    users = sorted({s.user for s in samples})
+    if items_by_user is None:
+        history = user_history(samples)
+    else:
+        history = {u: list(items_by_user.get(u, ())) for u in sorted(set(items_by_user) | set(users))}
+    layout = cfg.prompt_layout
+    plan = _plan_attempts(history, users, dataset, k, cfg.attempts, seed, layout)
+    out: dict[str, list[Pair]] = {u: [] for u in users}
     if not plan:
         return out
 
-    params = DecodingParams(max_new_tokens=dataset.max_new_tokens, do_sample=cfg.do_sample,
+    max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else dataset.max_new_tokens
+    params = DecodingParams(max_new_tokens=max_new, do_sample=cfg.do_sample,
                             temperature=cfg.temperature, top_p=1.0, seed=seed)
     # Identical prompts (possible when few other items exist) are generated once.
     prompts = list(dict.fromkeys(p.prompt for p in plan))
@@ -158,15 +261,15 @@ def build_pairs(
     generation = dict(zip(prompts, _generate_cached(lm, texts, params, cfg.batch_size,
                                                     cache_dir, progress)))
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge_l = _rouge_l(cfg.rouge_impl)
     for p in plan:
-        rejected = generation[p.prompt].strip()
-        if not rejected:
+        rejected = extract_answer(generation[p.prompt], dataset, layout)
+        if not rejected.strip():
             continue
         chosen = p.item.output
-        score = scorer.score(chosen, rejected)["rougeL"].fmeasure
-        if score < dataset.pair_rouge_threshold:
-            question = (dataset.question_template.format(input=p.item.input)
+        score = rouge_l(chosen, rejected)
+        if score is not None and score < dataset.pair_rouge_threshold:
+            question = (item_question(p.item, dataset, layout)
                         if cfg.question == "task" else p.prompt)
             out[p.user].append(Pair(p.user, p.item.id, question, chosen, rejected, score, p.attempt))
     return out
