@@ -1,14 +1,44 @@
 """On-disk caches keyed by content hash: every model-time stage (generations, contrastive
 pairs, steering vectors) is stored under a key computed from what it was made from, so a
-rerun or a sweep job reuses it and a killed run resumes where it stopped."""
+rerun or a sweep job reuses it and a killed run resumes where it stopped.
+
+Every write is safe when several processes (a joblib or SLURM sweep) share the cache:
+
+- a file that is written whole goes to a temporary file with a name of its own in the same
+  folder, then is renamed over the target (``atomic_file``), so a reader sees the old file
+  or the new one, never a mix, and two writers never share a temporary file;
+- a JSONL store is appended to with one ``write`` per batch (``append_jsonl``), after a
+  newline if a killed run left the last line cut;
+- files are created ``0644`` (``FILE_MODE``), whatever the umask or ``mkstemp`` would give,
+  so a cache shared between users is readable by all of them;
+- work that must run once (the model conversion) takes a file lock under
+  ``<cache>/.locks/`` (``lock_for``).
+
+Reading is lenient where a damaged entry can be recomputed: a JSONL line that is not UTF-8,
+not JSON or not of the expected shape is dropped with one warning naming the file and the
+line numbers (``read_jsonl_lenient``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+from fints_repro.errors import CacheError
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+# Cache files are readable by everyone who can reach the cache folder.
+FILE_MODE = 0o644
 
 
 def content_hash(obj: Any, n: int = 16) -> str:
@@ -16,49 +46,149 @@ def content_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def read_jsonl_lenient(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file that a killed run may have cut short: a broken last line is
-    dropped (its sample is generated again), never fatal."""
-    if not path.exists():
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write the whole file to; on success it is
+    flushed to disk, made ``FILE_MODE`` and renamed over ``path``, on an exception removed.
+
+    The temporary name is unique to this call (``mkstemp``), so two processes writing the
+    same target at once each rename a complete file of their own; the last rename wins.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def lock_for(target: Path) -> FileLock:
+    """A file lock guarding the creation of ``target`` (``<cache>/<stage>/<name>``).
+
+    The lock file lives in ``<cache>/.locks/<stage>/<name>.lock``, outside the stage's
+    folder, so that listing a stage shows its entries only. The lock file stays after
+    release (removing a lock file while others wait on it would break the exclusion).
+    """
+    from filelock import FileLock  # a dependency of transformers / huggingface_hub
+
+    target = Path(target)
+    lock = target.parent.parent / ".locks" / target.parent.name / f"{target.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock))
+
+
+def _line_numbers(numbers: Sequence[int], limit: int = 10) -> str:
+    shown = ", ".join(str(n) for n in numbers[:limit])
+    return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
+
+
+def read_jsonl_lenient(
+    path: Path, required: Mapping[str, type | tuple[type, ...]] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a JSONL file that a killed run (or a damaged disk) may have cut short.
+
+    A row must be a JSON object, and for each ``required`` key hold a value of that type.
+    A line that is not UTF-8, not JSON, or not such an object is dropped (its sample is
+    generated again), with one warning naming the file and the line numbers; never fatal.
+    Blank lines are skipped silently. A file that cannot be read at all (not a file, no
+    permission) is a CacheError naming it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    except OSError as e:
+        raise CacheError(f"cannot read {path} ({e.strerror or e}); fix its permissions or delete it "
+                         f"(rm -r {path}): what it held is computed again", path=str(path)) from e
+    rows: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            bad.append(number)
+            continue
+        if not isinstance(row, dict) or any(
+            not isinstance(row.get(key), kind) for key, kind in (required or {}).items()
+        ):
+            bad.append(number)
+            continue
+        rows.append(row)
+    if bad:
+        log.warning("%s: dropped %d unreadable line(s) (line %s); their entries are computed again",
+                    path, len(bad), _line_numbers(bad))
     return rows
 
 
-def _write_rows(f, rows: Sequence[dict[str, Any]]) -> None:
-    for r in rows:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+def _encode_rows(rows: Sequence[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
 def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Append rows and flush them to disk (a kill loses at most the line being written)."""
-    with open(path, "a", encoding="utf-8") as f:
-        _write_rows(f, rows)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append rows and flush them to disk (a kill loses at most the line being written).
+
+    The rows go out in one ``write`` on a file opened for appending, so two processes
+    appending to one store do not interleave inside a line. When the file does not end
+    with a newline (a killed run cut its last line), a newline is written first: the cut
+    line stays a line of its own (dropped when read) instead of swallowing the first row.
+    A new file is created ``FILE_MODE``.
+    """
+    payload = _encode_rows(rows)
+    if not payload:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
+    except FileExistsError:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            payload = b"\n" + payload
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Replace the file with these rows: written beside it, then renamed."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        _write_rows(f, rows)
-    os.replace(tmp, path)
+    """Replace the file with these rows: written to a temporary file of this call's own
+    beside it, then renamed (``atomic_file``)."""
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_bytes(_encode_rows(rows))
 
 
 class GenerationStore:
     """Append-only JSONL of generations keyed by prompt hash, one file per
-    (model, decoding, batching, steering) fingerprint."""
+    (model, decoding, batching, steering) fingerprint.
+
+    A line is ``{"key": str, "generation": str}``; a damaged line is dropped with a warning
+    when the store is opened, and its generation is made again.
+    """
+
+    ROW = {"key": str, "generation": str}
 
     def __init__(self, path: Path):
         self.path = path
-        self.items: dict[str, str] = {r["key"]: r["generation"] for r in read_jsonl_lenient(path)}
+        self.items: dict[str, str] = {
+            r["key"]: r["generation"] for r in read_jsonl_lenient(path, required=self.ROW)
+        }
 
     @staticmethod
     def key(text: str) -> str:

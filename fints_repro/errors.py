@@ -28,3 +28,13 @@ class MissingDataError(DataError):
 
 class ConfigError(FintsError):
     """A configuration that cannot work, caught at start-up."""
+
+
+class CacheError(FintsError):
+    """A cache file or folder that is damaged beyond automatic repair, or that this process
+    may not read or write. The message names it and says what to delete (a deleted cache
+    entry is recomputed by the next run)."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path

@@ -7,6 +7,7 @@ used as part of every cache key downstream.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 import json
@@ -21,10 +22,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fints_repro.cache import content_hash
+from fints_repro.cache import content_hash, lock_for
 from fints_repro.config import ModelConfig
 from fints_repro.models.cpu import PackedWeights, tune_malloc
-from fints_repro.errors import ConfigError
+from fints_repro.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,50 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """The device names ``model.device`` can take on this machine (besides ``auto``)."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
 def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device: ``auto`` picks CUDA, then MPS, then the CPU.
+
+    A CUDA or MPS device this machine does not have is a ConfigError that names
+    ``model.device`` and the devices that are available.
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    available = f"available here: {', '.join(available_devices())} (or model.device=auto)"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"model.device={name!r} is not a device name; {available}") from e
+    if device.type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device={name!r}, but CUDA is not available on this machine "
+                              f"(no GPU, or a CPU-only torch {torch.__version__}{visible}); {available}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device={name!r}, but this machine has "
+                              f"{torch.cuda.device_count()} visible CUDA device(s){visible}; {available}")
+    elif device.type == "mps" and not _mps_available():
+        raise ConfigError(f"model.device={name!r}, but MPS (Apple GPU) is not available on this "
+                          f"machine; {available}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -90,15 +127,119 @@ def find_wheel_file(dist: str, filename: str) -> Path:
     raise ConfigError(f"{filename!r} is not in the installed package {dist!r}")
 
 
+# Written last into a converted folder: the GGUF it came from and every other file with
+# its size. A folder whose files do not match it (a partial deletion, a cut copy) is
+# incomplete and is converted again.
+_MANIFEST = "SOURCE.json"
+# One of these holds the vocabulary, whatever the tokenizer class saves.
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def converted_folder_problem(out_dir: Path) -> str | None:
+    """None when ``out_dir`` holds a complete conversion, else what is wrong with it.
+
+    Complete: the manifest is there and every file it lists has its size, and the files a
+    load needs are there (config, tokenizer config and vocabulary, every safetensors
+    shard); the latter is all that folders converted before the manifest listed its
+    files are checked for.
+    """
+    if not out_dir.is_dir():
+        return "no folder" if not os.path.lexists(out_dir) else "not a folder"
+    try:
+        source = json.loads((out_dir / _MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"missing {_MANIFEST}"
+    except (OSError, ValueError) as e:
+        return f"unreadable {_MANIFEST} ({e})"
+    files = source.get("files") if isinstance(source, dict) else None
+    for name, size in (files.items() if isinstance(files, dict) else ()):
+        path = out_dir / name
+        if not path.is_file():
+            return f"missing {name}"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (out_dir / name).is_file():
+            return f"missing {name}"
+    if not any((out_dir / name).is_file() for name in _VOCAB_FILES):
+        return f"missing the vocabulary (one of {', '.join(_VOCAB_FILES)})"
+    shards = {"model.safetensors"}
+    index = out_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"unreadable {index.name} ({e!r})"
+    for shard in sorted(shards):
+        if not (out_dir / shard).is_file():
+            return f"missing {shard}"
+    return None
+
+
+@contextlib.contextmanager
+def _conversion_lock(out_dir: Path):
+    """Hold the lock that lets one process at a time convert into ``out_dir``."""
+    from filelock import Timeout
+
+    lock = lock_for(out_dir)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process converting into %s (lock %s)", out_dir, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _move_broken_aside(out_dir: Path, problem: str) -> None:
+    """Move an incomplete converted folder out of the way (then delete it), so that a
+    reader never sees it half-deleted and the conversion can write the name afresh."""
+    aside = out_dir.with_name(f".broken-{out_dir.name}-{os.getpid()}")
+    log.warning("converted model folder %s is incomplete (%s): moving it aside and converting "
+                "the model again", out_dir, problem)
+    try:
+        os.replace(out_dir, aside)
+    except OSError as e:
+        raise CacheError(
+            f"converted model folder {out_dir} is incomplete ({problem}) and cannot be moved "
+            f"aside ({e}); delete it (rm -r {out_dir}) and run again: the model is converted again",
+            path=str(out_dir),
+        ) from e
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+    if os.path.lexists(aside):
+        log.warning("could not delete %s (the incomplete folder); delete it by hand", aside)
+
+
 def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     """De-quantize a GGUF once with transformers and save it as a safetensors folder.
 
     Loading the result takes well under a second; the logits are identical (tested).
-    The write goes to a temporary folder that is renamed at the end, so a killed
-    conversion never leaves a half-written cache behind.
+    Safe when several processes (a sweep's jobs) ask at once: one converts under a file
+    lock (``<cache>/.locks/models/``), the others wait and then load its result. The write
+    goes to a temporary folder that is renamed at the end, so a killed conversion never
+    leaves a half-written cache behind; a folder found incomplete later (files deleted or
+    cut) is moved aside and converted again, with a warning naming it.
     """
-    if (out_dir / "config.json").exists():
+    if converted_folder_problem(out_dir) is None:
         return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(out_dir):
+        problem = converted_folder_problem(out_dir)  # another process may have finished it
+        if problem is None:
+            return out_dir
+        if os.path.lexists(out_dir):
+            _move_broken_aside(out_dir, problem)
+        _convert(gguf_path, out_dir)
+    return out_dir
+
+
+def _convert(gguf_path: Path, out_dir: Path) -> None:
+    """The conversion itself, into a temporary folder renamed to ``out_dir`` at the end."""
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, out_dir)
     t0 = time.time()
     src, name = str(gguf_path.parent), gguf_path.name
@@ -112,22 +253,29 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "sha256": _file_sha256(gguf_path)}, indent=1)
-        )
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / _MANIFEST).write_text(json.dumps(
+            {"gguf": str(gguf_path), "sha256": _file_sha256(gguf_path), "files": files}, indent=1
+        ))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError as e:
+            # Only when the lock did not hold (a file system without locks): another
+            # process renamed its own conversion first. Use it if it is complete.
+            if converted_folder_problem(out_dir) is not None:
+                raise CacheError(f"could not move the converted model into {out_dir} ({e}); "
+                                 f"delete it (rm -r {out_dir}) and run again", path=str(out_dir)) from e
+            log.info("%s was converted by another process meanwhile; using it", out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted in %.1fs", time.time() - t0)
-    return out_dir
 
 
 def _local_fingerprint(path: Path) -> str:
