@@ -6,7 +6,9 @@
 
 LaMP-4/5 (user-based split, "new" release) come from the LaMP site into
 ``<root>/lamp4/`` or ``<root>/lamp5/`` as ``{split}_questions.json`` and, except for
-``test`` (its labels are not public), ``{split}_outputs.json``. LongLaMP abstract
+``test`` (its labels are not public), ``{split}_outputs.json``. (Files fetched by hand in
+the server's own layout, ``<root>/LaMP_4/{split}/{split}_questions.json``, are read as
+well, with no other setting.) LongLaMP abstract
 generation comes from the Hugging Face Hub (``LongLaMP/LongLaMP``) into
 ``<root>/longlamp_abstract/{split}.jsonl`` (``longlamp_abstract_temporal/`` with
 ``--temporal``); its ``dev`` is the Hub's ``val`` split.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,10 +51,25 @@ def longlamp_plan(root: Path, split: str, temporal: bool = False) -> tuple[str, 
     return config, LONGLAMP_SPLITS[split], Path(root) / folder / f"{split}.jsonl"
 
 
+def _part_file(dest: Path) -> Path:
+    """A temporary file of this process's own beside ``dest`` (two downloads of the same
+    file never write into one another's)."""
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    return Path(name)
+
+
+def _finish(tmp: Path, dest: Path) -> None:
+    """Readable by everyone (mkstemp makes it private), then renamed into place."""
+    os.chmod(tmp, 0o644)
+    tmp.replace(dest)
+
+
 def download(url: str, dest: Path) -> None:
-    """Fetch ``url`` into ``dest`` (written whole or not at all)."""
+    """Fetch ``url`` into ``dest`` (written whole or not at all; an empty answer is an error,
+    so an empty data file is never left behind)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = _part_file(dest)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as f:
             while chunk := response.read(1 << 20):
@@ -61,7 +80,10 @@ def download(url: str, dest: Path) -> None:
             f"could not download {url}: {e}\n"
             f"This needs internet; on a machine without it, fetch the file elsewhere and put it at {dest}."
         ) from e
-    tmp.replace(dest)
+    if tmp.stat().st_size == 0:
+        tmp.unlink()
+        raise SystemExit(f"{url} answered with an empty file; nothing was written to {dest}. Try again later.")
+    _finish(tmp, dest)
 
 
 def write_longlamp(config: str, hub_split: str, dest: Path) -> int:
@@ -76,11 +98,15 @@ def write_longlamp(config: str, hub_split: str, dest: Path) -> int:
             f"This needs access to the Hugging Face Hub; elsewhere, write the split to {dest} as JSON lines."
         ) from e
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(dest)
+    tmp = _part_file(dest)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _finish(tmp, dest)
     return len(rows)
 
 

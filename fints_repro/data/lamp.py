@@ -1,5 +1,9 @@
 """Loader for the official LaMP-4 (news headline) and LaMP-5 (scholarly title) files.
 
+The files of a split are found in the layout ``scripts/download_data.py`` writes
+(``lamp4/{split}_questions.json``) or in the LaMP server's (``LaMP_4/{split}/...``); see
+``lamp_candidates``.
+
 ``{split}_questions.json`` is a JSON list of ``{id, input, profile: [...], user_id?}``;
 ``{split}_outputs.json`` is ``{task, golds: [{id, output}]}``. A LaMP-4 profile item is
 ``{id, text, title}`` (article, headline), a LaMP-5 one ``{id, abstract, title}``
@@ -29,10 +33,33 @@ LAMP_PROFILE_INPUT = {"lamp4": "text", "lamp5": "abstract"}
 _YEAR = re.compile(r"^\d{4}$")
 
 
-def lamp_paths(root: Path, split: str) -> tuple[Path, Path]:
-    """The official questions and outputs files of ``split`` under ``root``."""
+# The LaMP server's folder of each task (``LaMP_4/dev/dev_questions.json``, or under
+# ``LaMP_4/new/`` as the user-based release sits on the server).
+LAMP_SERVER_DIRS = {"lamp4": "LaMP_4", "lamp5": "LaMP_5"}
+
+
+def lamp_candidates(root: Path, split: str, task: str | None = None) -> list[tuple[Path, Path]]:
+    """Every place the questions and outputs files of ``split`` may be, in the order they
+    are tried; ``root`` is the dataset folder (``dataset.path``, ``${data.root}/lamp4``).
+
+    1. ``root/{split}_questions.json``: the layout ``scripts/download_data.py`` writes;
+    2. ``root/{split}/{split}_questions.json``: ``root`` is the server's task folder;
+    3. with ``task``: the server's layout beside ``root`` in the data root,
+       ``LaMP_4/{split}/{split}_questions.json``, then ``LaMP_4/new/{split}/...``.
+    """
     root = Path(root)
-    return root / f"{split}_questions.json", root / f"{split}_outputs.json"
+    folders = [root, root / split]
+    if task in LAMP_SERVER_DIRS:
+        server = root.parent / LAMP_SERVER_DIRS[task]
+        folders += [server / split, server / "new" / split]
+    return [(f / f"{split}_questions.json", f / f"{split}_outputs.json") for f in folders]
+
+
+def lamp_paths(root: Path, split: str, task: str | None = None) -> tuple[Path, Path]:
+    """The questions and outputs files of ``split``: the first of ``lamp_candidates`` whose
+    questions file exists, else the first (the layout ``scripts/download_data.py`` writes)."""
+    candidates = lamp_candidates(root, split, task)
+    return next((pair for pair in candidates if pair[0].is_file()), candidates[0])
 
 
 def load_lamp(
@@ -134,14 +161,28 @@ def _golds(path: Path, *, hint: str) -> dict[str, str]:
 
 
 def read_json(path: Path, *, hint: str) -> Any:
-    """Parse a JSON file; a missing file raises MissingDataError with ``hint``."""
+    """Parse a JSON file; a missing file raises MissingDataError with ``hint``, an empty one
+    (nothing but whitespace) a DataError that names it."""
     if not path.is_file():
         raise MissingDataError(f"{path} not found; {hint}", file=str(path))
     try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"invalid JSON: not UTF-8 text: {e}", file=str(path)) from e
+    if not text.strip():
+        raise empty_file_error(path, hint=hint)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON: {e}", file=str(path)) from e
+
+
+def empty_file_error(path: Path, *, hint: str) -> DataError:
+    """The error for a data file with nothing in it (a download or copy cut short)."""
+    size = path.stat().st_size
+    what = "is empty (0 bytes)" if size == 0 else f"holds nothing but whitespace ({size} bytes)"
+    return DataError(f"the data file {what}; a download or copy was probably cut short: "
+                     f"delete it and {hint}", file=str(path))
 
 
 def require_str(obj: dict[str, Any], key: str, *, file: str, record: str | int, where: str = "") -> str:

@@ -5,6 +5,9 @@ Real data is read from ``dataset.path`` (under ``data.root``, default ``data/``,
 which files it looked for and how to get them; it never falls back to other data. The
 synthetic demo data is generated into the cache in the official LaMP-4 format and read
 back through the same LaMP loader as the real data.
+
+Each ``dataset.loader`` is a function in the ``LOADERS`` registry; a new data source is one
+more ``@LOADERS.register("name")`` function.
 """
 
 from __future__ import annotations
@@ -12,20 +15,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
+from fints_repro.cache import FILE_MODE
 from fints_repro.config import DatasetConfig
 from fints_repro.data import splits
 from fints_repro.data.schema import Sample
-from fints_repro.errors import ConfigError, DataError, MissingDataError
+from fints_repro.errors import CacheError, ConfigError, DataError, MissingDataError
+from fints_repro.registry import Registry
 
 log = logging.getLogger(__name__)
 
 _DOWNLOAD = {"lamp4": "lamp4", "lamp5": "lamp5", "longlamp_abstract": "longlamp_abstract"}
 
 
-def _missing(cfg: DatasetConfig, looked_for: list[Path]) -> MissingDataError:
+def _missing(cfg: DatasetConfig, looked_for: list[str | Path]) -> MissingDataError:
     names = "\n  ".join(str(p) for p in looked_for)
     task = _DOWNLOAD.get(cfg.task, cfg.task)
     return MissingDataError(
@@ -37,41 +46,78 @@ def _missing(cfg: DatasetConfig, looked_for: list[Path]) -> MissingDataError:
     )
 
 
+# dataset.loader -> a function (dataset config, seed) -> the split's samples, before any
+# user or history selection.
+LOADERS: Registry[Callable[[DatasetConfig, int], list[Sample]]] = Registry("data loader")
+
+
+@LOADERS.register("lamp")
+def _read_lamp(cfg: DatasetConfig, seed: int) -> list[Sample]:
+    """LaMP-4/5 from ``dataset.path``, in either layout ``lamp_candidates`` knows."""
+    from fints_repro.data.lamp import lamp_candidates, lamp_paths, load_lamp
+
+    questions, outputs = lamp_paths(Path(cfg.path), cfg.split, cfg.task)
+    if not questions.exists():
+        raise _missing(cfg, [f"{q} (with {o.name} beside it)"
+                             for q, o in lamp_candidates(Path(cfg.path), cfg.split, cfg.task)])
+    return load_lamp(questions, outputs if outputs.exists() else None, task=cfg.task)
+
+
+@LOADERS.register("longlamp")
+def _read_longlamp(cfg: DatasetConfig, seed: int) -> list[Sample]:
+    """LongLaMP from the file ``dataset.path``, or ``{split}.jsonl|.json|.parquet`` in it."""
+    from fints_repro.data.longlamp import load_longlamp_abstract
+
+    base = Path(cfg.path)
+    candidates = [base] if base.is_file() else [
+        base / f"{cfg.split}{ext}" for ext in (".jsonl", ".json", ".parquet")
+    ]
+    for path in candidates:
+        if path.is_file():
+            return load_longlamp_abstract(path)
+    raise _missing(cfg, candidates)
+
+
+@LOADERS.register("demo")
+def _read_demo(cfg: DatasetConfig, seed: int) -> list[Sample]:
+    """The synthetic demo data, generated once per spec into ``dataset.path/<spec hash>``.
+
+    Generated into a temporary folder renamed into place, so that parallel jobs (a joblib
+    sweep) never read a half-written file: the first rename wins, the others use it.
+    """
+    from fints_repro.data.demo import generate_demo_news, write_lamp_format
+    from fints_repro.data.lamp import lamp_paths, load_lamp
+
+    spec = {**asdict(cfg.demo), "seed": seed}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(cfg.path) / key
+    questions, outputs = lamp_paths(out, "dev")
+    if not questions.exists():
+        samples = generate_demo_news(**spec)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{key}-"))
+        try:
+            write_lamp_format(samples, tmp)
+            for path in tmp.iterdir():
+                os.chmod(path, FILE_MODE)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
+            try:
+                os.replace(tmp, out)
+                log.info("wrote SYNTHETIC demo data (%d samples) to %s", len(samples), out)
+            except OSError as e:
+                if not questions.exists():  # not another job's finished copy: a real failure
+                    raise CacheError(f"could not write the demo data into {out} ({e}); delete it "
+                                     f"(rm -r {out}) and run again", path=str(out)) from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_lamp(questions, outputs, task="lamp4")
+
+
 def _read_raw(cfg: DatasetConfig, seed: int) -> list[Sample]:
-    if cfg.loader == "lamp":
-        from fints_repro.data.lamp import lamp_paths, load_lamp
-
-        questions, outputs = lamp_paths(Path(cfg.path), cfg.split)
-        if not questions.exists():
-            raise _missing(cfg, [questions, outputs])
-        return load_lamp(questions, outputs if outputs.exists() else None, task=cfg.task)
-    if cfg.loader == "longlamp":
-        from fints_repro.data.longlamp import load_longlamp_abstract
-
-        base = Path(cfg.path)
-        candidates = [base] if base.is_file() else [
-            base / f"{cfg.split}{ext}" for ext in (".jsonl", ".json", ".parquet")
-        ]
-        for path in candidates:
-            if path.is_file():
-                return load_longlamp_abstract(path)
-        raise _missing(cfg, candidates)
-    if cfg.loader == "demo":
-        from fints_repro.data.demo import generate_demo_news, write_lamp_format
-        from fints_repro.data.lamp import lamp_paths, load_lamp
-
-        spec = {**asdict(cfg.demo), "seed": seed}
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-        out = Path(cfg.path) / key
-        questions, outputs = lamp_paths(out, "dev")
-        if not questions.exists():
-            samples = generate_demo_news(**spec)
-            out.mkdir(parents=True, exist_ok=True)
-            write_lamp_format(samples, out)
-            log.info("wrote SYNTHETIC demo data (%d samples) to %s", len(samples), out)
-        return load_lamp(questions, outputs, task="lamp4")
-    raise ConfigError(f"dataset {cfg.name}: unknown dataset.loader={cfg.loader!r} "
-                      "(lamp | longlamp | demo)")
+    if cfg.loader not in LOADERS.names():
+        raise ConfigError(f"dataset {cfg.name}: unknown dataset.loader={cfg.loader!r} "
+                          f"({' | '.join(LOADERS.names())})")
+    return LOADERS.get(cfg.loader)(cfg, seed)
 
 
 def load_samples(cfg: DatasetConfig, *, seed: int) -> list[Sample]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fints_repro.data.lamp import parse_timestamp, read_json, require_id, require_str
+from fints_repro.data.lamp import empty_file_error, parse_timestamp, read_json, require_id, require_str
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError, MissingDataError
 
@@ -41,6 +41,8 @@ def _rows(path: Path) -> list[tuple[str | int, Any]]:
     if not path.is_file():
         raise MissingDataError(f"{path} not found; {_HINT}", file=str(path))
     suffix = path.suffix.lower()
+    if suffix == ".parquet" and path.stat().st_size == 0:
+        raise empty_file_error(path, hint=_HINT)
     if suffix == ".parquet":
         return list(enumerate(_read_parquet(path)))
     if suffix == ".json":
@@ -53,6 +55,8 @@ def _rows(path: Path) -> list[tuple[str | int, Any]]:
             lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit in a string
         except UnicodeDecodeError as e:
             raise DataError(f"not UTF-8 text: {e}", file=str(path)) from e
+        if not any(line.strip() for line in lines):
+            raise empty_file_error(path, hint=_HINT)
         out: list[tuple[str | int, Any]] = []
         for n, line in enumerate(lines, start=1):
             if line.strip():
