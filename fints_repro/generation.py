@@ -1,5 +1,6 @@
 """Batched generation: left-padded batches, greedy by default, with a per-batch hook for
-steering (a context manager entered around each batch's ``generate``).
+steering (a context manager entered around each batch's ``generate``), optionally N
+candidates per prompt.
 
 Batches are a fixed partition of the prompts (sorted by token length, longest first, so a
 batch holds similar lengths and an out-of-memory shows at once). A batch's sampling seed
@@ -18,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from fints_repro.models.cpu import packed_linears
-from fints_repro.models.kv_cache import reserved_cache
 from fints_repro.models.loading import LoadedModel
 
-# Given the sample indices of a batch, returns the context to generate that batch in.
+# Given the sample index of each row that a batch's generate call runs, returns the
+# context to run that call in (see generate_batches: with N sampled candidates per
+# prompt, each index comes N times in a row).
 BatchContext = Callable[[list[int]], ContextManager]
 
 
@@ -66,50 +68,74 @@ def generate_batches(
     sort_by_length: bool = True,
     skip: set[int] | frozenset[int] = frozenset(),
     batch_context: BatchContext | None = None,
+    num_return_sequences: int = 1,
+    cache_implementation: str | None = None,
     packed_weights: bool | None = None,
-    reserved_kv: bool = True,
     progress: bool = True,
     desc: str = "generate",
 ) -> Iterator[tuple[list[int], list[str]]]:
     """Yield ``(indices, generations)`` batch by batch for the texts not in ``skip``.
 
     ``texts`` are complete model inputs (chat template already applied).
-    ``packed_weights`` (default: the model's ``cpu_packed_weights``): on the CPU, the
-    decoding steps of full batches multiply with MKL-packed fp32 weights (``models/cpu.py``).
-    ``reserved_kv``: the KV cache appends in place (``models/kv_cache.py``; bit-identical
-    to transformers' default cache, which ``False`` uses).
+    ``generations`` is flat and row-major: ``num_return_sequences`` (N) candidates per
+    index, those of ``indices[i]`` at ``i*N .. i*N+N-1`` (for N = 1, one text per index).
+    Under sampling the N candidates are drawn in one ``generate`` call, which repeats each
+    prompt N times in a row (``repeat_interleave``); under greedy decoding they would all
+    be the same, so the batch is decoded once and its texts repeated.
+
+    ``batch_context(rows)`` is entered around each batch's ``generate`` call. ``rows``
+    holds the sample index of each row that call runs, in order: the batch's indices, each
+    repeated N times in a row when sampling N > 1 candidates (once otherwise). A context
+    that indexes per-sample tensors with it (``vectors[rows]``, as
+    ``SteeringPlan.batch_context`` does) so gets one vector per row of the expanded batch.
+
+    ``cache_implementation``: transformers' KV cache for ``generate`` (None = its
+    default, the dynamic cache; or one of its names, e.g. ``"static"``).
+    ``packed_weights`` (default: whether ``lm`` keeps packed weights, i.e. an fp32 CPU
+    model with ``cpu_packed_weights``): the decoding steps of full batches multiply with
+    MKL-packed fp32 weights (``models/cpu.py``); only fp32 CPU linears are ever packed.
     """
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences}; expected >= 1")
     encoded = lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     batches = [b for b in plan_batches([len(e) for e in encoded], batch_size, sort_by_length)
                if any(i not in skip for i in b)]
     if not batches:
         return
+    expand = num_return_sequences if params.do_sample else 1  # rows per prompt in generate
     pack = lm.packed is not None if packed_weights is None else packed_weights
-    rows = len(batches[0]) if pack else 0  # packed_linears packs only fp32 CPU weights
+    rows = len(batches[0]) * expand if pack else 0  # packed_linears packs only fp32 CPU weights
     bar = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="sample",
                disable=not progress, leave=False)
     with packed_linears(lm.model, rows, keep=lm.packed):
-        yield from _generate(lm, encoded, batches, params, skip, batch_context, reserved_kv, bar)
+        yield from _generate(lm, encoded, batches, params, skip, batch_context,
+                             num_return_sequences, expand, cache_implementation, bar)
     bar.close()
 
 
 def _generate(
     lm: LoadedModel, encoded: list[list[int]], batches: list[list[int]], params: DecodingParams,
-    skip: set[int] | frozenset[int], batch_context: BatchContext | None, reserved_kv: bool,
-    bar: tqdm,
+    skip: set[int] | frozenset[int], batch_context: BatchContext | None, n: int, expand: int,
+    cache_implementation: str | None, bar: tqdm,
 ) -> Iterator[tuple[list[int], list[str]]]:
     tok, model = lm.tokenizer, lm.model
+    kw = params.generate_kwargs()
+    if expand > 1:
+        kw["num_return_sequences"] = expand
+    if cache_implementation is not None:
+        kw["cache_implementation"] = cache_implementation
     for batch in batches:
         enc = tok.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt",
                       padding=True).to(lm.device)
-        ctx = batch_context(batch) if batch_context else contextlib.nullcontext()
+        rows = [i for i in batch for _ in range(expand)]
+        ctx = batch_context(rows) if batch_context else contextlib.nullcontext()
         generator_seed = _batch_seed(params.seed, batch[0])
         with ctx, torch.random.fork_rng(devices=[] if lm.device.type == "cpu" else [lm.device]):
             torch.manual_seed(generator_seed)
-            cache = reserved_cache(model, params.max_new_tokens) if reserved_kv else None
-            out = model.generate(**enc, **params.generate_kwargs(), pad_token_id=tok.pad_token_id,
-                                 **({"past_key_values": cache} if cache is not None else {}))
+            out = model.generate(**enc, **kw, pad_token_id=tok.pad_token_id)
         gen = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        keep = [(i, g) for i, g in zip(batch, gen) if i not in skip]
+        if expand < n:  # greedy: every candidate is the one decoded
+            gen = [g for g in gen for _ in range(n)]
+        keep = [j for j, i in enumerate(batch) if i not in skip]
         bar.update(len(keep))
-        yield [i for i, _ in keep], [g for _, g in keep]
+        yield [batch[j] for j in keep], [g for j in keep for g in gen[j * n:(j + 1) * n]]

@@ -1,6 +1,7 @@
 """Generation throughput of the default model on the demo prompts: batch B vs batch 1.
 
     python scripts/bench_generation.py [--n 16] [--batch 8] [--backbone rag] [--repeats 2]
+                                       [--cache-implementation static] [--no-packed-weights]
 
 Prints samples/s and generated tokens/s for each batch size and their ratio. Same prompts,
 same greedy decoding, model loaded once; one untimed warm-up batch first, then the best of
@@ -27,6 +28,10 @@ def main() -> None:
     ap.add_argument("--backbone", default="rag", choices=["zero_shot", "rag"])
     ap.add_argument("--model", default="smollm2_135m")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cache-implementation", default=None,
+                    help="transformers' KV cache (default: its dynamic cache), e.g. static")
+    ap.add_argument("--no-packed-weights", action="store_true",
+                    help="decode without MKL-packed CPU weights (model.cpu_packed_weights=false)")
     args = ap.parse_args()
 
     from hydra import compose, initialize_config_module
@@ -42,7 +47,8 @@ def main() -> None:
     register_configs()
     with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", overrides=[
-            "+exp=demo", f"backbone={args.backbone}", f"model={args.model}", "logger=none"]))
+            "+exp=demo", f"backbone={args.backbone}", f"model={args.model}", "logger=none",
+            f"model.cpu_packed_weights={not args.no_packed_weights}"]))
     samples = load_samples(cfg.dataset, seed=cfg.seed)[: args.n]
     lm = load_model(cfg.model, cfg.cache_dir)
     prompts = build_backbone(cfg.backbone, cfg.dataset,
@@ -56,18 +62,21 @@ def main() -> None:
             t0 = time.perf_counter()
             n_tokens = 0
             for _, gens in generate_batches(lm, texts, params, batch_size=batch_size,
-                                            progress=False):
+                                            progress=False,
+                                            cache_implementation=args.cache_implementation):
                 n_tokens += sum(len(lm.tokenizer(g, add_special_tokens=False)["input_ids"])
                                 for g in gens)
             dt = min(dt, time.perf_counter() - t0)
         return {"batch": batch_size, "seconds": round(dt, 2),
                 "samples_per_s": round(len(texts) / dt, 3), "tokens_per_s": round(n_tokens / dt, 1)}
 
-    list(generate_batches(lm, texts[: args.batch], params, batch_size=args.batch, progress=False))
+    list(generate_batches(lm, texts[: args.batch], params, batch_size=args.batch, progress=False,
+                          cache_implementation=args.cache_implementation))
     one, many = run(1), run(args.batch)
     print(json.dumps({"model": lm.fingerprint, "device": str(lm.device),
                       "threads": torch.get_num_threads(), "n_prompts": len(texts),
-                      "backbone": args.backbone, "batch_1": one, f"batch_{args.batch}": many,
+                      "backbone": args.backbone, "packed_weights": lm.packed is not None,
+                      "cache_implementation": args.cache_implementation, "batch_1": one, f"batch_{args.batch}": many,
                       "samples_per_s_ratio": round(many["samples_per_s"] / one["samples_per_s"], 2)},
                      indent=1))
 

@@ -4,9 +4,10 @@
   F.linear to float rounding; any other row count, autograd or a weight changed in place
   uses F.linear exactly; the model is left as found, also after an exception; packed
   copies are reused across blocks and packed again after a change;
-- generation with packed weights gives the same tokens (tiny models and SmolLM2);
-- the reserved KV cache gives bit-identical scores to DynamicCache, and stays right after
-  crop, batch selection, reset and running past its reserve.
+- generation with packed weights gives the same tokens (tiny models), also with N
+  sampled candidates per prompt (B*N rows) and transformers' static cache;
+- packed weights exist only for fp32 CPU models, and ``model.cpu_packed_weights=false``
+  (or ``packed_weights=False``) turns them off: then no linear is touched.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
 from fints_repro.config import ModelConfig
 from fints_repro.generation import DecodingParams, generate_batches
 from fints_repro.models.cpu import PackedWeights, packed_gemm_available, packed_linears, tune_malloc
-from fints_repro.models.kv_cache import ReservedLayer, reserved_cache
 from fints_repro.models.loading import load_model
 from fints_repro.models.tiny import tiny_model
 
@@ -120,11 +119,11 @@ def test_tune_malloc_is_idempotent() -> None:
     assert tune_malloc() is expected
 
 
-def _texts(lm, packed: bool, batch_size: int = 4) -> list[str]:
+def _texts(lm, packed: bool | None, batch_size: int = 4, params=None, **kw) -> list[str]:
     out = {}
-    params = DecodingParams(max_new_tokens=10)
+    params = params or DecodingParams(max_new_tokens=10)
     for idx, gens in generate_batches(lm, PROMPTS, params, batch_size=batch_size, progress=False,
-                                      packed_weights=packed):
+                                      packed_weights=packed, **kw):
         out.update(zip(idx, gens))
     return [out[i] for i in range(len(PROMPTS))]
 
@@ -140,60 +139,50 @@ def test_generation_with_packed_weights_gives_the_same_tokens(arch: str) -> None
     assert sum(p.calls for p in lm.packed.layers.values()) > 0  # decoding steps ran packed
     assert packed == _texts(lm, False)
     assert _overrides(lm.model) == []
-    off = load_model(ModelConfig(name="t", source="tiny_random", arch=arch, dtype="float32",
+
+
+@needs_mkl
+def test_packed_weights_with_candidates_and_static_cache() -> None:
+    lm = load_model(ModelConfig(name="t", source="tiny_random", arch="llama", dtype="float32",
+                                device="cpu"))
+    sample = DecodingParams(max_new_tokens=6, do_sample=True, temperature=1.0, top_p=1.0, seed=1)
+    plain = _texts(lm, False, params=sample, num_return_sequences=3)
+    assert _texts(lm, True, params=sample, num_return_sequences=3) == plain
+    assert lm.packed.rows == 4 * 3  # a decoding step of a full batch runs B*N rows
+    assert sum(p.calls for p in lm.packed.layers.values()) > 0
+    assert _texts(lm, True, cache_implementation="static") == _texts(lm, False)
+
+
+def _packs_during_generation(lm, **kw) -> list[str]:
+    """The linears overridden while a generation is under way."""
+    batches = generate_batches(lm, PROMPTS, DecodingParams(max_new_tokens=3), batch_size=2,
+                               progress=False, **kw)
+    next(batches)
+    seen = _overrides(lm.model)
+    batches.close()
+    return seen
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_packed_weights_only_for_fp32_cpu_models(dtype: str) -> None:
+    lm = load_model(ModelConfig(name="t", source="tiny_random", arch="llama", dtype=dtype,
+                                device="cpu"))
+    assert lm.packed is None
+    assert _packs_during_generation(lm) == []
+    assert _packs_during_generation(lm, packed_weights=True) == []  # nothing fp32 to pack
+
+
+@needs_mkl
+def test_packed_weights_switched_off() -> None:
+    off = load_model(ModelConfig(name="t", source="tiny_random", arch="llama", dtype="float32",
                                  device="cpu", cpu_packed_weights=False))
     assert off.packed is None
-
-
-# ---- reserved KV cache -----------------------------------------------------------------
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma", "phi3", "mistral"])
-def test_reserved_cache_gives_identical_scores(arch: str) -> None:
-    model, tok = tiny_model(arch)
-    tok.padding_side = "left"
-    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
-              output_scores=True, return_dict_in_generate=True)
-    cache = reserved_cache(model, 4)  # runs past its reserve once
-    with torch.no_grad():
-        plain = model.generate(**enc, **kw)
-        fast = model.generate(**enc, **kw, past_key_values=cache)
-    assert torch.equal(plain.sequences, fast.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(plain.scores, fast.scores))
-    full = [layer for layer in cache.layers if isinstance(layer, ReservedLayer)]
-    if getattr(model.config, "sliding_window", None):  # sliding layers keep their own kind
-        assert not full
-    else:
-        assert len(full) == len(cache.layers) and full[0].keys.shape[-2] == enc["input_ids"].shape[1] + 7
-
-
-def _kv(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 2, t, 4, generator=g), torch.randn(b, 2, t, 4, generator=g)
-
-
-def test_reserved_layer_follows_dynamic_layer_through_crop_select_and_reset() -> None:
-    fast, ref = ReservedLayer(reserve=3), DynamicLayer()
-
-    def both(method, *args):
-        for layer in (fast, ref):
-            out = getattr(layer, method)(*args)
-        return out
-
-    def same():
-        assert fast.get_seq_length() == ref.get_seq_length()
-        assert torch.equal(fast.keys, ref.keys) and torch.equal(fast.values, ref.values)
-
-    both("update", *_kv(3, 5, 0)); same()
-    for step in range(5):  # 3 within the reserve, then a reallocation
-        both("update", *_kv(3, 1, step + 1)); same()
-    both("crop", -2); same()
-    both("update", *_kv(3, 1, 9)); same()
-    both("batch_select_indices", torch.tensor([2, 0])); same()
-    both("update", *_kv(2, 2, 10)); same()
-    both("reset")
-    assert fast.get_seq_length() == 0
-    both("update", *_kv(1, 4, 11)); same()
+    assert _packs_during_generation(off) == []
+    on = load_model(ModelConfig(name="t", source="tiny_random", arch="llama", dtype="float32",
+                                device="cpu"))
+    assert on.packed is not None and _packs_during_generation(on)
+    assert _packs_during_generation(on, packed_weights=False) == []
 
 
 @needs_mkl

@@ -334,5 +334,5 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     fp = content_hash([fp, str(dtype), device.type])
     return LoadedModel(model, tok, fingerprint=f"{cfg.name}-{fp}", name=cfg.name,
                        system_prompt=cfg.system_prompt,
-                       packed=PackedWeights() if device.type == "cpu" and cfg.cpu_packed_weights
-                       else None)
+                       packed=PackedWeights() if cfg.cpu_packed_weights and device.type == "cpu"
+                       and dtype == torch.float32 else None)
