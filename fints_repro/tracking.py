@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 from fints_repro.config import LoggerConfig
-from fints_repro.errors import ConfigError
+from fints_repro.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,30 @@ def _cell(v: Any) -> Any:
     return v if isinstance(v, (int, float, str)) or v is None else str(v)
 
 
+# A tracker factory: a context manager that yields the tracker and always closes it.
+TRACKERS: Registry[Callable[..., ContextManager[Tracker]]] = Registry("tracker")
+
+
 @contextlib.contextmanager
 def open_tracker(cfg: LoggerConfig, *, run_dir: Path, config: dict[str, Any],
                  name: str | None = None) -> Iterator[Tracker]:
-    if cfg.name == "none" or cfg.mode == "disabled":
-        yield NullTracker()
-        return
-    if cfg.name != "wandb":
-        raise ConfigError(f"unknown logger.name={cfg.name!r} (wandb | none)")
+    factory = TRACKERS.get(cfg.name, "logger.name")  # unknown: ConfigError listing the known
+    if cfg.mode == "disabled":
+        factory = TRACKERS.get("none")
+    with factory(cfg, run_dir=run_dir, config=config, name=name) as tracker:
+        yield tracker
+
+
+@TRACKERS.register("none")
+@contextlib.contextmanager
+def _null_tracker(cfg: LoggerConfig, **_: Any) -> Iterator[Tracker]:
+    yield NullTracker()
+
+
+@TRACKERS.register("wandb")
+@contextlib.contextmanager
+def _wandb_tracker(cfg: LoggerConfig, *, run_dir: Path, config: dict[str, Any],
+                   name: str | None = None) -> Iterator[Tracker]:
     import wandb
 
     run = wandb.init(

@@ -211,7 +211,7 @@ def test_compute_metrics_errors() -> None:
 
 
 def test_registry_adds_one_function_and_rejects_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
+    monkeypatch.setattr(metrics, "METRICS", metrics.METRICS.copy())
 
     @metrics.register_metric("exact")
     def _exact(predictions, references, options):  # type: ignore[no-untyped-def]

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from fints_repro.registry import Registry
+
 from .meteor import meteor
 from .rouge import rouge
 
@@ -34,7 +36,7 @@ class MetricOptions:
 
 MetricFn = Callable[[Sequence[str], Sequence[str], MetricOptions], tuple[Aggregate, PerSample]]
 
-METRICS: dict[str, MetricFn] = {}
+METRICS: Registry[MetricFn] = Registry("metric")
 
 
 def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
@@ -42,15 +44,7 @@ def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
 
     Raises ValueError when ``name`` is already registered.
     """
-
-    def add(fn: MetricFn) -> MetricFn:
-        if name in METRICS:
-            registered = METRICS[name].__qualname__
-            raise ValueError(f"metric {name!r} is already registered ({registered})")
-        METRICS[name] = fn
-        return fn
-
-    return add
+    return METRICS.register(name)
 
 
 @register_metric("rouge")
@@ -88,7 +82,7 @@ def compute_metrics(
     """
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+        raise ValueError(f"unknown metric(s) {unknown}; known: {METRICS.names()}")
     if len(set(names)) != len(names):
         raise ValueError(f"metric names repeat: {names}")
     if len(predictions) != len(references):
@@ -107,7 +101,7 @@ def compute_metrics(
     options = MetricOptions(bootstrap=bootstrap, seed=seed)
     columns: PerSample = {}
     for name in names:
-        agg, per_sample = METRICS[name](predictions, checked_references, options)
+        agg, per_sample = METRICS.get(name)(predictions, checked_references, options)
         clash = (agg.keys() & aggregate.keys()) | (per_sample.keys() & columns.keys())
         if clash:
             raise ValueError(f"metric {name!r} reports keys already reported: {sorted(clash)}")

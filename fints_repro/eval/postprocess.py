@@ -12,14 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from fints_repro.registry import Registry
+
+POSTPROCESS: Registry[Callable[[str], str]] = Registry("post-processing rule")
+
 _HEADER_WORDS = ("headline", "title", "abstract")
 
 
+@POSTPROCESS.register("strip")
 def strip(text: str) -> str:
     """The text without leading and trailing whitespace."""
     return text.strip()
 
 
+@POSTPROCESS.register("fints_first_line")
 def fints_first_line(text: str) -> str:
     """The first line longer than one character that names no header word, stripped;
     "" when there is none (as in the authors' code)."""
@@ -29,15 +35,11 @@ def fints_first_line(text: str) -> str:
     return ""
 
 
-MODES: dict[str, Callable[[str], str]] = {"strip": strip, "fints_first_line": fints_first_line}
-
-
 def postprocess(texts: Iterable[str], mode: str) -> list[str]:
     """Apply the post-processing ``mode`` ("strip" or "fints_first_line") to each text."""
-    try:
-        fn = MODES[mode]
-    except KeyError:
+    if mode not in POSTPROCESS:
         raise ValueError(
-            f"unknown post-processing mode {mode!r}; choose one of {sorted(MODES)}"
-        ) from None
+            f"unknown post-processing mode {mode!r}; choose one of {POSTPROCESS.names()}"
+        )
+    fn = POSTPROCESS.get(mode)
     return [fn(t) for t in texts]

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from fints_repro.config import RetrieverConfig
-from fints_repro.errors import ConfigError
+from fints_repro.registry import Registry
 
 Ranking = list[tuple[int, float]]
 
@@ -16,16 +16,28 @@ class Retriever(Protocol):
     ) -> list[Ranking]: ...
 
 
+RETRIEVERS: Registry[Callable[[RetrieverConfig], Retriever]] = Registry("retriever")
+
+
+@RETRIEVERS.register("bm25")
+def _bm25(cfg: RetrieverConfig) -> Retriever:
+    from fints_repro.retrieval.bm25 import BM25Retriever  # imported on use: bm25s is slow to load
+
+    return BM25Retriever()
+
+
+def _dense(cfg: RetrieverConfig) -> Retriever:
+    from fints_repro.retrieval.dense import DenseRetriever
+
+    return DenseRetriever(cfg)
+
+
+for _name in ("minilm", "contriever", "dense"):
+    RETRIEVERS.register(_name)(_dense)
+
+
 def build_retriever(cfg: RetrieverConfig) -> Retriever:
-    if cfg.name == "bm25":
-        from fints_repro.retrieval.bm25 import BM25Retriever
-
-        return BM25Retriever()
-    if cfg.name in ("minilm", "contriever", "dense"):
-        from fints_repro.retrieval.dense import DenseRetriever
-
-        return DenseRetriever(cfg)
-    raise ConfigError(f"unknown retriever.name={cfg.name!r} (bm25 | minilm | contriever)")
+    return RETRIEVERS.get(cfg.name, "retriever.name")(cfg)
 
 
 def group_by_docs(docs_per_query: Sequence[Sequence[str]]) -> dict[tuple[str, ...], list[int]]:
