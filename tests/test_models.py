@@ -314,7 +314,8 @@ def test_resolve_device_and_dtype_on_cpu(monkeypatch) -> None:
     cpu = resolve_device("auto")
     assert cpu == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="model.device"):
+        resolve_device("cuda:1")
     assert resolve_dtype("auto", cpu) is torch.float32
     assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
     assert resolve_dtype("float16", cpu) is torch.float16
