@@ -35,7 +35,10 @@ class DatasetConfig:
     name: str = MISSING
     # Which loader reads it: lamp | longlamp | demo
     loader: str = MISSING
-    task: str = MISSING  # lamp4 | lamp5 | longlamp_abstract | demo_news
+    task: str = MISSING  # the benchmark task: lamp4 | lamp5 | longlamp_abstract | demo_news
+    # The registered task class (fints_repro/tasks/): prompt pieces, parsing, scoring,
+    # primary metric and the contrastive-pair criterion.
+    task_type: str = "text_gen"
     # Folder or file the loader reads (for `demo`: where generated files are written).
     path: str = MISSING
     split: str = "dev"
@@ -86,6 +89,11 @@ class DatasetConfig:
     # What the authors' layout keeps of a generation: group 1 of the first match (no
     # match: no pair); null = the whole answer.
     pair_answer_regex: Optional[str] = "print\\([\"'](.*?)[\"']\\)"
+    # steering.pairs.source=train_samples: the split pairs are made from, and whether each
+    # training sample's profile items join its (input, output) as items (LongLaMP: the
+    # authors' code makes pairs from the queries and the profile of the training rows).
+    train_split: str = "train"
+    train_items_with_profile: bool = False
 
 
 @dataclass
@@ -170,7 +178,29 @@ class PairsConfig:
 
 
 @dataclass
+class CAAConfig:
+    """``steering=caa``: one vector per user, the mean of all the user's pair vectors."""
+
+    # Users with fewer pairs than this are left unsteered (1: every user with a pair).
+    min_pairs: int = 1
+
+
+@dataclass
+class FineGrainedConfig:
+    """``steering=fine_grained`` (Fints): per test input, the top-K of its user's pairs."""
+
+    top_k: int = 5
+    aggregate: str = "mean"  # mean | softmax (weights softmax(score / tau))
+    tau: float = 0.1
+
+
+@dataclass
 class SteeringConfig:
+    """What every steering method shares (where and how strongly vectors are added, how
+    pairs are made and read), and one typed node per method for its own settings
+    (``steering.fine_grained.top_k``, ...): a method's parameter never collides with
+    another's. ``name`` picks the method; the nodes of the others are ignored."""
+
     name: str = "none"  # none | caa | fine_grained
     # Decoder layer to steer (0-based); null = round(2/3 of the depth).
     layer: Optional[int] = None
@@ -182,10 +212,6 @@ class SteeringConfig:
     gamma: float = 1.0  # strength at resid
     scale: float = 1.0  # multiplies every site's strength (one knob for sweeps)
     positions: str = "all"  # all | prompt | generated
-    # fine_grained: top-K of the user's pairs per test input, and how to weight them.
-    top_k: int = 5
-    aggregate: str = "mean"  # mean | softmax (weights softmax(score / tau))
-    tau: float = 0.1
     # What extraction reads at `attn`: `output` (the attention output, default) or
     # `residual` (layer input + attention output: what the authors' code stores).
     attn_read: str = "output"
@@ -195,6 +221,9 @@ class SteeringConfig:
     answer_tokenization: str = "separate"
     extract_batch_size: int = 8
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    # One node per method.
+    caa: CAAConfig = field(default_factory=CAAConfig)
+    fine_grained: FineGrainedConfig = field(default_factory=FineGrainedConfig)
 
 
 @dataclass
@@ -220,6 +249,13 @@ class GenerationConfig:
     postprocess: str = "strip"
     # Sort prompts by length before batching: less padding, same outputs.
     sort_by_length: bool = True
+    # transformers' KV cache for generate (`cache_implementation`): null = its default
+    # (dynamic), or one of its names, e.g. static, offloaded, quantized.
+    cache_implementation: Optional[str] = None
+    # A prompt that does not fit the model's context with max_new_tokens after it:
+    # `error` stops before any model time, naming the sample; `truncate` drops tokens from
+    # the middle of the user turn (marked " [...] "), keeping its start and its end.
+    overlength: str = "error"
 
 
 @dataclass
@@ -234,8 +270,8 @@ class MethodSpec:
     backbone: str = MISSING
     steering: str = "none"
     name: Optional[str] = None
-    # Dotted overrides of this method's configs, e.g. {steering.layer: 20}; an
-    # interpolation such as ${steering.layer} shares the run's value.
+    # Dotted overrides of this method's backbone / steering, e.g. {steering.layer: 20},
+    # applied after the run's own (command-line) overrides (fints_repro/compose.py).
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -260,6 +296,13 @@ class RunConfig:
     # Rerun into this directory to resume (default: Hydra's run dir).
     run_dir: Optional[str] = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Every value checked when the composed config becomes a RunConfig: before any
+        # data or model is loaded, with the key named (fints_repro/validate.py).
+        from fints_repro.validate import check_run_config
+
+        check_run_config(self)
 
 
 def register_configs() -> None:

@@ -1,25 +1,30 @@
-"""The run, stage by stage: data → model → (per method) prompts → generations → metrics.
+"""The run, stage by stage: config checks → data → model → (per method) backbone fit →
+prompts → steering plan → generations → selection → parsing → scores.
 
 Every stage is a plain function of plain data. Generations are cached on disk by content
-hash (model fingerprint, decoding settings, steering, prompt), appended batch by batch, so
-a killed run resumes where it stopped and an identical rerun costs no model time.
+hash (model fingerprint, decoding settings, prompt, the backbone's row identity, the
+candidate index and the row's steering vectors), appended batch by batch, so a killed run
+resumes where it stopped and an identical rerun costs no model time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fints_repro.backbones import build_backbone
+from fints_repro.backbones import Prompt, build_backbone
 from fints_repro.cache import (
     GenerationStore,
     append_jsonl,
@@ -27,30 +32,25 @@ from fints_repro.cache import (
     read_jsonl_lenient,
     write_jsonl_atomic,
 )
-from fints_repro.config import BackboneConfig, ModelConfig, RunConfig, SteeringConfig
+from fints_repro.compose import Method, compose_group, resolve_methods
+from fints_repro.config import ModelConfig, RunConfig, SteeringConfig
 from fints_repro.data.load import load_samples
-from fints_repro.data.schema import Sample
-from fints_repro.errors import ConfigError, DataError
-from fints_repro.eval import compute_metrics
-from fints_repro.eval.postprocess import postprocess
+from fints_repro.data.schema import HistoryItem, Sample
+from fints_repro.errors import DataError
 from fints_repro.generation import DecodingParams, generate_batches
-from fints_repro.models.chat import render_chat
+from fints_repro.models.chat import fit_user_text, render_chat
+from fints_repro.models.inspect import shape_from_config, shape_of
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.report import markdown
 from fints_repro.retrieval import Retriever, build_retriever
 from fints_repro.steering import STEERING, SteeringInputs, load_methods
+from fints_repro.tasks import Task, build_task
 from fints_repro.tracking import open_tracker
+from fints_repro.validate import check_layer, check_names
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # replaced by Hydra compose below
-
-
-@dataclass
-class Method:
-    name: str
-    backbone: BackboneConfig
-    steering: SteeringConfig
+__all__ = ["Method", "run_experiment", "run_method"]
 
 
 def seed_everything(seed: int) -> None:
@@ -59,55 +59,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _group_option(group: str, name: str, schema: type, current: Any) -> Any:
-    """The config of option ``name`` of ``group``; the run's own one (with its command-line
-    overrides) when it is the option the run was composed with."""
-    if current.name == name:
-        return current
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ConfigError(f"methods: no {group} option {name!r} (known: {known})")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path)))
-
-
-def resolve_methods(cfg: RunConfig) -> list[Method]:
-    specs = cfg.methods or []
-    if not specs:
-        return [Method(_method_name(cfg.backbone.name, cfg.steering.name), cfg.backbone, cfg.steering)]
-    methods = []
-    for spec in specs:
-        groups = {
-            "backbone": _group_option("backbone", spec.backbone, BackboneConfig, cfg.backbone),
-            "steering": _group_option("steering", spec.steering, SteeringConfig, cfg.steering),
-        }
-        for key, value in spec.overrides.items():
-            group, _, rest = key.partition(".")
-            if group not in groups or not rest:
-                raise ConfigError(f"methods: override {key!r} must start with backbone. or steering.")
-            node = OmegaConf.structured(groups[group])
-            OmegaConf.update(node, rest, value, merge=False)  # struct: a misspelt key fails here
-            groups[group] = OmegaConf.to_object(node)
-        bb, st = groups["backbone"], groups["steering"]
-        methods.append(Method(spec.name or _method_name(bb.name, st.name), bb, st))
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"methods: duplicate method names {names}")
-    return methods
-
-
-def _method_name(backbone: str, steering: str) -> str:
-    return backbone if steering == "none" else f"{backbone}+{steering}"
-
-
 class Resources:
     """Built on first use and shared by every method of a run: the retriever, and models
     other than the run's own (e.g. a separate pair generator)."""
 
-    def __init__(self, cfg: RunConfig, lm: LoadedModel):
-        self.cfg, self.lm = cfg, lm
+    def __init__(self, cfg: RunConfig, lm: LoadedModel, task: Task, overrides: Sequence[str] = ()):
+        self.cfg, self.lm, self.task, self.overrides = cfg, lm, task, list(overrides)
         self._retriever: Retriever | None = None
         self._models: dict[str, LoadedModel] = {}
+        self._train_items: dict[str, list[HistoryItem]] | None = None
 
     def retriever(self) -> Retriever:
         if self._retriever is None:
@@ -118,93 +78,197 @@ class Resources:
         if name is None or name == self.cfg.model.name:
             return self.lm
         if name not in self._models:
-            mcfg = _group_option("model", name, ModelConfig, self.cfg.model)
+            mcfg: ModelConfig = compose_group(self.overrides, "model", name)
             self._models[name] = load_model(mcfg, self.cfg.cache_dir)
         return self._models[name]
 
+    def train_items(self) -> dict[str, list[HistoryItem]]:
+        """Per user, the items of the dataset's training split (steering.pairs.source=
+        train_samples, as the authors' code): each training sample's (input, gold output),
+        and with ``dataset.train_items_with_profile`` its profile items too. Read once."""
+        if self._train_items is None:
+            d = self.cfg.dataset
+            whole = dataclasses.replace(d, split=d.train_split, users=None, n_users=None,
+                                        max_samples_per_user=None, history_fraction=1.0,
+                                        time_split=False)
+            items: dict[str, dict[str, HistoryItem]] = {}
+            for s in load_samples(whole, seed=self.cfg.seed):
+                mine = items.setdefault(s.user, {})
+                if s.target is not None:
+                    mine.setdefault(s.id, HistoryItem(s.id, s.input, s.target, s.timestamp))
+                if d.train_items_with_profile:
+                    for h in s.history:
+                        mine.setdefault(h.id, h)
+            self._train_items = {u: list(v.values()) for u, v in items.items()}
+            log.info("pairs from the %r split: %d items of %d users", d.train_split,
+                     sum(map(len, self._train_items.values())), len(self._train_items))
+        return self._train_items
+
     def steering_inputs(self, steering: SteeringConfig) -> SteeringInputs:
         return SteeringInputs(
-            dataset=self.cfg.dataset, cache_dir=self.cfg.cache_dir, seed=self.cfg.seed,
-            retriever=self.retriever, generator=lambda: self.model(steering.pairs.generator),
+            dataset=self.cfg.dataset, task=self.task, cache_dir=self.cfg.cache_dir,
+            seed=self.cfg.seed, retriever=self.retriever,
+            generator=lambda: self.model(steering.pairs.generator),
             layers_path=self.cfg.model.layers_path, progress=self.cfg.progress,
+            pair_items=self.train_items,
         )
+
+
+def _row_key(store_key: str, text: str, digest: str, identity: str, candidate: int | None) -> str:
+    """Everything that decides one generated text, hashed. Unsteered, plain rows of one
+    candidate keep the key they always had (so existing caches stay valid)."""
+    parts = [text]
+    if digest:
+        parts.append(digest)
+    if identity:
+        parts.append("backbone:" + identity)
+    if candidate is not None:
+        parts.append(f"candidate:{candidate}")
+    return GenerationStore.key("\0".join(parts))
+
+
+def _combined_context(contexts: Sequence[Callable[[list[int]], ContextManager] | None]):
+    """One per-batch context that enters each of ``contexts`` (backbone, then steering)."""
+    active = [c for c in contexts if c is not None]
+    if not active:
+        return None
+
+    def ctx(rows: list[int]) -> ContextManager:
+        stack = contextlib.ExitStack()
+        for c in active:
+            stack.enter_context(c(rows))
+        return stack
+
+    return ctx
+
+
+def fit_prompts(lm: LoadedModel, samples: Sequence[Sample], prompts: Sequence[Prompt],
+                max_new_tokens: int, overlength: str, method: str) -> tuple[list[str], int]:
+    """The chat-rendered prompts, checked against the model's context before any model time:
+    a prompt whose tokens plus ``max_new_tokens`` exceed it stops the run naming the sample
+    (``overlength=error``) or is cut in its middle (``truncate``; counted and logged)."""
+    limit = shape_of(lm.model).max_positions
+    texts = [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
+    if limit is None:
+        return texts, 0
+    budget = limit - max_new_tokens
+    lengths = [len(x) for x in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    over = [i for i, n in enumerate(lengths) if n > budget]
+    if not over:
+        return texts, 0
+    if overlength == "error" or budget <= 0:
+        i = over[0]
+        raise DataError(
+            f"[{method}] the prompt of sample {samples[i].id!r} (user {samples[i].user!r}) has "
+            f"{lengths[i]} tokens; with {max_new_tokens} new tokens it exceeds the model's "
+            f"context of {limit} ({len(over)} prompt(s) do). Set generation.overlength=truncate "
+            "to cut such prompts in the middle, or shorten them (dataset.history_max_words, "
+            "backbone.k, generation.max_new_tokens).", record=samples[i].id)
+    for i in over:
+        text, _ = fit_user_text(lm.tokenizer, prompts[i].text, lm.system_prompt, budget)
+        texts[i] = render_chat(lm.tokenizer, text, lm.system_prompt)
+    log.warning("[%s] %d prompt(s) longer than the context (%d tokens with %d new) were cut in "
+                "the middle", method, len(over), limit, max_new_tokens)
+    return texts, len(over)
 
 
 def run_method(
     cfg: RunConfig, method: Method, lm: LoadedModel, samples: Sequence[Sample],
     run_dir: Path, resources: Resources,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Prompts → (steering plan) → generations (cached, resumable) → metrics, for one method."""
+    """Backbone fit → prompts → (steering plan) → N candidates per row (cached, resumable)
+    → selection → parsing → scores, for one method."""
+    task = resources.task
     t0 = time.time()
-    backbone = build_backbone(method.backbone, cfg.dataset, resources.retriever)
-    prompts = backbone.build_prompts(samples)
-    texts = [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
-    t_prompts = time.time() - t0
-
+    backbone = build_backbone(method.backbone, task, resources.retriever)
+    backbone.fit(lm, samples, resources)
+    t_fit = time.time() - t0
     g = cfg.generation
     params = DecodingParams(
         max_new_tokens=g.max_new_tokens or cfg.dataset.max_new_tokens,
         do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, seed=cfg.seed,
     )
+    t0 = time.time()
+    prompts = backbone.build_prompts(samples)
+    texts, n_truncated = fit_prompts(lm, samples, prompts, params.max_new_tokens, g.overlength,
+                                     method.name)
+    t_prompts = time.time() - t0
+
     t_steer = time.time()
     plan = STEERING.get(method.steering.name)(method.steering, lm, samples,
                                                resources.steering_inputs(method.steering))
     t_steer = time.time() - t_steer
-    batch_context = plan.batch_context(lm.model) if plan else None
-    # A row's cache key is its full input: the prompt and, when steered, its vectors.
-    store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length])
+    n_cand = backbone.n_candidates
+    store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
+                              g.cache_implementation])
     store = GenerationStore(Path(cfg.cache_dir) / "generations" / f"{store_key}.jsonl")
     digests = plan.row_digests() if plan else [""] * len(texts)
-    keys = [store.key(t + "\0" + d if d else t) for t, d in zip(texts, digests)]
-    done: dict[int, str] = {i: store.items[k] for i, k in enumerate(keys) if k in store.items}
+    candidates_of = (lambda: [None]) if n_cand == 1 else (lambda: list(range(n_cand)))
+    keys = [[_row_key(store_key, t, d, backbone.row_identity(i), c) for c in candidates_of()]
+            for i, (t, d) in enumerate(zip(texts, digests))]
+    # What a row's cached output is valid for: the generation store's own key and the row's.
+    row_keys = [hashlib.sha256((store_key + "".join(k)).encode()).hexdigest()[:32] for k in keys]
+    done: dict[int, list[str]] = {i: [store.items[k] for k in ks] for i, ks in enumerate(keys)
+                                  if all(k in store.items for k in ks)}
     out_dir = run_dir / method.name
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
-    # Rerunning into the same run dir: rows already written there (same id, same prompt).
+    # Rerunning into the same run dir: rows written there by a run whose every setting that
+    # decides the output was the same (a changed config never reuses a row).
     position = {s.id: i for i, s in enumerate(samples)}
     for row in read_jsonl_lenient(pred_path):
         i = position.get(row.get("id"))
-        if i is not None and row.get("prompt") == texts[i] and "generation" in row:
-            done.setdefault(i, row["generation"])
+        if i is not None and row.get("cache_key") == row_keys[i] and "candidates" in row:
+            done.setdefault(i, list(row["candidates"]))
     if done:
-        log.info("[%s] %d/%d generations reused (run dir or cache)", method.name, len(done), len(texts))
+        log.info("[%s] %d/%d rows reused (run dir or cache)", method.name, len(done), len(texts))
 
     t1 = time.time()
     n_cached = len(done)
+    context = _combined_context([
+        lambda rows: backbone.model_context(lm, rows),
+        plan.batch_context(lm.model) if plan else None,
+    ])
     for idx, gens in generate_batches(
         lm, texts, params, batch_size=g.batch_size, sort_by_length=g.sort_by_length,
-        skip=set(done), batch_context=batch_context, progress=cfg.progress, desc=method.name,
+        skip=set(done), batch_context=context, progress=cfg.progress, desc=method.name,
+        num_return_sequences=n_cand, cache_implementation=g.cache_implementation,
     ):
-        store.add([(keys[i], gen) for i, gen in zip(idx, gens)])
+        per_row = [gens[j * n_cand:(j + 1) * n_cand] for j in range(len(idx))]
+        store.add([(k, c) for i, cands in zip(idx, per_row) for k, c in zip(keys[i], cands)])
         append_jsonl(pred_path, [{"id": samples[i].id, "user": samples[i].user, "prompt": texts[i],
-                                   "generation": gen, "target": samples[i].target}
-                                  for i, gen in zip(idx, gens)])
-        done.update(zip(idx, gens))
+                                  "cache_key": row_keys[i], "candidates": cands,
+                                  "target": samples[i].target}
+                                 for i, cands in zip(idx, per_row)])
+        done.update(zip(idx, per_row))
     t_gen = time.time() - t1
     n_generated = len(done) - n_cached
 
-    raw = [done[i] for i in range(len(texts))]
-    preds = postprocess(raw, g.postprocess)
-    targets = [s.target for s in samples]
-    if any(t is None for t in targets):
+    candidates = [done[i] for i in range(len(texts))]
+    chosen, select_info = backbone.select(samples, candidates)
+    raw = [c[j] for c, j in zip(candidates, chosen)]
+    preds = [task.parse(r) for r in raw]
+    if any(s.target is None for s in samples):
         log.warning("[%s] the data has no gold outputs: predictions only, no metrics", method.name)
-        agg, per_sample = {"n": len(samples)}, [{} for _ in samples]
-    else:
-        agg, per_sample = compute_metrics(list(cfg.dataset.metrics), preds, targets,
-                                          bootstrap=cfg.eval.bootstrap, seed=cfg.seed)
-    rows = [
-        {"id": s.id, "user": s.user, "prompt": t, "generation": r, "prediction": p,
-         "target": s.target, "history_ids": pr.history_ids, "scores": sc}
-        for s, t, r, p, pr, sc in zip(samples, texts, raw, preds, prompts, per_sample)
-    ]
-    if plan:
-        for i, row in enumerate(rows):
+    scores = task.score(preds, samples, cfg.seed)
+    rows = []
+    for i, (s, t, r, p, pr, sc) in enumerate(zip(samples, texts, raw, preds, prompts,
+                                                  scores.per_sample)):
+        row = {"id": s.id, "user": s.user, "type": s.type, "prompt": t, "generation": r,
+               "prediction": p, "target": s.target, "history_ids": pr.history_ids, "scores": sc,
+               "cache_key": row_keys[i], "candidates": candidates[i]}
+        if n_cand > 1 or select_info[i]:
+            row["selection"] = {"chosen": chosen[i], **select_info[i]}
+        if plan:
             row["steering"] = {"steered": plan.steered[i], **(plan.row_info[i] if plan.row_info else {})}
+        rows.append(row)
     write_jsonl_atomic(pred_path, rows)  # now in sample order, with scores
     metrics = {
-        **agg,
+        **scores.aggregate,
         "n_generated": n_generated,
         "n_cached": n_cached,
+        "n_prompts_truncated": n_truncated,
+        "seconds_fit": round(t_fit, 3),
         "seconds_prompts": round(t_prompts, 3),
         "seconds_steering_prep": round(t_steer, 3),
         "seconds_generation": round(t_gen, 3),
@@ -220,6 +284,9 @@ def run_method(
 
 
 def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The score columns of a results table, in the order the task reports them (``n``, its
+    metrics, the entries that extend them such as bootstrap medians, then per-type means);
+    timings, counts and steering statistics are left out."""
     skip = {"n_generated", "n_cached", "samples_per_second"}
     keys: list[str] = []
     for m in results.values():
@@ -228,11 +295,24 @@ def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
     return keys
 
 
-def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | None = None
+                   ) -> dict[str, Any]:
+    """Run every method of ``cfg``. ``overrides``: what ``cfg`` was composed from (needed to
+    compose a preset's methods through Hydra; see fints_repro/compose.py)."""
+    # Start-up checks, before any data or model is loaded: every method is composed and
+    # every name and value checked (RunConfig's own values were checked when it was made).
+    load_methods()
+    methods = resolve_methods(cfg, overrides)
+    check_names(cfg, methods)
+    shape = shape_from_config(cfg.model, cfg.cache_dir)
+    if shape.n_layers is not None:
+        for m in methods:
+            if m.steering.name != "none":
+                check_layer(m.steering.layer, shape.n_layers)
+    task = build_task(cfg.dataset, cfg.generation, cfg.eval)
+
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    load_methods()
-    methods = resolve_methods(cfg)  # fail on a bad method list before loading anything
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
@@ -247,7 +327,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     lm = load_model(cfg.model, cfg.cache_dir)
     log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
 
-    resources = Resources(cfg, lm)
+    resources = Resources(cfg, lm, task, overrides or ())
     results: dict[str, dict[str, Any]] = {}
     with open_tracker(cfg.logger, run_dir=run_dir, config=resolved,
                       name=f"{cfg.dataset.name}-{cfg.model.name}") as tracker:
@@ -265,7 +345,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
     synthetic = cfg.dataset.loader == "demo"
     summary = {
-        "dataset": cfg.dataset.name, "synthetic_data": synthetic,
+        "dataset": cfg.dataset.name, "synthetic_data": synthetic, "task": task.describe(),
         "model": lm.fingerprint, "n_samples": len(samples),
         "n_users": n_users, "n_empty_history": n_empty, "methods": results,
     }

@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
-SCORES = ("rouge1", "rougeL", "meteor")
 LAYER_KEYS = ("steering.layer",)
 STRENGTH_KEYS = ("steering.scale", "steering.alpha", "steering.beta", "steering.gamma")
 
@@ -42,6 +41,19 @@ def _overrides(job: Path) -> dict[str, str]:
         return {}
     items = yaml.safe_load(path.read_text()) or []
     return dict(o.lstrip("+").split("=", 1) for o in items if "=" in o)
+
+
+def task_of(root: Path) -> dict[str, Any]:
+    """The task description the jobs' metrics.json carry (``{name, metrics, primary}``):
+    which score names to tabulate and which one to plot. A sweep mixing tasks has no one
+    primary metric: the first job's is used, and every job's scores are tabulated."""
+    metrics: list[str] = []
+    primary = None
+    for path in sorted(root.glob("*/metrics.json")):
+        task = json.loads(path.read_text()).get("task") or {}
+        metrics += [m for m in task.get("metrics", []) if m not in metrics]
+        primary = primary or task.get("primary")
+    return {"metrics": metrics, "primary": primary}
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -79,7 +91,8 @@ def _mean_sd(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.4f} ± {sd:.4f}"
 
 
-def seed_table(rows: list[dict[str, Any]], others: list[str]) -> list[dict[str, Any]]:
+def seed_table(rows: list[dict[str, Any]], others: list[str], scores: list[str]
+               ) -> list[dict[str, Any]]:
     """Per (other overrides, method): mean ± sd over seeds of each score, and for a steered
     method ``B+S`` the paired difference to its backbone ``B`` on the same seed (seeds
     draw different data, so the paired difference is the comparison that means something)."""
@@ -91,7 +104,7 @@ def seed_table(rows: list[dict[str, Any]], others: list[str]) -> list[dict[str, 
     out = []
     for (over, method), members in groups.items():
         row: dict[str, Any] = {**dict(zip(others, over)), "method": method, "seeds": len(members)}
-        for s in SCORES:
+        for s in scores:
             vals = [m[s] for m in members if isinstance(m.get(s), (int, float))]
             if not vals:
                 continue
@@ -194,9 +207,15 @@ def write_report(root: Path) -> dict[str, Path]:
     over_keys = [k for k in all_keys if len({o.get(k) for o in per_job}) > 1]
     fixed = {k: per_job[0].get(k) for k in all_keys if k not in over_keys}
     header = "Fixed overrides: " + (" ".join(f"`{k}={v}`" for k, v in fixed.items()) or "none")
-    metric_keys = [k for k in ("n", "rouge1", "rougeL", "rouge1_bootstrap", "rougeL_bootstrap",
-                               "meteor", "steering_n_pairs", "steering_n_samples_unsteered",
-                               "seconds_generation") if any(k in r for r in rows)]
+    task = task_of(root)
+    # The task's scores, the aggregate entries that extend them (bootstrap medians,
+    # per-type means), then counts and time.
+    scores = task["metrics"]
+    extended = sorted({k for r in rows for k in r
+                       if any(k.startswith(f"{m}_") or k.endswith(f"/{m}") for m in scores)})
+    metric_keys = [k for k in ("n", *scores, *extended, "steering_n_pairs",
+                               "steering_n_samples_unsteered", "seconds_generation")
+                   if any(k in r for r in rows)]
     columns = ["job", "status", *over_keys, "method", *metric_keys]
     if any(r["status"] == "failed" for r in rows):
         columns.append("error")
@@ -208,14 +227,14 @@ def write_report(root: Path) -> dict[str, Path]:
     out["md"].write_text(header + "\n\n" + markdown(rows, columns))
     if "seed" in over_keys:
         others = [k for k in over_keys if k != "seed"]
-        table = seed_table(rows, others)
+        table = seed_table(rows, others, scores)
         out["seeds"] = root / "seeds.md"
-        score_cols = [s for s in SCORES if any(s in t for t in table)]
+        score_cols = [s for s in scores if any(s in t for t in table)]
         delta_cols = sorted({k for t in table for k in t if k.startswith("Δ")})
         cols = [*others, "method", "seeds", *score_cols, *delta_cols]
         out["seeds"].write_text(header + "\n\nMean ± sample standard deviation over seeds; Δ: paired difference to the method's backbone on the same seed.\n\n"
                                 + markdown(table, cols))
-    metric = next((m for m in ("rougeL", "meteor") if any(m in r for r in rows)), None)
+    metric = task["primary"] if any(task["primary"] in r for r in rows) else None
     if metric:
         swept = [k for k in over_keys if k != "seed"]
         layer_key = next((k for k in LAYER_KEYS if k in swept), None)

@@ -29,13 +29,14 @@ def main(cfg: DictConfig) -> None:
     from fints_repro.pipeline import run_experiment
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's per-call INFO lines
-    run_cfg = to_run_config(cfg)
+    run_cfg = to_run_config(cfg)  # every value checked here (RunConfig.__post_init__)
     hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)  # each method of a preset is composed from these
     run_dir = Path(run_cfg.run_dir or hc.runtime.output_dir)
     if hc.mode == RunMode.MULTIRUN and run_cfg.logger.group is None:
         run_cfg.logger.group = Path(hc.sweep.dir).name  # one wandb group per multirun
     try:
-        run_experiment(run_cfg, run_dir)
+        run_experiment(run_cfg, run_dir, overrides)
     except Exception as e:
         if hc.mode == RunMode.MULTIRUN:  # one failed job must not stop the sweep
             log.exception("job failed; the multirun goes on (the report lists it as failed)")

@@ -29,7 +29,8 @@ def fake_sweep(root: Path, n: int) -> None:
                 f"- +exp=demo_sweep\n- steering.layer={layer}\n- steering.scale={0.25 * (k + 1)}\n")
             methods = {m: {"n": 32, "rouge1": rng.random(), "rougeL": rng.random(),
                            "seconds_generation": 30.0} for m in ("rag", "rag+fine_grained")}
-            (d / "metrics.json").write_text(json.dumps({"methods": methods}))
+            task = {"name": "text_gen", "metrics": ["rouge1", "rougeL"], "primary": "rougeL"}
+            (d / "metrics.json").write_text(json.dumps({"task": task, "methods": methods}))
             job += 1
 
 

@@ -19,14 +19,17 @@ os.environ.setdefault("FINTS_CACHE_DIR", str(ROOT / ".cache"))
 
 def compose(overrides: list[str]):
     """Compose the run config exactly as `python -m fints_repro.run <overrides>` would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from fints_repro.compose import compose as compose_config
 
-    from fints_repro.config import register_configs
+    return compose_config(overrides)
 
-    register_configs()
-    with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+
+def run(overrides: list[str], run_dir: Path) -> dict:
+    """What `python -m fints_repro.run <overrides> run_dir=<run_dir>` does, in-process."""
+    from fints_repro.compose import compose_run
+    from fints_repro.pipeline import run_experiment
+
+    return run_experiment(compose_run(overrides), run_dir, overrides)
 
 
 @pytest.fixture

@@ -14,13 +14,13 @@ from omegaconf import OmegaConf
 
 from fints_repro.errors import ConfigError, MissingDataError
 from fints_repro.pipeline import run_experiment
-from tests.conftest import CONF_DIR, FIXTURES, ROOT, compose
+from tests.conftest import CONF_DIR, FIXTURES, ROOT, compose, run
 
 EXPS = sorted(p.stem for p in (CONF_DIR / "exp").glob("*.yaml"))
 
 
 def _run(overrides: list[str], run_dir: Path) -> dict:
-    return run_experiment(OmegaConf.to_object(compose(overrides)), run_dir)
+    return run(overrides, run_dir)
 
 
 def _predictions(run_dir: Path, method: str) -> list[dict]:
@@ -74,8 +74,8 @@ def test_rerun_resumes_from_cache_with_identical_predictions(tiny_overrides, tmp
 
 def test_missing_real_data_says_what_it_looked_for(tiny_overrides, tmp_path: Path) -> None:
     with pytest.raises(MissingDataError) as e:
-        _run(["+exp=lamp_news", *tiny_overrides, f"data.root={tmp_path / 'nowhere'}"],
-             tmp_path / "run")
+        _run(["+exp=lamp_news", *tiny_overrides, f"data.root={tmp_path / 'nowhere'}",
+              "steering.layer=1"], tmp_path / "run")
     msg = str(e.value)
     assert "dev_questions.json" in msg and str(tmp_path / "nowhere") in msg
     assert "scripts/download_data.py lamp4" in msg and "+exp=demo" in msg
@@ -105,7 +105,8 @@ def test_rerun_into_the_same_run_dir_resumes_from_its_predictions(tiny_overrides
     import shutil
 
     shutil.rmtree(tmp_path / "cache" / "generations")
-    kept = [{k: r[k] for k in ("id", "user", "prompt", "generation", "target")} for r in before[:3]]
+    kept = [{k: r[k] for k in ("id", "user", "prompt", "cache_key", "candidates", "target")}
+            for r in before[:3]]  # what a run appends per batch
     text = "".join(json.dumps(r) + "\n" for r in kept) + '{"id": "cut'
     (tmp_path / "run" / "rag" / "predictions.jsonl").write_text(text)
     second = _run(overrides, tmp_path / "run")
@@ -118,7 +119,7 @@ def test_selecting_an_unknown_user_names_it(tiny_overrides, tmp_path: Path) -> N
     from fints_repro.errors import DataError
 
     with pytest.raises(DataError, match="nobody_42"):
-        _run(["+exp=lamp_news", *tiny_overrides, f"data.root={FIXTURES}",
+        _run(["+exp=lamp_news", *tiny_overrides, f"data.root={FIXTURES}", "steering.layer=1",
               "dataset.users=[nobody_42]"], tmp_path / "run")
     summary = _run(["+exp=demo", *tiny_overrides, "dataset.users=[demo_user_01]"], tmp_path / "ok")
     assert summary["n_users"] == 1

@@ -26,9 +26,17 @@ import torch
 from omegaconf import OmegaConf
 
 import fints_repro.steering.methods.common as common
-from fints_repro.backbones.prompting import retrieval_query
-from fints_repro.config import DatasetConfig, ModelConfig, SteeringConfig
+from fints_repro.config import (
+    CAAConfig,
+    DatasetConfig,
+    EvalConfig,
+    FineGrainedConfig,
+    GenerationConfig,
+    ModelConfig,
+    SteeringConfig,
+)
 from fints_repro.data.schema import Sample
+from fints_repro.errors import FintsError
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.retrieval.bm25 import BM25Retriever
 from fints_repro.steering import SteeringInputs, SteeringPlan
@@ -37,12 +45,14 @@ from fints_repro.steering.hooks import steer
 from fints_repro.steering.methods.caa import caa
 from fints_repro.steering.methods.fine_grained import fine_grained
 from fints_repro.steering.pairs import Pair
-from fints_repro.steering.sites import SteeringError, hidden_size
+from fints_repro.steering.sites import hidden_size
+from fints_repro.tasks import build_task
 
 PREFIX = "Generate a headline for the following article: "
 DATASET = DatasetConfig(name="demo_news", loader="demo", task="demo_news", path="unused",
                         question_template=PREFIX + "{input}", query_strip_prefix=PREFIX,
                         max_new_tokens=8)
+TASK = build_task(DATASET, GenerationConfig(), EvalConfig())
 LAYER = 1
 
 # u1: 3 pairs, u2: 6 pairs, u3: none. The inputs share words with some pairs and not with
@@ -102,7 +112,7 @@ def _inputs(lm, tmp_path: Path, generated: list | None = None) -> SteeringInputs
             generated.append(1)
         return lm
 
-    return SteeringInputs(dataset=DATASET, cache_dir=str(tmp_path), seed=0,
+    return SteeringInputs(dataset=DATASET, task=TASK, cache_dir=str(tmp_path), seed=0,
                           retriever=BM25Retriever, generator=generator, progress=False)
 
 
@@ -156,8 +166,8 @@ def _softmax(scores: list[float], tau: float) -> list[float]:
 def test_fine_grained_is_strength_times_weighted_top_k(lm, fake_pairs, tmp_path, caplog,
                                                        top_k, aggregate, tau) -> None:
     sites = ["attn", "mlp"]
-    cfg = SteeringConfig(name="fine_grained", layer=LAYER, sites=sites, top_k=top_k,
-                         aggregate=aggregate, tau=tau, **STRENGTH)
+    cfg = SteeringConfig(name="fine_grained", layer=LAYER, sites=sites, **STRENGTH,
+                         fine_grained=FineGrainedConfig(top_k=top_k, aggregate=aggregate, tau=tau))
     with caplog.at_level(logging.WARNING):
         plan = fine_grained(cfg, lm, SAMPLES, _inputs(lm, tmp_path))
     per_user = {u: _user_vectors(lm, u, LAYER, sites) for u in ("u1", "u2")}
@@ -170,7 +180,7 @@ def test_fine_grained_is_strength_times_weighted_top_k(lm, fake_pairs, tmp_path,
             assert plan.steered[i] is False and plan.row_info[i] == {"pairs": [], "weights": []}
             continue
         ps = PAIRS[s.user]
-        query = retrieval_query(s, DATASET)
+        query = TASK.retrieval_query(s)
         assert not query.startswith("Generate")
         ((ranking),) = BM25Retriever().rank_many([query], [[f"{p.question} {p.chosen}" for p in ps]],
                                                  top_k)
@@ -202,7 +212,7 @@ def test_fine_grained_is_strength_times_weighted_top_k(lm, fake_pairs, tmp_path,
 
 def test_fine_grained_with_k_one_and_a_single_pair_user_differ(lm, fake_pairs, tmp_path) -> None:
     """Different inputs of one user get different vectors (instance-level, not user-level)."""
-    cfg = SteeringConfig(name="fine_grained", layer=LAYER, top_k=1)
+    cfg = SteeringConfig(name="fine_grained", layer=LAYER, fine_grained=FineGrainedConfig(top_k=1))
     plan = fine_grained(cfg, lm, SAMPLES, _inputs(lm, tmp_path))
     a = plan.vectors[(LAYER, "attn")]
     assert plan.row_info[1]["pairs"] != plan.row_info[3]["pairs"]
@@ -218,9 +228,10 @@ BAD = [
     (dict(layer=-1), "outside the model"),
     (dict(sites=["attn", "ffn"]), "unknown site"),
     (dict(sites=[]), "empty"),
-    (dict(top_k=0), "top_k"),
-    (dict(aggregate="max"), "aggregate"),
-    (dict(tau=0.0), "tau"),
+    (dict(fine_grained=FineGrainedConfig(top_k=0)), "steering.fine_grained.top_k"),
+    (dict(fine_grained=FineGrainedConfig(aggregate="max")), "steering.fine_grained.aggregate"),
+    (dict(fine_grained=FineGrainedConfig(tau=0.0)), "steering.fine_grained.tau"),
+    (dict(caa=CAAConfig(min_pairs=0)), "steering.caa.min_pairs"),
     (dict(positions="middle"), "positions"),
     (dict(attn_read="foo"), "attn_read"),
     (dict(alpha=float("nan")), "alpha"),
@@ -233,7 +244,7 @@ def test_bad_config_fails_before_any_pair_is_built(lm, fake_pairs, tmp_path, met
                                                    match) -> None:
     generated: list = []
     cfg = SteeringConfig(name=method.__name__, **{"layer": LAYER, **change})
-    with pytest.raises(SteeringError, match=match):
+    with pytest.raises(FintsError, match=match):
         method(cfg, lm, SAMPLES, _inputs(lm, tmp_path, generated))
     assert fake_pairs.calls == 0 and generated == []
     assert not (tmp_path / "vectors").exists()
@@ -297,11 +308,11 @@ def test_row_digests_tell_rows_apart() -> None:
 
 
 def _run(overrides: list[str], run_dir: Path):
+    from fints_repro.compose import compose_run
     from fints_repro.pipeline import run_experiment
-    from tests.conftest import compose
 
-    cfg = OmegaConf.to_object(compose(overrides))
-    return cfg, run_experiment(cfg, run_dir)
+    cfg = compose_run(overrides)
+    return cfg, run_experiment(cfg, run_dir, overrides)
 
 
 def _predictions(run_dir: Path, method: str) -> list[dict]:
@@ -347,7 +358,7 @@ def test_steered_predictions_carry_their_pairs_and_strong_steering_changes_them(
 
     methods = "methods=[{backbone: rag},{backbone: rag, steering: fine_grained}]"
     cfg, summary = _run(["+exp=demo", *tiny_overrides, *SHORT, methods, "steering.alpha=50",
-                         "steering.beta=50", "steering.top_k=3"], tmp_path / "run")
+                         "steering.beta=50", "steering.fine_grained.top_k=3"], tmp_path / "run")
     assert summary["n_users"] == 3
     history = {s.user: {h.id for h in s.history} for s in load_samples(cfg.dataset, seed=cfg.seed)}
     rag = _predictions(tmp_path / "run", "rag")

@@ -1,7 +1,7 @@
-"""Backbones: the personalization method that turns samples into prompts (and, for some,
-adapts the model). Steering plugs in on top of any of them."""
+"""Backbones: the personalization method steering plugs into, with a lifecycle (fit →
+prompts → model context → N candidates → select; see ``base.py``)."""
 
-from fints_repro.backbones.base import BACKBONES, Backbone, build_backbone
+from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
 from fints_repro.backbones import prompting  # noqa: F401  (registers zero_shot, rag)
 
-__all__ = ["BACKBONES", "Backbone", "build_backbone"]
+__all__ = ["BACKBONES", "Backbone", "Prompt", "build_backbone"]

@@ -3,25 +3,10 @@ items, retrieved for the input, rendered by the dataset's templates before the i
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
-from fints_repro.backbones.base import BACKBONES, Prompt
-from fints_repro.config import BackboneConfig, DatasetConfig
+from fints_repro.backbones.base import BACKBONES, Backbone, Prompt
 from fints_repro.data.schema import HistoryItem, Sample
-from fints_repro.retrieval import Retriever
-
-
-def retrieval_query(sample: Sample, dataset: DatasetConfig) -> str:
-    """The input without the task's instruction prefix (the article, the paper title ...)."""
-    prefix = dataset.query_strip_prefix
-    if prefix and sample.input.startswith(prefix):
-        return sample.input[len(prefix):].strip()
-    return sample.input
-
-
-def history_document(item: HistoryItem) -> str:
-    """What retrieval matches a query against: the item's output and input together."""
-    return f"{item.output} {item.input}"
 
 
 def truncate_words(text: str, n: int | None) -> str:
@@ -32,26 +17,21 @@ def truncate_words(text: str, n: int | None) -> str:
 
 
 @BACKBONES.register("zero_shot")
-class ZeroShot:
+class ZeroShot(Backbone):
     name = "zero_shot"
-
-    def __init__(self, cfg: BackboneConfig, dataset: DatasetConfig,
-                 retriever: Callable[[], Retriever]):
-        self.dataset = dataset
 
     def build_prompts(self, samples: Sequence[Sample]) -> list[Prompt]:
         return [Prompt(s.input) for s in samples]
 
 
 @BACKBONES.register("rag")
-class RAG:
+class RAG(Backbone):
     name = "rag"
 
-    def __init__(self, cfg: BackboneConfig, dataset: DatasetConfig,
-                 retriever: Callable[[], Retriever]):
-        self.dataset = dataset
-        self.k = cfg.k if cfg.k is not None else dataset.rag_k
-        self._retriever = retriever
+    def __init__(self, cfg, task, retriever):
+        super().__init__(cfg, task, retriever)
+        self.dataset = task.dataset
+        self.k = cfg.k if cfg.k is not None else self.dataset.rag_k
 
     def render(self, sample: Sample, items: Sequence[HistoryItem]) -> str:
         d = self.dataset
@@ -72,8 +52,8 @@ class RAG:
         rankings: dict[int, list[tuple[int, float]]] = {}
         if with_history and self.k > 0:
             ranked = self._retriever().rank_many(
-                [retrieval_query(samples[i], self.dataset) for i in with_history],
-                [[history_document(h) for h in samples[i].history] for i in with_history],
+                [self.task.retrieval_query(samples[i]) for i in with_history],
+                [[self.task.history_document(h) for h in samples[i].history] for i in with_history],
                 self.k,
             )
             rankings = dict(zip(with_history, ranked))

@@ -31,6 +31,9 @@ class Sample:
     history: tuple[HistoryItem, ...] = ()
     timestamp: float | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # The sample's kind within its task (e.g. search | recommend | review); scores are
+    # also aggregated per type. None: the task has one kind.
+    type: str | None = None
 
     def with_history(self, history: tuple[HistoryItem, ...] | list[HistoryItem]) -> "Sample":
         return replace(self, history=tuple(history))
@@ -42,6 +45,7 @@ class Sample:
             "input": self.input,
             "target": self.target,
             "timestamp": self.timestamp,
+            "type": self.type,
             "history": [
                 {"id": h.id, "input": h.input, "output": h.output, "timestamp": h.timestamp}
                 for h in self.history

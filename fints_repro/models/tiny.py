@@ -33,11 +33,11 @@ _BASE: dict[str, dict[str, Any]] = {
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2),
-    "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_positions=2048),
+    "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_positions=16384),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                      num_attention_heads=4),
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-                word_embed_proj_dim=64, max_position_embeddings=2048),
+                word_embed_proj_dim=64, max_position_embeddings=16384),
 }
 
 
@@ -60,18 +60,27 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(arch: str, seed: int = 0, **overrides: Any):
+def tiny_config(arch: str, **overrides: Any):
+    """The config of a tiny model (no weights): ``_BASE`` dimensions, the byte tokenizer's
+    vocabulary, and a context of 16k positions unless ``overrides`` set one (a byte-level
+    tokenizer makes long prompts; the prompt length check reads the context)."""
     if arch not in _BASE and not overrides:
         raise ValueError(f"no tiny defaults for arch {arch!r}; known: {sorted(_BASE)}")
-    tok = byte_tokenizer()
     kwargs = {**_BASE.get(arch, {}), **overrides}
+    if arch != "gpt2":  # GPT-2 names it n_positions
+        kwargs.setdefault("max_position_embeddings", 16384)
     kwargs.update(
         vocab_size=VOCAB_SIZE,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        pad_token_id=SPECIALS.index("<|pad|>"),
+        bos_token_id=SPECIALS.index("<|bos|>"),
+        eos_token_id=SPECIALS.index("<|im_end|>"),
     )
-    config = AutoConfig.for_model(arch, **kwargs)
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides: Any):
+    tok = byte_tokenizer()
+    config = tiny_config(arch, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

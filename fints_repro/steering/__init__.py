@@ -4,8 +4,9 @@ generation.
 A method is one function registered in ``STEERING`` (``methods/*.py``) that turns the run's
 samples into a ``SteeringPlan``: one vector per sample and site (a zero row leaves that
 sample unsteered, exactly). The pipeline enters ``plan.batch_context(rows)`` around each
-generation batch. ``none`` is the unsteered baseline. Adding a method is one file here and
-one config in ``conf/steering/``.
+generation batch. ``none`` is the unsteered baseline. Adding a method is one file in
+``methods/``, one yaml in ``conf/steering/`` and its typed node in ``SteeringConfig``
+(``steering.<method>.*``: its own settings, which never collide with another method's).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 import torch
 
 from fints_repro.config import DatasetConfig, SteeringConfig
-from fints_repro.data.schema import Sample
+from fints_repro.tasks import Task
+from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.models.loading import LoadedModel
 from fints_repro.registry import Registry
 from fints_repro.retrieval import Retriever
@@ -29,12 +31,16 @@ class SteeringInputs:
     """What a method may use besides the model and the samples."""
 
     dataset: DatasetConfig
+    task: Task  # prompt pieces (retrieval query, history documents) and the pair criterion
     cache_dir: str
     seed: int
     retriever: Callable[[], Retriever]
     generator: Callable[[], LoadedModel]  # writes the rejected side of the pairs
     layers_path: str = ""
     progress: bool = True
+    # steering.pairs.source=train_samples: the items pairs are made from, per user (the
+    # users' training-split samples); None = their profile items.
+    pair_items: Optional[Callable[[], dict[str, list[HistoryItem]]]] = None
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""CAA-style user-level steering (REFERENCE.md §1.9): one vector per user and site, the mean
-of the user's pair vectors, times the site's strength (alpha attn, beta mlp, gamma resid)."""
+"""CAA-style user-level steering: one vector per user and site, the mean of the user's pair
+vectors, times the site's strength (alpha attn, beta mlp, gamma resid). A user with fewer
+than ``steering.caa.min_pairs`` pairs is left unsteered."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from fints_repro.steering.sites import hidden_size
 def caa(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
         inputs: SteeringInputs) -> SteeringPlan:
     pv = prepare(cfg, lm, samples, inputs)
-    steered = [bool(pv.rows.get(s.user)) for s in samples]
+    enough = {u for u, r in pv.rows.items() if r and len(r) >= cfg.caa.min_pairs}
+    steered = [s.user in enough for s in samples]
     H = hidden_size(lm.model)
     vectors = {}
     for site in cfg.sites:
         out = torch.zeros((len(samples), H), dtype=torch.float32)
-        user_mean = {u: pv.vectors[site][r].mean(0) for u, r in pv.rows.items() if r}
+        user_mean = {u: pv.vectors[site][pv.rows[u]].mean(0) for u in enough}
         for i, s in enumerate(samples):
             if s.user in user_mean:
                 out[i] = strength(cfg, site) * user_mean[s.user]

@@ -13,35 +13,21 @@ from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import SteeringInputs
-from fints_repro.steering.extract import pair_vectors, read_site
-from fints_repro.steering.hooks import POSITIONS
+from fints_repro.steering.extract import pair_vectors
 from fints_repro.steering.pairs import Pair, build_pairs, pair_stats
-from fints_repro.steering.sites import SITES, SteeringError, check_site, decoder_layers, default_layer
+from fints_repro.steering.sites import decoder_layers, default_layer
+from fints_repro.validate import check_layer, check_steering
 
 log = logging.getLogger(__name__)
 
 
 def validate(cfg: SteeringConfig, lm: LoadedModel, layers_path: str = "") -> int:
-    """Check the steering config against the model before any model time; return the layer."""
+    """Check the steering config against the model before any model time; return the layer.
+    (The pipeline runs the same checks at start-up, before the model is loaded.)"""
     n_layers = len(decoder_layers(lm.model, layers_path))
-    layer = cfg.layer if cfg.layer is not None else default_layer(lm.model, layers_path)
-    if not cfg.sites:
-        raise SteeringError("steering.sites is empty")
-    for s in cfg.sites:
-        check_site(layer, s, n_layers, allowed=SITES)
-    read_site("attn", cfg.attn_read)
-    if cfg.positions not in POSITIONS:
-        raise SteeringError(f"steering.positions={cfg.positions!r}; expected one of {list(POSITIONS)}")
-    if cfg.top_k < 1:
-        raise SteeringError(f"steering.top_k={cfg.top_k}; must be at least 1")
-    if cfg.aggregate not in ("mean", "softmax"):
-        raise SteeringError(f"steering.aggregate={cfg.aggregate!r}; expected mean or softmax")
-    if cfg.tau <= 0:
-        raise SteeringError(f"steering.tau={cfg.tau}; must be positive")
-    for name in ("alpha", "beta", "gamma", "scale"):
-        if not torch.isfinite(torch.tensor(getattr(cfg, name))):
-            raise SteeringError(f"steering.{name} must be a finite number")
-    return layer
+    check_steering(cfg)
+    check_layer(cfg.layer, n_layers)
+    return cfg.layer if cfg.layer is not None else default_layer(lm.model, layers_path)
 
 
 def strength(cfg: SteeringConfig, site: str) -> float:
@@ -59,7 +45,8 @@ class PairVectors:
 def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
             inputs: SteeringInputs) -> PairVectors:
     layer = validate(cfg, lm, inputs.layers_path)
-    by_user = build_pairs(samples, inputs.generator(), inputs.dataset, cfg.pairs,
+    items = inputs.pair_items() if cfg.pairs.source == "train_samples" and inputs.pair_items else None
+    by_user = build_pairs(samples, inputs.generator(), inputs.dataset, cfg.pairs, items_by_user=items,
                           cache_dir=inputs.cache_dir, seed=inputs.seed, progress=inputs.progress)
     log.info("contrastive pairs: %s", pair_stats(by_user))
     pairs: list[Pair] = []

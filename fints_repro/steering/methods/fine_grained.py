@@ -1,6 +1,7 @@
-"""Fints fine-grained, instance-tailored steering (REFERENCE.md §1.5-1.6).
+"""Fints fine-grained, instance-tailored steering (README: "Fidelity to the authors' code").
 
-For each test input: the top-K of its user's pairs by the run's retriever (query = the
+Settings in ``steering.fine_grained`` (``FineGrainedConfig``). For each test input: the
+top-K of its user's pairs by the run's retriever (query = the
 input without its instruction prefix; documents = question + chosen), combined with equal
 weights (``mean``) or ``softmax(score / tau)``; then ``alpha * v_attn`` is added to the
 attention output and ``beta * v_mlp`` to the MLP output of the same layer ("pulse and
@@ -14,7 +15,6 @@ from typing import Sequence
 
 import torch
 
-from fints_repro.backbones.prompting import retrieval_query
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
@@ -35,25 +35,26 @@ def pair_weights(scores: Sequence[float], aggregate: str, tau: float) -> torch.T
 @STEERING.register("fine_grained")
 def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                  inputs: SteeringInputs) -> SteeringPlan:
+    own = cfg.fine_grained
     pv = prepare(cfg, lm, samples, inputs)
     rows = [i for i, s in enumerate(samples) if pv.rows.get(s.user)]
     rankings = inputs.retriever().rank_many(
-        [retrieval_query(samples[i], inputs.dataset) for i in rows],
+        [inputs.task.retrieval_query(samples[i]) for i in rows],
         [[f"{pv.pairs[j].question} {pv.pairs[j].chosen}" for j in pv.rows[samples[i].user]]
          for i in rows],
-        cfg.top_k,
+        own.top_k,
     ) if rows else []
-    clipped = sum(1 for i in rows if len(pv.rows[samples[i].user]) < cfg.top_k)
+    clipped = sum(1 for i in rows if len(pv.rows[samples[i].user]) < own.top_k)
     if clipped:
-        log.warning("steering.top_k=%d is more than the pairs of the user for %d of %d samples: "
-                    "those use all their user's pairs", cfg.top_k, clipped, len(rows))
+        log.warning("steering.fine_grained.top_k=%d is more than the pairs of the user for %d of "
+                    "%d samples: those use all their user's pairs", own.top_k, clipped, len(rows))
     H = hidden_size(lm.model)
     vectors = {(pv.layer, s): torch.zeros((len(samples), H)) for s in cfg.sites}
     info: list[dict] = [{"pairs": [], "weights": []} for _ in samples]
     for i, ranking in zip(rows, rankings):
         user_rows = pv.rows[samples[i].user]
         picked = [user_rows[j] for j, _ in ranking]
-        w = pair_weights([score for _, score in ranking], cfg.aggregate, cfg.tau).to(torch.float32)
+        w = pair_weights([score for _, score in ranking], own.aggregate, own.tau).to(torch.float32)
         for site in cfg.sites:
             vectors[(pv.layer, site)][i] = strength(cfg, site) * (w @ pv.vectors[site][picked])
         info[i] = {"pairs": [f"{pv.pairs[j].item_id}#{pv.pairs[j].attempt}" for j in picked],

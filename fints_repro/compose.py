@@ -1,0 +1,141 @@
+"""Config composition through Hydra itself, for the run and for each of its methods.
+
+A run's config is what ``python -m fints_repro.run <overrides>`` composes. A preset's
+``methods`` list names, per method, a ``backbone`` and a ``steering`` option (and optional
+dotted ``overrides``). Each method's config is composed by Hydra from the run's own
+overrides plus ``backbone=<b> steering=<s>`` plus the method's overrides, so precedence is
+Hydra's: the option's yaml < the preset's values < the command line < the method's own
+overrides. ``+exp=lamp_news steering.layer=15`` therefore moves every steered method of
+the preset, unless a method sets its own layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig, register_configs
+from fints_repro.errors import ConfigError
+
+CONFIG_MODULE = "fints_repro.conf"
+# The groups a method chooses; its overrides may only touch these.
+METHOD_GROUPS = ("backbone", "steering")
+
+
+@dataclass
+class Method:
+    """One method a run evaluates: its name and its composed backbone and steering."""
+
+    name: str
+    backbone: BackboneConfig
+    steering: SteeringConfig
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python -m fints_repro.run <overrides>`` runs with (without ``hydra``).
+
+    Inside a running Hydra app (``@hydra.main``, also in a multirun job) the app's own
+    config search path is used; elsewhere (tests, scripts) the package's ``conf/``."""
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=list(overrides))
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``backbone`` → ``["rag", "zero_shot"]``)."""
+
+    def options() -> list[str]:
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+
+    if GlobalHydra.instance().is_initialized():
+        return options()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return options()
+
+
+def compose_run(overrides: Sequence[str] = ()) -> RunConfig:
+    return OmegaConf.to_object(compose(overrides))  # type: ignore[return-value]
+
+
+def _chooses(override: str, group: str) -> bool:
+    """Does this command-line override pick an option of ``group`` (``group=x``,
+    ``+group=x``, ``~group``, ``override group``)?"""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key == group
+
+
+def method_name(backbone: str, steering: str) -> str:
+    return backbone if steering == "none" else f"{backbone}+{steering}"
+
+
+def _override_value(value: Any) -> str:
+    """A method override's value as Hydra override syntax."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def resolve_methods(cfg: RunConfig, overrides: Sequence[str] | None) -> list[Method]:
+    """The methods of a run, each composed by Hydra (see the module docstring).
+
+    ``overrides`` are the overrides ``cfg`` was composed with; they are required when the
+    config lists ``methods`` (a check recomposes them and fails on a mismatch, so a
+    method can never run with settings other than its run's)."""
+    specs = cfg.methods or []
+    if not specs:
+        return [Method(method_name(cfg.backbone.name, cfg.steering.name), cfg.backbone, cfg.steering)]
+    if overrides is None:
+        raise ConfigError("a config with `methods` needs the overrides it was composed with "
+                          "(run_experiment(cfg, run_dir, overrides=...))")
+    base = [o for o in overrides if not any(_chooses(o, g) for g in METHOD_GROUPS)]
+    composed = compose_run(overrides)
+    # (logger and run_dir are the run's own business: a multirun names its wandb group)
+    if dataclasses.replace(composed, logger=cfg.logger, run_dir=cfg.run_dir) != cfg:
+        raise ConfigError("run_experiment: the config differs from what its overrides compose "
+                          f"({list(overrides)}); pass the overrides it was composed with")
+    methods = []
+    for i, spec in enumerate(specs):
+        for group, option in (("backbone", spec.backbone), ("steering", spec.steering)):
+            known = group_options(group)
+            if option not in known:
+                raise ConfigError(f"methods[{i}]: no {group} option {option!r} (known: {known})")
+        own = []
+        for key, value in spec.overrides.items():
+            if key.split(".", 1)[0] not in METHOD_GROUPS or "." not in key:
+                raise ConfigError(f"methods[{i}].overrides: {key!r} must start with backbone. or "
+                                  "steering.")
+            own.append(f"{key}={_override_value(value)}")
+        try:
+            run = compose_run([*base, f"backbone={spec.backbone}", f"steering={spec.steering}", *own])
+        except Exception as e:  # Hydra's message names the option or key
+            raise ConfigError(f"methods[{i}] ({spec.backbone}, {spec.steering}): {e}") from e
+        name = spec.name or method_name(run.backbone.name, run.steering.name)
+        methods.append(Method(name, run.backbone, run.steering))
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"methods: duplicate method names {names}; give one a `name`")
+    return methods
+
+
+def compose_group(overrides: Sequence[str], group: str, option: str) -> Any:
+    """The config node of ``group=option`` composed with the run's overrides (e.g. a pair
+    generator's model config)."""
+    base = [o for o in overrides if not _chooses(o, group)]
+    try:
+        return getattr(compose_run([*base, f"{group}={option}"]), group)
+    except Exception as e:
+        raise ConfigError(f"no {group} option {option!r}: {e}") from e

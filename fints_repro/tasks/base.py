@@ -1,0 +1,116 @@
+"""A task owns what differs between benchmarks' *shapes* of problem (LaMP-style text
+generation, function calling, ...), so that the pipeline, backbones, steering and reports
+are written once:
+
+- the target type of its samples (``target_type``);
+- the prompt pieces: the question an input becomes, the retrieval query of a sample, the
+  document a history item is retrieved as (backbones and steering use these);
+- how a generation is parsed into a prediction (``parse``);
+- how predictions are scored: per sample a dict of named scores, aggregated per run and
+  per sample type (``score``); the names it reports (``metric_names``) and the one that
+  ranks methods (``primary_metric``), which reports, sweeps and plots read;
+- the criterion that accepts a contrastive pair (``accept_pair``).
+
+Adding a task is one file here (a class registered in ``TASKS``) and the datasets that
+name it (``dataset.task_type``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig
+from fints_repro.data.schema import HistoryItem, Sample
+from fints_repro.registry import Registry
+
+
+@dataclass(frozen=True)
+class PairVerdict:
+    """Whether a (chosen, rejected) pair is kept, and the score that decided it."""
+
+    keep: bool
+    score: float
+
+
+@dataclass
+class Scores:
+    """``aggregate``: named numbers (or strings saying how they were computed) for the run,
+    with ``<type>/<name>`` entries per sample type where samples have types;
+    ``per_sample``: one dict of named scores per sample, in sample order."""
+
+    aggregate: dict[str, Any]
+    per_sample: list[dict[str, Any]]
+
+
+class Task:
+    """Base class: the shared behaviour of every task; subclasses fill in the rest."""
+
+    name: str = ""
+    target_type: type = str
+    # Scores each sample gets, and the one that ranks methods (reports, sweeps, plots).
+    metric_names: tuple[str, ...] = ()
+    primary_metric: str = ""
+
+    def __init__(self, dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig):
+        self.dataset, self.generation, self.evaluation = dataset, generation, evaluation
+
+    # ---- prompt pieces -------------------------------------------------------------
+    def question(self, item_input: str) -> str:
+        """The task question a history item's input becomes (pairs, extraction)."""
+        return self.dataset.question_template.format(input=item_input)
+
+    def retrieval_query(self, sample: Sample) -> str:
+        """The sample's input without the task's instruction prefix."""
+        prefix = self.dataset.query_strip_prefix
+        if prefix and sample.input.startswith(prefix):
+            return sample.input[len(prefix):].strip()
+        return sample.input
+
+    def history_document(self, item: HistoryItem) -> str:
+        """What retrieval matches a query against: the item's output and input together."""
+        return f"{item.output} {item.input}"
+
+    # ---- outputs ---------------------------------------------------------------------
+    def parse(self, generation: str) -> Any:
+        raise NotImplementedError
+
+    def score_predictions(self, predictions: Sequence[Any], samples: Sequence[Sample],
+                          seed: int) -> Scores:
+        raise NotImplementedError
+
+    def score(self, predictions: Sequence[Any], samples: Sequence[Sample], seed: int) -> Scores:
+        """Per-sample and aggregate scores; adds per-type means where samples have types."""
+        scores = self.score_predictions(predictions, samples, seed)
+        types = sorted({s.type for s in samples if s.type is not None})
+        for t in types:
+            rows = [sc for s, sc in zip(samples, scores.per_sample) if s.type == t]
+            scores.aggregate[f"{t}/n"] = len(rows)
+            for name in self.metric_names:
+                vals = [r[name] for r in rows if isinstance(r.get(name), (int, float))]
+                if vals:
+                    scores.aggregate[f"{t}/{name}"] = statistics.fmean(vals)
+        return scores
+
+    def accept_pair(self, chosen: str, rejected: str) -> PairVerdict:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What reports need to know (written into every run's metrics.json)."""
+        return {"name": self.name, "metrics": list(self.metric_names),
+                "primary": self.primary_metric}
+
+
+TaskFactory = Callable[[DatasetConfig, GenerationConfig, EvalConfig], Task]
+TASKS: Registry[TaskFactory] = Registry("task")
+
+
+def load_tasks() -> None:
+    """Import the task modules so they register themselves."""
+    from fints_repro.tasks import text_gen  # noqa: F401
+
+
+def build_task(dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig) -> Task:
+    load_tasks()
+    return TASKS.get(dataset.task_type, "dataset.task_type")(dataset, generation, evaluation)

@@ -1,0 +1,158 @@
+"""Every config value checked at start-up, before any data or model is loaded.
+
+``RunConfig.__post_init__`` calls :func:`check_run_config`, so a composed config that
+``OmegaConf.to_object`` turns into a ``RunConfig`` is already checked: a bad value stops
+the run with a ``ConfigError`` that names its key (``generation.batch_size=0: must be at
+least 1``). Names of registered components (tasks, backbones, steering methods, metrics,
+post-processing rules, retrievers, loaders, trackers) are checked against their
+registries by :func:`check_names`; the steered layer against the model's depth by
+:func:`check_layer` once the model's config (not its weights) is known.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING, Any, Iterable
+
+from fints_repro.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fints_repro.config import RunConfig, SteeringConfig
+
+POSITIONS = ("all", "prompt", "generated")
+SITES = ("resid", "attn", "mlp")
+ATTN_READS = ("output", "residual")
+ANSWER_TOKENIZATIONS = ("separate", "joint")
+AGGREGATES = ("mean", "softmax")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOGGER_MODES = ("offline", "online", "disabled")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def at_least(key: str, value: Any, low: float, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low:
+        _fail(key, value, f"must be at least {low}")
+
+
+def positive(key: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        _fail(key, value, "must be a positive number")
+
+
+def finite(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
+
+
+def in_range(key: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and value <= high and (
+        value > low if low_open else value >= low)
+    if not ok:
+        _fail(key, value, f"must be in {'(' if low_open else '['}{low}, {high}]")
+
+
+def one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        _fail(key, value, f"expected one of {allowed}")
+
+
+def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
+    """The steering values that need no model: sites, positions, strengths, method nodes."""
+    if s.layer is not None and s.layer < 0:
+        _fail(f"{prefix}.layer", s.layer, "is outside the model (layers count from 0)")
+    if not s.sites:
+        _fail(f"{prefix}.sites", list(s.sites), "is empty: name at least one site")
+    for site in s.sites:
+        if site not in SITES:
+            _fail(f"{prefix}.sites", site, f"unknown site; expected one of {list(SITES)}")
+    if len(set(s.sites)) != len(s.sites):
+        _fail(f"{prefix}.sites", list(s.sites), "names a site twice")
+    for name in ("alpha", "beta", "gamma", "scale"):
+        finite(f"{prefix}.{name}", getattr(s, name))
+    one_of(f"{prefix}.positions", s.positions, POSITIONS)
+    one_of(f"{prefix}.attn_read", s.attn_read, ATTN_READS)
+    one_of(f"{prefix}.answer_tokenization", s.answer_tokenization, ANSWER_TOKENIZATIONS)
+    at_least(f"{prefix}.extract_batch_size", s.extract_batch_size, 1)
+    fg = s.fine_grained
+    at_least(f"{prefix}.fine_grained.top_k", fg.top_k, 1)
+    one_of(f"{prefix}.fine_grained.aggregate", fg.aggregate, AGGREGATES)
+    positive(f"{prefix}.fine_grained.tau", fg.tau)
+    at_least(f"{prefix}.caa.min_pairs", s.caa.min_pairs, 1)
+    p = s.pairs
+    at_least(f"{prefix}.pairs.attempts", p.attempts, 1)
+    at_least(f"{prefix}.pairs.k_other", p.k_other, 1, optional=True)
+    at_least(f"{prefix}.pairs.batch_size", p.batch_size, 1)
+    positive(f"{prefix}.pairs.temperature", p.temperature)
+
+
+def check_run_config(cfg: "RunConfig") -> None:
+    d, g, m = cfg.dataset, cfg.generation, cfg.model
+    at_least("generation.batch_size", g.batch_size, 1)
+    at_least("generation.max_new_tokens", g.max_new_tokens, 1, optional=True)
+    positive("generation.temperature", g.temperature)
+    in_range("generation.top_p", g.top_p, 0, 1, low_open=True)
+    one_of("generation.overlength", g.overlength, ("error", "truncate"))
+    at_least("dataset.max_new_tokens", d.max_new_tokens, 1)
+    at_least("dataset.rag_k", d.rag_k, 0)
+    at_least("dataset.n_users", d.n_users, 1, optional=True)
+    at_least("dataset.max_samples_per_user", d.max_samples_per_user, 1, optional=True)
+    in_range("dataset.history_fraction", d.history_fraction, 0, 1, low_open=True)
+    in_range("dataset.pair_rouge_threshold", d.pair_rouge_threshold, 0, 1)
+    at_least("dataset.pair_k_other", d.pair_k_other, 1)
+    at_least("dataset.history_max_words", d.history_max_words, 1, optional=True)
+    if d.users is not None and not d.users:
+        _fail("dataset.users", [], "is empty (null selects every user)")
+    if not d.metrics:
+        _fail("dataset.metrics", [], "must name at least one metric")
+    at_least("backbone.k", cfg.backbone.k, 0, optional=True)
+    at_least("eval.bootstrap", cfg.eval.bootstrap, 0)
+    one_of("model.dtype", m.dtype, DTYPES)
+    if not _DEVICE.match(m.device):
+        _fail("model.device", m.device, "expected auto, cpu, mps, cuda or cuda:N")
+    one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    at_least("logger.n_table_rows", cfg.logger.n_table_rows, 0)
+    check_steering(cfg.steering)
+    for i, spec in enumerate(cfg.methods):
+        if not spec.backbone:
+            _fail(f"methods[{i}].backbone", spec.backbone, "names no backbone")
+
+
+def check_names(cfg: "RunConfig", methods: Iterable[Any] = ()) -> None:
+    """Every component name against its registry (imports the registering modules)."""
+    from fints_repro.backbones import BACKBONES
+    from fints_repro.data.load import LOADERS
+    from fints_repro.eval.metrics import METRICS
+    from fints_repro.eval.postprocess import POSTPROCESS
+    from fints_repro.retrieval.base import RETRIEVERS
+    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.tasks import TASKS, load_tasks
+    from fints_repro.tracking import TRACKERS
+
+    load_methods()
+    load_tasks()
+    TASKS.get(cfg.dataset.task_type, "dataset.task_type")
+    LOADERS.get(cfg.dataset.loader, "dataset.loader")
+    for name in cfg.dataset.metrics:
+        METRICS.get(name, "dataset.metrics")
+    POSTPROCESS.get(cfg.generation.postprocess, "generation.postprocess")
+    RETRIEVERS.get(cfg.retriever.name, "retriever.name")
+    TRACKERS.get(cfg.logger.name, "logger.name")
+    for method in methods or [cfg]:
+        BACKBONES.get(method.backbone.name, "backbone.name")
+        STEERING.get(method.steering.name, "steering.name")
+        check_steering(method.steering, "steering")
+
+
+def check_layer(layer: int | None, n_layers: int, key: str = "steering.layer") -> None:
+    if layer is not None and not 0 <= layer < n_layers:
+        _fail(key, layer, f"is outside the model (layers 0..{n_layers - 1})")

@@ -1,0 +1,414 @@
+"""The shape every task, backbone and steering method plugs into:
+
+- methods of a preset are composed by Hydra: a command-line ``steering.*`` override reaches
+  every steered method, a method's own override wins;
+- every config value is checked when the config is composed, with the key named, and
+  the steered layer against the model's depth before the model is loaded;
+- one registry kind for every component, failing on a duplicate name;
+- the text-generation task's parsing, scores (per sample, aggregate, per type) and pair
+  criterion against hand computations;
+- the backbone lifecycle (fit → model context → N candidates → select) and a generation
+  cache key that carries the backbone's row identity and the candidate index;
+- a rerun into a run dir with a changed config never reuses that dir's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+from rouge_score import rouge_scorer
+
+from fints_repro.compose import compose_run, resolve_methods
+from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig
+from fints_repro.data.schema import Sample
+from fints_repro.errors import ConfigError
+from fints_repro.tasks import build_task
+from tests.conftest import run
+
+
+# ------------------------------------------------------------------ methods through Hydra
+
+
+def _methods(overrides: list[str]) -> dict:
+    return {m.name: m for m in resolve_methods(compose_run(overrides), overrides)}
+
+
+def test_a_command_line_steering_override_reaches_every_steered_method() -> None:
+    for preset in ("demo", "lamp_news", "longlamp_abstract"):
+        base = _methods([f"+exp={preset}"])
+        moved = _methods([f"+exp={preset}", "steering.layer=7", "steering.fine_grained.top_k=2"])
+        steered = [n for n, m in moved.items() if m.steering.name != "none"]
+        assert {"rag+caa", "rag+fine_grained"} <= set(steered), preset
+        for name in steered:
+            assert moved[name].steering.layer == 7, (preset, name)
+            assert base[name].steering.layer != 7
+            assert moved[name].steering.fine_grained.top_k == 2
+        # what the preset sets for its methods holds for all of them alike
+        assert len({(m.steering.layer, m.steering.attn_read) for n, m in base.items()
+                    if n in steered}) == 1, preset
+
+
+def test_a_methods_own_override_wins_over_the_command_line() -> None:
+    ov = ["+exp=demo", "steering.layer=7", "backbone.k=2",
+          "methods=[{backbone: rag, steering: caa, overrides: {steering.layer: 3}},"
+          "{backbone: rag, steering: fine_grained}, {backbone: zero_shot}]"]
+    m = _methods(ov)
+    assert m["rag+caa"].steering.layer == 3 and m["rag+fine_grained"].steering.layer == 7
+    assert m["rag+caa"].backbone.k == 2 and m["rag+fine_grained"].backbone.k == 2
+    assert m["zero_shot"].backbone.name == "zero_shot"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("methods=[{backbone: rag, overrides: {generation.batch_size: 2}}]", "must start with"),
+    ("methods=[{backbone: rag, steering: nope}]", "no steering option .nope."),
+    ("methods=[{backbone: rag},{backbone: rag}]", "duplicate method names"),
+    ("methods=[{backbone: rag, steering: fine_grained, overrides: {steering.top_k: 2}}]", "top_k"),
+])
+def test_bad_method_lists_fail_at_start_up(bad: str, match: str) -> None:
+    ov = ["+exp=demo", bad]
+    with pytest.raises(ConfigError, match=match):
+        resolve_methods(compose_run(ov), ov)
+
+
+def test_methods_need_the_overrides_their_config_was_composed_with() -> None:
+    cfg = compose_run(["+exp=demo", "steering.layer=7"])
+    with pytest.raises(ConfigError, match="overrides"):
+        resolve_methods(cfg, None)
+    with pytest.raises(ConfigError, match="differs"):
+        resolve_methods(cfg, ["+exp=demo"])
+
+
+def test_a_flat_method_setting_is_no_longer_a_steering_key() -> None:
+    with pytest.raises(Exception, match="top_k"):
+        compose_run(["steering=fine_grained", "steering.top_k=3"])
+    assert compose_run(["steering=fine_grained", "steering.fine_grained.top_k=3"]
+                       ).steering.fine_grained.top_k == 3
+
+
+# ------------------------------------------------------------------ start-up validation
+
+
+@pytest.mark.parametrize("override,key", [
+    ("generation.batch_size=0", "generation.batch_size"),
+    ("generation.max_new_tokens=0", "generation.max_new_tokens"),
+    ("generation.top_p=1.5", "generation.top_p"),
+    ("dataset.max_new_tokens=-1", "dataset.max_new_tokens"),
+    ("dataset.history_fraction=1.5", "dataset.history_fraction"),
+    ("dataset.history_fraction=0", "dataset.history_fraction"),
+    ("dataset.n_users=0", "dataset.n_users"),
+    ("dataset.pair_rouge_threshold=2", "dataset.pair_rouge_threshold"),
+    ("backbone.k=-1", "backbone.k"),
+    ("eval.bootstrap=-5", "eval.bootstrap"),
+    ("model.dtype=float8", "model.dtype"),
+    ("model.device=gpu", "model.device"),
+    ("steering.layer=-2", "steering.layer"),
+    ("steering.alpha=nan", "steering.alpha"),
+    ("steering.beta=inf", "steering.beta"),
+    ("steering.sites=[attn,ffn]", "steering.sites"),
+    ("steering.positions=middle", "steering.positions"),
+    ("steering.attn_read=foo", "steering.attn_read"),
+    ("steering.answer_tokenization=chars", "steering.answer_tokenization"),
+    ("steering.fine_grained.top_k=0", "steering.fine_grained.top_k"),
+    ("steering.fine_grained.tau=0", "steering.fine_grained.tau"),
+    ("steering.fine_grained.aggregate=max", "steering.fine_grained.aggregate"),
+    ("steering.pairs.attempts=0", "steering.pairs.attempts"),
+    ("steering.extract_batch_size=0", "steering.extract_batch_size"),
+])
+def test_every_bad_value_is_named_when_the_config_is_composed(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_run([override])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("steering.layer=4", "steering.layer"),  # the tiny model has layers 0..3
+    ("dataset.task_type=nope", "dataset.task_type"),
+    ("generation.postprocess=nope", "generation.postprocess"),
+    ("dataset.metrics=[rouge,bleu]", "dataset.metrics"),
+    ("retriever.name=nope", "retriever.name"),
+    ("logger.name=nope", "logger.name"),
+])
+def test_names_and_the_layer_fail_before_data_or_model_load(override, key, tiny_overrides,
+                                                            tmp_path, monkeypatch) -> None:
+    import fints_repro.pipeline as pipeline
+
+    def forbidden(*a, **k):
+        raise AssertionError("loaded data or a model before checking the config")
+
+    monkeypatch.setattr(pipeline, "load_model", forbidden)
+    monkeypatch.setattr(pipeline, "load_samples", forbidden)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run(["+exp=demo", *tiny_overrides, override], tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------ registries
+
+
+def test_every_component_kind_has_one_registry_that_rejects_duplicates() -> None:
+    from fints_repro.backbones import BACKBONES
+    from fints_repro.data.load import LOADERS
+    from fints_repro.eval.metrics import METRICS
+    from fints_repro.eval.postprocess import POSTPROCESS
+    from fints_repro.registry import Registry
+    from fints_repro.retrieval.base import RETRIEVERS
+    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.tasks import TASKS, load_tasks
+    from fints_repro.tracking import TRACKERS
+
+    load_methods()
+    load_tasks()
+    expected = {TASKS: "text_gen", BACKBONES: "rag", STEERING: "fine_grained", METRICS: "rouge",
+                POSTPROCESS: "fints_first_line", RETRIEVERS: "bm25", LOADERS: "lamp",
+                TRACKERS: "wandb"}
+    for registry, name in expected.items():
+        assert isinstance(registry, Registry) and name in registry.names()
+        with pytest.raises(ValueError, match="registered twice"):
+            registry.register(name)(object())
+        with pytest.raises(ConfigError, match="known"):
+            registry.get("no-such-thing")
+
+
+# ------------------------------------------------------------------ the text-generation task
+
+
+def _task(**dataset):
+    d = DatasetConfig(name="t", loader="demo", task="demo_news", path="x", **dataset)
+    return build_task(d, GenerationConfig(postprocess="fints_first_line"), EvalConfig(bootstrap=0))
+
+
+def test_text_gen_task_parses_scores_and_judges_pairs_as_computed_by_hand() -> None:
+    task = _task(metrics=["rouge"], pair_rouge_threshold=0.4)
+    assert task.metric_names == ("rouge1", "rougeL") and task.primary_metric == "rougeL"
+    assert task.parse("the headline: x\n\n the cat sat \nmore") == "the cat sat"
+    samples = [Sample("a", "u", "in", "the cat sat on the mat", type="short"),
+               Sample("b", "u", "in", "a dog ran far away", type="long"),
+               Sample("c", "u", "in", "a dog ran", type="short")]
+    preds = ["the cat sat", "a dog ran far away", "nothing alike"]
+    scores = task.score(preds, samples, seed=0)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    want = [scorer.score(s.target, p) for s, p in zip(samples, preds)]
+    for row, w in zip(scores.per_sample, want):
+        assert row["rouge1"] == pytest.approx(w["rouge1"].fmeasure)
+        assert row["rougeL"] == pytest.approx(w["rougeL"].fmeasure)
+    assert scores.aggregate["n"] == 3
+    assert scores.aggregate["rougeL"] == pytest.approx(sum(w["rougeL"].fmeasure for w in want) / 3)
+    short = [want[0]["rougeL"].fmeasure, want[2]["rougeL"].fmeasure]
+    assert scores.aggregate["short/rougeL"] == pytest.approx(sum(short) / 2)
+    assert scores.aggregate["short/n"] == 2 and scores.aggregate["long/n"] == 1
+    assert scores.aggregate["long/rouge1"] == pytest.approx(1.0)
+    # the pair criterion: ROUGE-L F(rejected, chosen) below the dataset's threshold
+    keep = task.accept_pair("the cat sat on the mat", "a dog ran")
+    drop = task.accept_pair("the cat sat on the mat", "the cat sat on a mat")
+    assert keep.keep and keep.score == pytest.approx(0.0)
+    assert not drop.keep and drop.score == pytest.approx(
+        scorer.score("the cat sat on the mat", "the cat sat on a mat")["rougeL"].fmeasure)
+    assert task.describe() == {"name": "text_gen", "metrics": ["rouge1", "rougeL"],
+                               "primary": "rougeL"}
+
+
+def test_a_run_records_its_task_and_reports_read_metric_names_from_it(tiny_overrides,
+                                                                      tmp_path) -> None:
+    summary = run(["+exp=demo", *tiny_overrides, "methods=[{backbone: zero_shot}]"],
+                  tmp_path / "run")
+    assert summary["task"] == {"name": "text_gen", "metrics": ["rouge1", "rougeL"],
+                               "primary": "rougeL"}
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["task"]["primary"] == "rougeL"
+
+
+# ------------------------------------------------------------------ rerun into a run dir
+
+
+def _generations(run_dir: Path, method: str) -> list[str]:
+    return [json.loads(x)["generation"]
+            for x in (run_dir / method / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_a_rerun_with_a_changed_config_never_reuses_the_run_dirs_rows(tiny_overrides,
+                                                                      tmp_path) -> None:
+    base = [o for o in tiny_overrides if not o.startswith("cache_dir=")]
+
+    def go(cache: str, tokens: int, run_dir: str) -> dict:
+        return run(["+exp=demo", *base, f"cache_dir={tmp_path / cache}",
+                    "methods=[{backbone: zero_shot}]", f"dataset.max_new_tokens={tokens}"],
+                   tmp_path / run_dir)
+
+    first = go("c1", 3, "run")
+    short = _generations(tmp_path / "run", "zero_shot")
+    # same run dir, more tokens, a fresh generation cache: every row is generated anew
+    again = go("c2", 8, "run")
+    assert again["methods"]["zero_shot"]["n_cached"] == 0
+    fresh = go("c3", 8, "fresh")
+    assert _generations(tmp_path / "run", "zero_shot") == _generations(tmp_path / "fresh", "zero_shot")
+    assert again["methods"]["zero_shot"]["rougeL"] == fresh["methods"]["zero_shot"]["rougeL"]
+    assert _generations(tmp_path / "run", "zero_shot") != short
+    # the same config again, with an empty cache: every row comes back from the run dir
+    same = go("c4", 8, "run")
+    assert same["methods"]["zero_shot"]["n_generated"] == 0
+    assert same["methods"]["zero_shot"]["n_cached"] == first["methods"]["zero_shot"]["n"]
+
+
+# ------------------------------------------------------------------ the backbone lifecycle
+
+from fints_repro.backbones import BACKBONES, Backbone, Prompt  # noqa: E402
+from fints_repro.steering.hooks import steer  # noqa: E402
+
+PROBE_LOG: dict[str, list] = {}
+
+
+@BACKBONES.register("test_probe")
+class ProbeBackbone(Backbone):
+    """A backbone that exercises every lifecycle step: it 'fits' per user, adapts the model
+    for the users of a batch (a large residual vector for users it marks, standing in for
+    an adapter), samples 2 candidates and selects the second."""
+
+    name = "test_probe"
+    n_candidates = 2
+    strength = 30.0  # of the stand-in adapter
+
+    def fit(self, lm, samples, resources):
+        PROBE_LOG.setdefault("fit", []).append(sorted({s.user for s in samples}))
+        self.samples = list(samples)
+        self.marked = {sorted({s.user for s in samples})[0]}
+
+    def build_prompts(self, samples):
+        return [Prompt(s.input) for s in samples]
+
+    def model_context(self, lm, rows):
+        PROBE_LOG.setdefault("rows", []).append(list(rows))
+        import torch
+
+        H = lm.model.config.hidden_size
+        v = torch.zeros(len(rows), H)
+        for j, i in enumerate(rows):
+            if self.samples[i].user in self.marked:
+                v[j] = self.strength
+        return steer(lm.model, {(1, "resid"): v})
+
+    def row_identity(self, i):
+        user = self.samples[i].user
+        return f"adapter-of-{user}-{self.strength}" if user in self.marked else ""
+
+    def select(self, samples, candidates):
+        return [1] * len(candidates), [{"rule": "second"} for _ in candidates]
+
+
+def test_backbone_lifecycle_fit_context_candidates_select(tiny_overrides, tmp_path) -> None:
+    PROBE_LOG.clear()
+    ov = ["+exp=demo", *tiny_overrides, "methods=[]", "backbone.name=test_probe",
+          "steering=none", "generation.do_sample=true", "generation.temperature=1.0",
+          "generation.batch_size=2"]
+    summary = run(ov, tmp_path / "run")
+    assert PROBE_LOG["fit"] == [["demo_user_00", "demo_user_01", "demo_user_02"]]
+    rows = [json.loads(x) for x in
+            (tmp_path / "run" / "test_probe" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["n_samples"] == 6
+    # entered per batch of 2 prompts, with each prompt's row once per sampled candidate
+    assert sorted(i for b in PROBE_LOG["rows"] for i in b) == sorted(list(range(6)) * 2)
+    assert all(len(b) == 4 and b[0] == b[1] and b[2] == b[3] for b in PROBE_LOG["rows"])
+    for r in rows:
+        assert len(r["candidates"]) == 2 and r["selection"] == {"chosen": 1, "rule": "second"}
+        assert r["generation"] == r["candidates"][1]
+    assert sum(r["candidates"][0] != r["candidates"][1] for r in rows) >= 3  # sampled
+    # The marked user's rows were generated inside the backbone's model context: with the
+    # stand-in adapter at strength 0 (a fresh cache), they change; the others do not.
+    ProbeBackbone.strength = 0.0
+    try:
+        run([o if not o.startswith("cache_dir=") else f"cache_dir={tmp_path / 'c0'}" for o in ov],
+            tmp_path / "zero")
+    finally:
+        ProbeBackbone.strength = 30.0
+    zero = [json.loads(x) for x in
+            (tmp_path / "zero" / "test_probe" / "predictions.jsonl").read_text().splitlines()]
+    for r, z in zip(rows, zero):
+        if r["user"] == "demo_user_00":
+            assert r["candidates"] != z["candidates"]
+        else:
+            assert r["candidates"] == z["candidates"]
+
+
+def test_the_generation_cache_key_carries_the_backbones_row_identity(tiny_overrides,
+                                                                     tmp_path) -> None:
+    ov = ["+exp=demo", *tiny_overrides, "methods=[]", "backbone.name=test_probe",
+          "steering=none", "generation.do_sample=true", "generation.temperature=1.0"]
+    first = run(ov, tmp_path / "a")
+    again = run(ov, tmp_path / "b")  # new run dir, same cache: everything reused
+    assert again["methods"]["test_probe"]["n_cached"] == 6
+    # The marked user's rows carry an identity; the others' keys are the plain prompt's
+    # (so they are shared with any backbone that gives the same prompt, rightly).
+    store = next((tmp_path / "cache" / "generations").glob("*.jsonl"))
+    keys = {json.loads(x)["key"] for x in store.read_text().splitlines()}
+    assert len(keys) == 12  # 6 rows x 2 candidates, each its own entry
+    assert first["methods"]["test_probe"]["n_generated"] == 6
+
+
+# ------------------------------------------------------------------ context length
+
+
+def test_an_overlong_prompt_stops_before_model_time_naming_the_sample(tiny_overrides, tmp_path,
+                                                                      monkeypatch) -> None:
+    import fints_repro.pipeline as pipeline
+    from fints_repro.errors import DataError
+
+    def forbidden(*a, **k):
+        raise AssertionError("generated before checking prompt lengths")
+
+    monkeypatch.setattr(pipeline, "generate_batches", forbidden)
+    ov = ["+exp=demo", *tiny_overrides, "methods=[{backbone: rag}]",
+          "+model.arch_kwargs.max_position_embeddings=200"]
+    with pytest.raises(DataError, match=r"sample '.+' \(user 'demo_user_\d+'\) has \d+ tokens.*"
+                                        r"context of 200.*generation.overlength=truncate"):
+        run(ov, tmp_path / "run")
+
+
+def test_truncate_cuts_overlong_prompts_in_the_middle_to_fit(tiny_overrides, tmp_path) -> None:
+    from fints_repro.models.chat import TRUNCATION_MARK
+
+    ov = ["+exp=demo", *tiny_overrides, "methods=[{backbone: rag}]",
+          "+model.arch_kwargs.max_position_embeddings=200", "generation.overlength=truncate"]
+    summary = run(ov, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rag" / "predictions.jsonl")
+            .read_text().splitlines()]
+    from fints_repro.models.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cut = [r for r in rows if TRUNCATION_MARK in r["prompt"]]
+    assert summary["methods"]["rag"]["n_prompts_truncated"] == len(cut) > 0
+    for r in rows:
+        assert len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= 200 - 6
+    for r in cut:  # the start of the turn and its end (the task input's tail) are kept
+        assert r["prompt"].rstrip().endswith("<|im_start|>assistant")
+
+
+# ------------------------------------------------------------------ pairs from the train split
+
+
+def test_train_split_items_are_what_the_authors_make_pairs_from(tmp_path) -> None:
+    """LaMP: each training sample (its full input, its gold output); LongLaMP: each training
+    row's query and its profile items (fixtures in the official formats)."""
+    from fints_repro.pipeline import Resources
+    from tests.conftest import FIXTURES
+
+    cfg = compose_run(["dataset=lamp_news", f"data.root={FIXTURES}", "steering.pairs.source=train_samples"])
+    items = Resources(cfg, None, None).train_items()
+    questions = json.loads((FIXTURES / "lamp4" / "train_questions.json").read_text())
+    golds = {g["id"]: g["output"] for g in
+             json.loads((FIXTURES / "lamp4" / "train_outputs.json").read_text())["golds"]}
+    want: dict[str, list[tuple[str, str, str]]] = {}
+    for q in questions:
+        want.setdefault(q["user_id"], []).append((q["id"], q["input"], golds[q["id"]]))
+    assert {u: [(h.id, h.input, h.output) for h in hs] for u, hs in items.items()} == want
+
+    cfg = compose_run(["dataset=longlamp_abstract", f"data.root={FIXTURES}"])
+    items = Resources(cfg, None, None).train_items()
+    rows = [json.loads(x) for x in
+            (FIXTURES / "longlamp_abstract" / "train.jsonl").read_text().splitlines()]
+    for user in {r["name"] for r in rows}:
+        mine = [r for r in rows if r["name"] == user]
+        outputs = {h.output for h in items[user]}
+        assert {r["output"] for r in mine} <= outputs
+        assert {p["abstract"] for r in mine for p in r["profile"]} <= outputs
+        assert len(items[user]) == len(mine) + len({p["id"] for r in mine for p in r["profile"]})
