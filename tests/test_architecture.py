@@ -207,6 +207,17 @@ def test_text_gen_task_parses_scores_and_judges_pairs_as_computed_by_hand() -> N
         scorer.score("the cat sat on the mat", "the cat sat on a mat")["rougeL"].fmeasure)
     assert task.describe() == {"name": "text_gen", "metrics": ["rouge1", "rougeL"],
                                "primary": "rougeL"}
+    # with the authors' implementation: the `rouge` package's ROUGE-L, and no pair for a
+    # text it cannot score
+    from rouge import Rouge
+
+    from fints_repro.config import PairsConfig
+
+    theirs = PairsConfig(rouge_impl="rouge")
+    v = task.accept_pair("The cat sat. On the mat.", "the cat sat on a mat", theirs)
+    want = Rouge().get_scores("the cat sat on a mat", "The cat sat. On the mat.")[0]["rouge-l"]["f"]
+    assert v.score == pytest.approx(want) and v.keep == (want < 0.4)
+    assert not task.accept_pair("The cat sat.", "...", theirs).keep
 
 
 def test_a_run_records_its_task_and_reports_read_metric_names_from_it(tiny_overrides,

@@ -30,9 +30,8 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from rouge_score import rouge_scorer
 
 from fints_repro.backbones.prompting import truncate_words
 from fints_repro.cache import GenerationStore, content_hash
@@ -42,6 +41,9 @@ from fints_repro.errors import ConfigError
 from fints_repro.generation import DecodingParams, generate_batches
 from fints_repro.models.chat import render_chat
 from fints_repro.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from fints_repro.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +198,6 @@ def _generate_cached(
     return [done[i] for i in range(len(texts))]
 
 
-def _rouge_l(impl: str):
-    """``f(chosen, rejected)`` -> ROUGE-L F, or None where it cannot be scored (no pair)."""
-    if impl == "rouge":
-        from fints_repro.eval.rouge_pkg import rouge_l_f
-
-        return lambda chosen, rejected: rouge_l_f(rejected, chosen)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return lambda chosen, rejected: scorer.score(chosen, rejected)["rougeL"].fmeasure
-
-
 def _check(cfg: PairsConfig, items_by_user) -> None:
     for name, allowed in (("question", QUESTION_MODES), ("prompt_layout", PROMPT_LAYOUTS),
                           ("rouge_impl", ROUGE_IMPLS), ("source", SOURCES)):
@@ -228,6 +220,7 @@ def build_pairs(
     seed: int,
     progress: bool = True,
     items_by_user: Mapping[str, Sequence[HistoryItem]] | None = None,
+    task: "Task | None" = None,
 ) -> dict[str, list[Pair]]:
     """{user: pairs} for every user of ``samples`` (``[]`` where none was kept), pairs in
     item order, then attempt order. ``lm`` is the generator (``cfg.generator`` or the
@@ -236,7 +229,9 @@ def build_pairs(
     ``items_by_user``: the items pairs are made from, per user (``cfg.source=train_samples``:
     the users' training-split samples); default (None) the history items of the users'
     samples. Pairs are made for the users of ``samples``; the other users' items in the
-    prompts are drawn from every user of ``items_by_user`` (or of ``samples``)."""
+    prompts are drawn from every user of ``items_by_user`` (or of ``samples``).
+    ``task``: its ``accept_pair`` keeps or drops each attempt (default: the text task of
+    ``dataset``, ROUGE-L below ``dataset.pair_rouge_threshold``)."""
     _check(cfg, items_by_user)
     k = cfg.k_other if cfg.k_other is not None else dataset.pair_k_other
     if k < 1:
@@ -261,14 +256,19 @@ def build_pairs(
     generation = dict(zip(prompts, _generate_cached(lm, texts, params, cfg.batch_size,
                                                     cache_dir, progress)))
 
-    rouge_l = _rouge_l(cfg.rouge_impl)
+    if task is None:
+        from fints_repro.config import EvalConfig, GenerationConfig
+        from fints_repro.tasks import build_task
+
+        task = build_task(dataset, GenerationConfig(), EvalConfig())
     for p in plan:
         rejected = extract_answer(generation[p.prompt], dataset, layout)
         if not rejected.strip():
             continue
         chosen = p.item.output
-        score = rouge_l(chosen, rejected)
-        if score is not None and score < dataset.pair_rouge_threshold:
+        verdict = task.accept_pair(chosen, rejected, cfg)
+        score = verdict.score
+        if verdict.keep:
             question = (item_question(p.item, dataset, layout)
                         if cfg.question == "task" else p.prompt)
             out[p.user].append(Pair(p.user, p.item.id, question, chosen, rejected, score, p.attempt))

@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig
+from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.registry import Registry
 
@@ -93,7 +93,10 @@ class Task:
                     scores.aggregate[f"{t}/{name}"] = statistics.fmean(vals)
         return scores
 
-    def accept_pair(self, chosen: str, rejected: str) -> PairVerdict:
+    def accept_pair(self, chosen: str, rejected: str, pairs: PairsConfig | None = None
+                    ) -> PairVerdict:
+        """Whether a (chosen, rejected) pair is contrastive enough to keep; ``pairs`` is
+        the run's ``steering.pairs`` (e.g. which ROUGE implementation judges it)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+from fints_repro.config import PairsConfig
 from fints_repro.data.schema import Sample
 from fints_repro.eval import compute_metrics
 from fints_repro.eval.postprocess import POSTPROCESS
@@ -42,11 +43,22 @@ class TextGenTask(Task):
         return Scores(dict(agg), per_sample)
 
     @functools.cached_property
-    def _rouge_l(self):
+    def _rouge_score_l(self):
         from rouge_score import rouge_scorer
 
         return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
-    def accept_pair(self, chosen: str, rejected: str) -> PairVerdict:
-        score = self._rouge_l.score(chosen, rejected)["rougeL"].fmeasure
+    def accept_pair(self, chosen: str, rejected: str, pairs: PairsConfig | None = None) -> PairVerdict:
+        """Kept when ROUGE-L F(rejected, chosen) < ``dataset.pair_rouge_threshold``, by
+        ``steering.pairs.rouge_impl``: ``rouge_score`` (the LaMP convention) or ``rouge``
+        (the `rouge` package, as the authors' code; a text it cannot score gives no pair)."""
+        impl = pairs.rouge_impl if pairs is not None else "rouge_score"
+        if impl == "rouge":
+            from fints_repro.eval.rouge_pkg import rouge_l_f
+
+            score = rouge_l_f(rejected, chosen)
+            if score is None:
+                return PairVerdict(False, float("nan"))
+        else:
+            score = self._rouge_score_l.score(chosen, rejected)["rougeL"].fmeasure
         return PairVerdict(score < self.dataset.pair_rouge_threshold, score)

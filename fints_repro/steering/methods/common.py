@@ -47,6 +47,7 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
     layer = validate(cfg, lm, inputs.layers_path)
     items = inputs.pair_items() if cfg.pairs.source == "train_samples" and inputs.pair_items else None
     by_user = build_pairs(samples, inputs.generator(), inputs.dataset, cfg.pairs, items_by_user=items,
+                          task=inputs.task,
                           cache_dir=inputs.cache_dir, seed=inputs.seed, progress=inputs.progress)
     log.info("contrastive pairs: %s", pair_stats(by_user))
     pairs: list[Pair] = []
