@@ -55,11 +55,11 @@ class DatasetConfig:
     history_max_words: Optional[int] = None
     max_new_tokens: int = 32
     metrics: list[str] = field(default_factory=lambda: ["rouge"])
-    # Contrastive pairs are kept only below this ROUGE-L F (REFERENCE.md §1.2).
+    # Contrastive pairs are kept only below this ROUGE-L F (README: Fidelity to the authors' code).
     pair_rouge_threshold: float = 0.15
     # Other users' history items in the pair generator's prompt (5 LaMP-4, 3 abstracts).
     pair_k_other: int = 5
-    # User and history selection (REFERENCE.md §1.1). `users`: these user ids only.
+    # User and history selection (README: Fidelity to the authors' code). `users`: these user ids only.
     users: Optional[list[str]] = None
     n_users: Optional[int] = None
     max_samples_per_user: Optional[int] = None
@@ -143,7 +143,7 @@ class BackboneConfig:
 
 @dataclass
 class PairsConfig:
-    """Contrastive pairs (REFERENCE.md §1.2): chosen = the user's own output for a history
+    """Contrastive pairs (README: Fidelity to the authors' code): chosen = the user's own output for a history
     item; rejected = what the generator writes when its prompt holds k random history
     items of *other* users; kept when ROUGE-L F(rejected, chosen) < the dataset's threshold."""
 
@@ -245,7 +245,7 @@ class GenerationConfig:
     top_p: float = 0.9
     # null: the dataset's max_new_tokens
     max_new_tokens: Optional[int] = None
-    # strip | fints_first_line (REFERENCE.md §2 post-processing)
+    # strip | fints_first_line (the authors' first-line rule; README: Fidelity to the authors' code)
     postprocess: str = "strip"
     # Sort prompts by length before batching: less padding, same outputs.
     sort_by_length: bool = True

@@ -121,7 +121,7 @@ def _read_raw(cfg: DatasetConfig, seed: int) -> list[Sample]:
 
 
 def load_samples(cfg: DatasetConfig, *, seed: int) -> list[Sample]:
-    """Read, then select users and history as configured (REFERENCE.md §1.1)."""
+    """Read, then select users and history as configured (README: Fidelity to the authors' code)."""
     samples = _read_raw(cfg, seed)
     if cfg.users is not None:
         present = {s.user for s in samples}

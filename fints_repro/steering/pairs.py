@@ -1,4 +1,5 @@
-"""Contrastive pairs (REFERENCE.md §1.2), as the authors' ``data_collect_para.py`` builds them.
+"""Contrastive pairs, as the authors' ``data_collect_para.py`` builds them (README:
+"Fidelity to the authors' code").
 
 For each item of each user, and each attempt: the generator is prompted with k random
 items of *other* users and the item's task question; its answer is the ``rejected`` side
