@@ -24,7 +24,7 @@ from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig, regist
 from fints_repro.errors import ConfigError
 
 CONFIG_MODULE = "fints_repro.conf"
-# The groups a method chooses; its overrides may only touch these.
+# The groups a method chooses (fidelity: optionally); its overrides may only touch the first two.
 METHOD_GROUPS = ("backbone", "steering")
 
 
@@ -109,7 +109,10 @@ def resolve_methods(cfg: RunConfig, overrides: Sequence[str] | None) -> list[Met
                           f"({list(overrides)}); pass the overrides it was composed with")
     methods = []
     for i, spec in enumerate(specs):
-        for group, option in (("backbone", spec.backbone), ("steering", spec.steering)):
+        chosen = [("backbone", spec.backbone), ("steering", spec.steering)]
+        if spec.fidelity is not None:
+            chosen.append(("fidelity", spec.fidelity))
+        for group, option in chosen:
             known = group_options(group)
             if option not in known:
                 raise ConfigError(f"methods[{i}]: no {group} option {option!r} (known: {known})")
@@ -120,7 +123,9 @@ def resolve_methods(cfg: RunConfig, overrides: Sequence[str] | None) -> list[Met
                                   "steering.")
             own.append(f"{key}={_override_value(value)}")
         try:
-            run = compose_run([*base, f"backbone={spec.backbone}", f"steering={spec.steering}", *own])
+            picks = [f"{g}={o}" for g, o in chosen]
+            mine = [o for o in base if not (spec.fidelity is not None and _chooses(o, "fidelity"))]
+            run = compose_run([*mine, *picks, *own])
         except Exception as e:  # Hydra's message names the option or key
             raise ConfigError(f"methods[{i}] ({spec.backbone}, {spec.steering}): {e}") from e
         name = spec.name or method_name(run.backbone.name, run.steering.name)

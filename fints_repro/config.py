@@ -48,8 +48,12 @@ class DatasetConfig:
     history_separator: str = ", and "
     # How a history item's input is turned into the task's question (pairs, extraction).
     question_template: str = "{input}"
-    # Retrieval query: the sample input with this prefix removed (the article alone).
+    # Retrieval query: the sample input with this prefix removed (the article alone), or,
+    # when set, group 1 of this regex's first match (LongLaMP: the quoted title).
     query_strip_prefix: str = ""
+    query_regex: Optional[str] = None
+    # What retrieval matches a query against for a history item.
+    history_document_template: str = "{output} {input}"
     rag_k: int = 5
     # Cut each history item's input to this many words in RAG prompts (null: keep all).
     history_max_words: Optional[int] = None
@@ -192,6 +196,9 @@ class FineGrainedConfig:
     top_k: int = 5
     aggregate: str = "mean"  # mean | softmax (weights softmax(score / tau))
     tau: float = 0.1
+    # The retriever (a `retriever` group option) that ranks a user's pairs for an input;
+    # null = the run's. The authors rank with Contriever (mean pooling, dot product).
+    retriever: Optional[str] = None
 
 
 @dataclass
@@ -269,6 +276,8 @@ class MethodSpec:
 
     backbone: str = MISSING
     steering: str = "none"
+    # A `fidelity` option (authors | ours) for this method only; null = the run's.
+    fidelity: Optional[str] = None
     name: Optional[str] = None
     # Dotted overrides of this method's backbone / steering, e.g. {steering.layer: 20},
     # applied after the run's own (command-line) overrides (fints_repro/compose.py).

@@ -65,14 +65,18 @@ class Resources:
 
     def __init__(self, cfg: RunConfig, lm: LoadedModel, task: Task, overrides: Sequence[str] = ()):
         self.cfg, self.lm, self.task, self.overrides = cfg, lm, task, list(overrides)
-        self._retriever: Retriever | None = None
+        self._retrievers: dict[str | None, Retriever] = {}
         self._models: dict[str, LoadedModel] = {}
         self._train_items: dict[str, list[HistoryItem]] | None = None
 
-    def retriever(self) -> Retriever:
-        if self._retriever is None:
-            self._retriever = build_retriever(self.cfg.retriever)
-        return self._retriever
+    def retriever(self, name: str | None = None) -> Retriever:
+        """The run's retriever, or the ``retriever`` group option ``name`` (built once)."""
+        if name == self.cfg.retriever.name:
+            name = None
+        if name not in self._retrievers:
+            rcfg = self.cfg.retriever if name is None else compose_group(self.overrides, "retriever", name)
+            self._retrievers[name] = build_retriever(rcfg)
+        return self._retrievers[name]
 
     def model(self, name: str | None) -> LoadedModel:
         if name is None or name == self.cfg.model.name:

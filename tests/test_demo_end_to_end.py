@@ -12,10 +12,8 @@ import os
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from fints_repro.pipeline import run_experiment
-from tests.conftest import compose
+from tests.conftest import run
 
 
 def _rows(run_dir: Path, method: str) -> list[dict]:
@@ -34,9 +32,8 @@ def _cache(tmp_path: Path, name: str) -> str:
 def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
     base = ["+exp=demo", "logger=none", "progress=false", "eval.bootstrap=200",
             "methods=[{backbone: zero_shot},{backbone: rag}]"]
-    summary = run_experiment(OmegaConf.to_object(compose(
-        base + [_cache(tmp_path, "c1"), f"dataset.path={tmp_path / 'data'}"]
-    )), tmp_path / "a")
+    summary = run(base + [_cache(tmp_path, "c1"), f"dataset.path={tmp_path / 'data'}"],
+                  tmp_path / "a")
     m = summary["methods"]
     assert summary["n_samples"] == 32 and summary["n_users"] == 8 and summary["synthetic_data"]
     assert m["rag"]["rougeL"] > m["zero_shot"]["rougeL"] + 0.05, m
@@ -45,10 +42,8 @@ def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
     # Same config, fresh generation cache: identical predictions for a subset of users.
     small = base[:-1] + ["dataset.n_users=2", "methods=[{backbone: rag}]",
                          f"dataset.path={tmp_path / 'data'}"]
-    run_experiment(OmegaConf.to_object(compose(small + [_cache(tmp_path, "c2")])),
-                   tmp_path / "b")
-    run_experiment(OmegaConf.to_object(compose(small + [_cache(tmp_path, "c3")])),
-                   tmp_path / "c")
+    run(small + [_cache(tmp_path, "c2")], tmp_path / "b")
+    run(small + [_cache(tmp_path, "c3")], tmp_path / "c")
     b, c = _rows(tmp_path / "b", "rag"), _rows(tmp_path / "c", "rag")
     assert len(b) == 8 and [r["generation"] for r in b] == [r["generation"] for r in c]
 
@@ -60,9 +55,11 @@ def test_demo_steering_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
     are finite, and steering changes some generations."""
     from fints_repro.steering.store import load_vectors
 
-    summary = run_experiment(OmegaConf.to_object(compose([
+    summary = run([
         "+exp=demo", "logger=none", "progress=false", "eval.bootstrap=100", "dataset.n_users=3",
-        _cache(tmp_path, "c"), f"dataset.path={tmp_path / 'data'}"])), tmp_path / "run")
+        _cache(tmp_path, "c"), f"dataset.path={tmp_path / 'data'}",
+        "methods=[{backbone: rag},{backbone: rag, steering: caa},"
+        "{backbone: rag, steering: fine_grained}]"], tmp_path / "run")
     m = summary["methods"]
     for name in ("rag+caa", "rag+fine_grained"):
         assert m[name]["steering_layer"] == 20 and m[name]["steering_n_pairs"] > 0

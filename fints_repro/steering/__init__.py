@@ -34,7 +34,7 @@ class SteeringInputs:
     task: Task  # prompt pieces (retrieval query, history documents) and the pair criterion
     cache_dir: str
     seed: int
-    retriever: Callable[[], Retriever]
+    retriever: Callable[..., Retriever]  # (name=None): the run's, or a retriever option
     generator: Callable[[], LoadedModel]  # writes the rejected side of the pairs
     layers_path: str = ""
     progress: bool = True

@@ -17,6 +17,7 @@ name it (``dataset.task_type``).
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -62,15 +63,19 @@ class Task:
         return self.dataset.question_template.format(input=item_input)
 
     def retrieval_query(self, sample: Sample) -> str:
-        """The sample's input without the task's instruction prefix."""
+        """The sample's input without the task's instruction prefix, or the first group of
+        ``dataset.query_regex`` (the whole input where it does not match)."""
+        if self.dataset.query_regex:
+            m = re.search(self.dataset.query_regex, sample.input, flags=re.S)
+            return m.group(1).strip() if m else sample.input
         prefix = self.dataset.query_strip_prefix
         if prefix and sample.input.startswith(prefix):
             return sample.input[len(prefix):].strip()
         return sample.input
 
     def history_document(self, item: HistoryItem) -> str:
-        """What retrieval matches a query against: the item's output and input together."""
-        return f"{item.output} {item.input}"
+        """What retrieval matches a query against (``dataset.history_document_template``)."""
+        return self.dataset.history_document_template.format(input=item.input, output=item.output)
 
     # ---- outputs ---------------------------------------------------------------------
     def parse(self, generation: str) -> Any:

@@ -38,7 +38,8 @@ def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
     own = cfg.fine_grained
     pv = prepare(cfg, lm, samples, inputs)
     rows = [i for i, s in enumerate(samples) if pv.rows.get(s.user)]
-    rankings = inputs.retriever().rank_many(
+    retriever = inputs.retriever(own.retriever) if own.retriever else inputs.retriever()
+    rankings = retriever.rank_many(
         [inputs.task.retrieval_query(samples[i]) for i in rows],
         [[f"{pv.pairs[j].question} {pv.pairs[j].chosen}" for j in pv.rows[samples[i].user]]
          for i in rows],
