@@ -16,7 +16,6 @@ import os
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,24 +33,22 @@ def main() -> None:
                     help="decode without MKL-packed CPU weights (model.cpu_packed_weights=false)")
     args = ap.parse_args()
 
-    from hydra import compose, initialize_config_module
-
     from fints_repro.backbones import build_backbone
-    from fints_repro.config import register_configs
+    from fints_repro.compose import compose_run
     from fints_repro.data.load import load_samples
     from fints_repro.generation import DecodingParams, generate_batches
     from fints_repro.models.chat import render_chat
     from fints_repro.models.loading import load_model
     from fints_repro.retrieval import build_retriever
+    from fints_repro.tasks import build_task
 
-    register_configs()
-    with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=[
-            "+exp=demo", f"backbone={args.backbone}", f"model={args.model}", "logger=none",
-            f"model.cpu_packed_weights={not args.no_packed_weights}"]))
+    cfg = compose_run([
+        "+exp=demo", f"backbone={args.backbone}", f"model={args.model}", "logger=none",
+        f"model.cpu_packed_weights={not args.no_packed_weights}"])
     samples = load_samples(cfg.dataset, seed=cfg.seed)[: args.n]
     lm = load_model(cfg.model, cfg.cache_dir)
-    prompts = build_backbone(cfg.backbone, cfg.dataset,
+    task = build_task(cfg.dataset, cfg.generation, cfg.eval)
+    prompts = build_backbone(cfg.backbone, task,
                              lambda: build_retriever(cfg.retriever)).build_prompts(samples)
     texts = [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
     params = DecodingParams(max_new_tokens=cfg.dataset.max_new_tokens)

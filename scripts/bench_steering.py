@@ -55,10 +55,8 @@ def main() -> None:
                     help="transformers' KV cache (default: its dynamic cache), e.g. static")
     args = ap.parse_args()
 
-    from hydra import compose, initialize_config_module
-
     from fints_repro.backbones import build_backbone
-    from fints_repro.config import register_configs
+    from fints_repro.compose import compose_run
     from fints_repro.data.load import load_samples
     from fints_repro.generation import DecodingParams, generate_batches
     from fints_repro.models.chat import render_chat
@@ -67,15 +65,16 @@ def main() -> None:
     from fints_repro.steering import STEERING, load_methods
     from fints_repro.steering.extract import answer_means
     from fints_repro.steering.methods.common import prepare
+    from fints_repro.tasks import build_task
 
-    register_configs()
     load_methods()
-    with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=["+exp=demo", "logger=none",
-                                                               "progress=false"]))
+    # The vectors only need to exist: our pairs (fidelity=ours) are the quick ones to make.
+    overrides = ["+exp=demo", "logger=none", "progress=false", "fidelity=ours"]
+    cfg = compose_run(overrides)
     samples = load_samples(cfg.dataset, seed=cfg.seed)
     lm = load_model(cfg.model, cfg.cache_dir)
-    res = Resources(cfg, lm)
+    task = build_task(cfg.dataset, cfg.generation, cfg.eval)
+    res = Resources(cfg, lm, task, overrides)
     inputs = res.steering_inputs(cfg.steering)
     plan = STEERING.get("fine_grained")(cfg.steering, lm, samples, inputs)
     sub = list(range(min(args.n, len(samples))))
@@ -88,7 +87,7 @@ def main() -> None:
     def texts_for(backbone: str) -> list[str]:
         bcfg = OmegaConf.to_object(OmegaConf.merge(
             OmegaConf.structured(type(cfg.backbone)), {"name": backbone}))
-        prompts = build_backbone(bcfg, cfg.dataset, res.retriever).build_prompts(
+        prompts = build_backbone(bcfg, task, res.retriever).build_prompts(
             [samples[i] for i in sub])
         return [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
 

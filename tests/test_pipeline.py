@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from fints_repro.errors import ConfigError, MissingDataError
-from fints_repro.pipeline import run_experiment
-from tests.conftest import CONF_DIR, FIXTURES, ROOT, compose, run
+from tests.conftest import CONF_DIR, FIXTURES, ROOT, run
 
 EXPS = sorted(p.stem for p in (CONF_DIR / "exp").glob("*.yaml"))
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import fints_repro.steering.methods.common as common
 from fints_repro.config import (
