@@ -92,7 +92,8 @@ class FakeBuildPairs:
     def __init__(self, pairs=PAIRS):
         self.pairs, self.calls = pairs, 0
 
-    def __call__(self, samples, lm, dataset, cfg, *, cache_dir, seed, progress=True):
+    def __call__(self, samples, lm, dataset, cfg, *, cache_dir, seed, progress=True,
+                 items_by_user=None, task=None):
         self.calls += 1
         assert {s.user for s in samples} <= set(self.pairs)
         return {u: list(ps) for u, ps in self.pairs.items()}
@@ -115,13 +116,27 @@ def _inputs(lm, tmp_path: Path, generated: list | None = None) -> SteeringInputs
                           retriever=BM25Retriever, generator=generator, progress=False)
 
 
-def _user_vectors(lm, user: str, layer: int, sites: list[str]) -> dict[str, torch.Tensor]:
+def _user_vectors(lm, user: str, layer: int, sites: list[str], **kw) -> dict[str, torch.Tensor]:
     """The user's pair vectors, recomputed: answer-token means of chosen minus rejected."""
     ps = PAIRS[user]
     qs = [p.question for p in ps]
-    c = answer_means(lm, qs, [p.chosen for p in ps], layer, sites, batch_size=4, progress=False)
-    r = answer_means(lm, qs, [p.rejected for p in ps], layer, sites, batch_size=4, progress=False)
+    c = answer_means(lm, qs, [p.chosen for p in ps], layer, sites, batch_size=4, progress=False, **kw)
+    r = answer_means(lm, qs, [p.rejected for p in ps], layer, sites, batch_size=4, progress=False, **kw)
     return {s: c[s] - r[s] for s in sites}
+
+
+def test_the_methods_extract_with_the_configured_reads(lm, fake_pairs, tmp_path) -> None:
+    """attn_read and answer_tokenization reach the extraction (fidelity=authors sets both)."""
+    sites = ["attn", "mlp"]
+    cfg = SteeringConfig(name="caa", layer=LAYER, sites=sites, attn_read="residual",
+                         answer_tokenization="joint")
+    plan = caa(cfg, lm, SAMPLES, _inputs(lm, tmp_path))
+    want = _user_vectors(lm, "u1", LAYER, sites, attn_read="residual", answer_tokenization="joint")
+    plain = _user_vectors(lm, "u1", LAYER, sites)
+    for site in sites:
+        torch.testing.assert_close(plan.vectors[(LAYER, site)][0], want[site].mean(0),
+                                   rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(want[site].mean(0), plain[site].mean(0), atol=1e-4)
 
 
 STRENGTH = dict(alpha=0.7, beta=-1.3, gamma=2.0)
@@ -356,7 +371,10 @@ def test_steered_predictions_carry_their_pairs_and_strong_steering_changes_them(
     from fints_repro.data.load import load_samples
 
     methods = "methods=[{backbone: rag},{backbone: rag, steering: fine_grained}]"
-    cfg, summary = _run(["+exp=demo", *tiny_overrides, *SHORT, methods, "steering.alpha=50",
+    # fidelity=ours: a random tiny model writes no print("...") line, so the authors'
+    # generator layout would give it no pairs
+    cfg, summary = _run(["+exp=demo", "fidelity=ours", *tiny_overrides, *SHORT, methods,
+                         "steering.alpha=50",
                          "steering.beta=50", "steering.fine_grained.top_k=3"], tmp_path / "run")
     assert summary["n_users"] == 3
     history = {s.user: {h.id for h in s.history} for s in load_samples(cfg.dataset, seed=cfg.seed)}

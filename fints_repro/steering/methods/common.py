@@ -45,7 +45,12 @@ class PairVectors:
 def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
             inputs: SteeringInputs) -> PairVectors:
     layer = validate(cfg, lm, inputs.layers_path)
-    items = inputs.pair_items() if cfg.pairs.source == "train_samples" and inputs.pair_items else None
+    items = None
+    if cfg.pairs.source == "train_samples" and inputs.pair_items:
+        # the run's users only: the other users' items in a generator prompt come from the
+        # sampled users, as in the authors' code, not from every user of the split
+        users = {s.user for s in samples}
+        items = {u: v for u, v in inputs.pair_items().items() if u in users}
     by_user = build_pairs(samples, inputs.generator(), inputs.dataset, cfg.pairs, items_by_user=items,
                           task=inputs.task,
                           cache_dir=inputs.cache_dir, seed=inputs.seed, progress=inputs.progress)
@@ -56,6 +61,7 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
         rows[user] = list(range(len(pairs), len(pairs) + len(ps)))
         pairs.extend(ps)
     vectors = pair_vectors(lm, pairs, layer, list(cfg.sites), attn_read=cfg.attn_read,
+                           answer_tokenization=cfg.answer_tokenization,
                            batch_size=cfg.extract_batch_size, cache_dir=inputs.cache_dir,
                            layers_path=inputs.layers_path, progress=inputs.progress)
     return PairVectors(layer, pairs, rows, vectors)
