@@ -291,7 +291,7 @@ def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
     """The score columns of a results table, in the order the task reports them (``n``, its
     metrics, the entries that extend them such as bootstrap medians, then per-type means);
     timings, counts and steering statistics are left out."""
-    skip = {"n_generated", "n_cached", "samples_per_second"}
+    skip = {"n_generated", "n_cached", "n_prompts_truncated", "samples_per_second"}
     keys: list[str] = []
     for m in results.values():
         keys += [k for k, v in m.items() if k not in keys and k not in skip

@@ -21,12 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 from omegaconf import OmegaConf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def note(what: str, result) -> None:
+    """Each part's result on stderr as soon as it is measured (a loaded machine makes the
+    whole run long), with the load average."""
+    print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {what}: {json.dumps(result)}",
+          file=sys.stderr, flush=True)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -82,7 +90,8 @@ def main() -> None:
     out: dict = {"model": lm.fingerprint, "device": str(lm.device),
                  "threads": torch.get_num_threads(), "n_samples": len(sub), "batch": args.batch,
                  "layer": plan.stats["layer"], "cache_implementation": args.cache_implementation,
-                 "packed_weights": lm.packed is not None}
+                 "packed_weights": lm.packed is not None,
+                 "load_average_start": [round(x, 2) for x in os.getloadavg()]}
 
     def texts_for(backbone: str) -> list[str]:
         bcfg = OmegaConf.to_object(OmegaConf.merge(
@@ -112,6 +121,7 @@ def main() -> None:
         "unsteered_tokens_per_s": round(tokens / t_plain, 2),
         "steered_tokens_per_s": round(tokens / t_steer, 2),
         "ratio": round(t_plain / t_steer, 3)}
+    note("steered_vs_unsteered", out["steered_vs_unsteered"])
 
     # 2. batch B with per-row vectors vs one at a time. `prefill_bound` is the ratio if
     # batched decoding cost nothing: one-at-a-time time / batched prefill time (a prefill
@@ -142,6 +152,7 @@ def main() -> None:
             res["ratio_without_packed_weights"] = round(t1 / tb["unpacked"], 2)
             res["packed_vs_unpacked"] = round(tb["unpacked"] / t_batch, 3)
         out[f"batch_vs_single_{name}"] = res
+        note(f"batch_vs_single_{name}", res)
 
     # 3. extraction: batched + early stop vs one pair at a time through the whole model
     pv = prepare(cfg.steering, lm, samples, inputs)
@@ -160,6 +171,7 @@ def main() -> None:
                          "one_at_a_time_full_model_seq_per_s": round(len(qs) / t_slow, 2),
                          f"batch{args.batch}_early_stop_seq_per_s": round(len(qs) / t_fast, 2),
                          "ratio": round(t_slow / t_fast, 2)}
+    out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out, indent=1))
 
 
