@@ -118,13 +118,9 @@ class ModelConfig:
     layers_path: str = ""
     system_prompt: Optional[str] = None
     trust_remote_code: bool = False
-    # CPU speed-ups, both computing the same products up to float rounding (models/cpu.py):
-    # glibc malloc reuses large freed buffers instead of page-faulting fresh ones (demo,
-    # batch-8 prefill 1.25 -> 1.09 s) ...
+    # CPU speed-up (models/cpu.py): glibc malloc reuses large freed buffers instead of
+    # page-faulting fresh ones (demo, batch-8 prefill 1.25 -> 1.09 s)
     cpu_tune_malloc: bool = True
-    # ... and batched decoding steps multiply with MKL-packed fp32 weights (demo, batch-8
-    # fine-grained generation 1.17x faster on zero-shot prompts, 1.07x on RAG prompts)
-    cpu_packed_weights: bool = True
 
 
 @dataclass

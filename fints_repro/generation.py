@@ -18,7 +18,6 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fints_repro.models.cpu import packed_linears
 from fints_repro.models.loading import LoadedModel
 
 # Given the sample index of each row that a batch's generate call runs, returns the
@@ -70,7 +69,6 @@ def generate_batches(
     batch_context: BatchContext | None = None,
     num_return_sequences: int = 1,
     cache_implementation: str | None = None,
-    packed_weights: bool | None = None,
     progress: bool = True,
     desc: str = "generate",
 ) -> Iterator[tuple[list[int], list[str]]]:
@@ -91,9 +89,6 @@ def generate_batches(
 
     ``cache_implementation``: transformers' KV cache for ``generate`` (None = its
     default, the dynamic cache; or one of its names, e.g. ``"static"``).
-    ``packed_weights`` (default: whether ``lm`` keeps packed weights, i.e. an fp32 CPU
-    model with ``cpu_packed_weights``): the decoding steps of full batches multiply with
-    MKL-packed fp32 weights (``models/cpu.py``); only fp32 CPU linears are ever packed.
     """
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences={num_return_sequences}; expected >= 1")
@@ -103,13 +98,10 @@ def generate_batches(
     if not batches:
         return
     expand = num_return_sequences if params.do_sample else 1  # rows per prompt in generate
-    pack = lm.packed is not None if packed_weights is None else packed_weights
-    rows = len(batches[0]) * expand if pack else 0  # packed_linears packs only fp32 CPU weights
     bar = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="sample",
                disable=not progress, leave=False)
-    with packed_linears(lm.model, rows, keep=lm.packed):
-        yield from _generate(lm, encoded, batches, params, skip, batch_context,
-                             num_return_sequences, expand, cache_implementation, bar)
+    yield from _generate(lm, encoded, batches, params, skip, batch_context,
+                         num_return_sequences, expand, cache_implementation, bar)
     bar.close()
 
 

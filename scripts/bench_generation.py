@@ -1,7 +1,7 @@
 """Generation throughput of the default model on the demo prompts: batch B vs batch 1.
 
     python scripts/bench_generation.py [--n 16] [--batch 8] [--backbone rag] [--repeats 2]
-                                       [--cache-implementation static] [--no-packed-weights]
+                                       [--cache-implementation static]
 
 Prints samples/s and generated tokens/s for each batch size and their ratio. Same prompts,
 same greedy decoding, model loaded once; one untimed warm-up batch first, then the best of
@@ -29,8 +29,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache-implementation", default=None,
                     help="transformers' KV cache (default: its dynamic cache), e.g. static")
-    ap.add_argument("--no-packed-weights", action="store_true",
-                    help="decode without MKL-packed CPU weights (model.cpu_packed_weights=false)")
     args = ap.parse_args()
 
     from fints_repro.backbones import build_backbone
@@ -43,8 +41,7 @@ def main() -> None:
     from fints_repro.tasks import build_task
 
     cfg = compose_run([
-        "+exp=demo", f"backbone={args.backbone}", f"model={args.model}", "logger=none",
-        f"model.cpu_packed_weights={not args.no_packed_weights}"])
+        "+exp=demo", f"backbone={args.backbone}", f"model={args.model}", "logger=none"])
     samples = load_samples(cfg.dataset, seed=cfg.seed)[: args.n]
     lm = load_model(cfg.model, cfg.cache_dir)
     task = build_task(cfg.dataset, cfg.generation, cfg.eval)
@@ -72,8 +69,8 @@ def main() -> None:
     one, many = run(1), run(args.batch)
     print(json.dumps({"model": lm.fingerprint, "device": str(lm.device),
                       "threads": torch.get_num_threads(), "n_prompts": len(texts),
-                      "backbone": args.backbone, "packed_weights": lm.packed is not None,
-                      "cache_implementation": args.cache_implementation, "batch_1": one, f"batch_{args.batch}": many,
+                      "backbone": args.backbone, "cache_implementation": args.cache_implementation,
+                      "batch_1": one, f"batch_{args.batch}": many,
                       "samples_per_s_ratio": round(many["samples_per_s"] / one["samples_per_s"], 2)},
                      indent=1))
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fints_repro.cache import content_hash, lock_for
 from fints_repro.config import ModelConfig
-from fints_repro.models.cpu import PackedWeights, tune_malloc
+from fints_repro.models.cpu import tune_malloc
 from fints_repro.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ class LoadedModel:
     fingerprint: str
     name: str
     system_prompt: str | None = None
-    # set: generate_batches runs full batches' decoding steps with MKL-packed weights
-    # (CPU, fp32), kept here between calls
-    packed: PackedWeights | None = None
 
     @property
     def device(self) -> torch.device:
@@ -333,6 +330,4 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     # Numerics depend on dtype and device type too: they are part of every cache key.
     fp = content_hash([fp, str(dtype), device.type])
     return LoadedModel(model, tok, fingerprint=f"{cfg.name}-{fp}", name=cfg.name,
-                       system_prompt=cfg.system_prompt,
-                       packed=PackedWeights() if cfg.cpu_packed_weights and device.type == "cpu"
-                       and dtype == torch.float32 else None)
+                       system_prompt=cfg.system_prompt)
