@@ -1,5 +1,6 @@
 """A 2 × 2 multirun (layer × strength) on a tiny model through the real CLI: every job
-runs, pairs and vectors are computed once per layer and reused (asserted from the cache),
+runs (fidelity=ours: a random tiny model writes no print("...") line for the authors'
+pair parser), pairs and vectors are computed once per layer and reused (asserted from the cache),
 the report has one row per job and plots that decode, and a failing job is reported as
 failed without stopping the others."""
 
@@ -16,7 +17,7 @@ import matplotlib.image as mpimg
 from fints_repro.steering.store import vector_metadata
 from tests.conftest import ROOT
 
-BASE = ["model=tiny_random_llama", "logger=none", "progress=false", "dataset.demo.n_users=3",
+BASE = ["model=tiny_random_llama", "fidelity=ours", "logger=none", "progress=false", "dataset.demo.n_users=3",
         "dataset.demo.n_history=3", "dataset.demo.n_test=1", "dataset.max_new_tokens=4",
         "dataset.history_max_words=8", "dataset.pair_k_other=1", "steering.pairs.attempts=1",
         "eval.bootstrap=20", "methods=[{backbone: rag, steering: fine_grained}]"]
