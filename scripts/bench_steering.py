@@ -4,16 +4,19 @@
    (min_new_tokens = max_new_tokens): tokens/s ratio;
 2. fine-grained steering, batch B with per-row vectors vs the same samples one at a time
    (batch 1, each with its own vectors): samples/s ratio, on RAG and zero-shot prompts,
-   with the bound the prefill puts on it (and, with --ablate, the ratio without the
-   MKL-packed CPU weights, timed interleaved with the batched run);
+   with the bound the prefill puts on it (and, with --ablate, the batched run also with
+   transformers' static KV cache, timed interleaved with the default cache);
 3. extraction at 2/3 depth, batched with early stop vs one pair at a time through the
    whole model: pairs/s ratio.
 
     python scripts/bench_steering.py [--n 16] [--batch 8] [--repeats 2] [--ablate]
-                                     [--cache-implementation static]
+                                     [--cache-implementation static] [--cpu-time]
 
 Uses the demo's pairs and vectors (computed and cached on first use, as `make demo` does).
-Each timing is the best of --repeats runs, steered and unsteered interleaved.
+Each timing is the best of --repeats runs, steered and unsteered interleaved. On a machine
+shared with other jobs, wall-clock times with 2 OpenMP threads are mostly the other jobs'
+(threads spin at barriers while descheduled); --cpu-time times this process's CPU time on
+one thread instead: ratios robust to the load, but of one core, not of the whole machine.
 """
 
 from __future__ import annotations
@@ -41,13 +44,16 @@ def best_of(fn, repeats: int) -> float:
     return timed_best(fn, repeats)[0]
 
 
+CLOCK = time.perf_counter  # time.process_time with --cpu-time
+
+
 def timed_best(fn, repeats: int) -> tuple[float, object]:
     """(the best time of ``repeats`` calls, the last call's result)."""
     best, result = float("inf"), None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         result = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, CLOCK() - t0)
     return best, result
 
 
@@ -58,10 +64,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=32, help="pairs for the extraction timing")
     ap.add_argument("--ablate", action="store_true",
-                    help="also time batch B without the MKL-packed CPU weights")
+                    help="also time batch B with transformers' static KV cache")
     ap.add_argument("--cache-implementation", default=None,
                     help="transformers' KV cache (default: its dynamic cache), e.g. static")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by this process's CPU time on one thread (a shared machine)")
     args = ap.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+        torch.set_num_threads(1)
 
     from fints_repro.backbones import build_backbone
     from fints_repro.compose import compose_run
@@ -90,7 +102,7 @@ def main() -> None:
     out: dict = {"model": lm.fingerprint, "device": str(lm.device),
                  "threads": torch.get_num_threads(), "n_samples": len(sub), "batch": args.batch,
                  "layer": plan.stats["layer"], "cache_implementation": args.cache_implementation,
-                 "packed_weights": lm.packed is not None,
+                 "clock": "process CPU time" if args.cpu_time else "wall",
                  "load_average_start": [round(x, 2) for x in os.getloadavg()]}
 
     def texts_for(backbone: str) -> list[str]:
@@ -100,17 +112,19 @@ def main() -> None:
             [samples[i] for i in sub])
         return [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
 
-    def gen(texts, batch_size, steered, fixed_length, max_new_tokens=max_new, **kw):
+    def gen(texts, batch_size, steered, fixed_length, max_new_tokens=max_new,
+            cache_implementation=args.cache_implementation):
         params = DecodingParams(max_new_tokens=max_new_tokens,
                                 min_new_tokens=max_new_tokens if fixed_length else 0)
         ctx = (lambda rows: plan.batch_context(lm.model)([sub[r] for r in rows])) if steered else None
         n_tok = 0
         for _, gens in generate_batches(lm, texts, params, batch_size=batch_size, progress=False,
                                         batch_context=ctx,
-                                        cache_implementation=args.cache_implementation, **kw):
+                                        cache_implementation=cache_implementation):
             n_tok += sum(len(lm.tokenizer(g, add_special_tokens=False)["input_ids"]) for g in gens)
         return n_tok
 
+    note("ready (vectors prepared), timing", {k: out[k] for k in ("n_samples", "batch", "layer")})
     rag = texts_for("rag")
     gen(rag[: args.batch], args.batch, True, True)  # warm-up
     # 1. steered vs unsteered, same batch, same number of new tokens
@@ -126,14 +140,16 @@ def main() -> None:
     # 2. batch B with per-row vectors vs one at a time. `prefill_bound` is the ratio if
     # batched decoding cost nothing: one-at-a-time time / batched prefill time (a prefill
     # is compute-bound on a CPU and gains little from batching). With --ablate the batched
-    # run is also timed without packed weights (models/cpu.py), the two interleaved pass
-    # by pass so that a change of the machine's load hits both alike.
+    # run is also timed with the static KV cache, the two interleaved pass by pass so that
+    # a change of the machine's load hits both alike.
     def n_tokens(ts):
         return [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in ts]
 
     for name, texts in (("rag", rag), ("zero_shot", texts_for("zero_shot"))):
         t1, n_new = timed_best(lambda: gen(texts, 1, True, False), args.repeats)
-        variants = {"default": {}, **({"unpacked": {"packed_weights": False}} if args.ablate else {})}
+        other = "static" if args.cache_implementation is None else None
+        variants = {"default": {}, **({"other": {"cache_implementation": other}}
+                                      if args.ablate else {})}
         tb = {v: float("inf") for v in variants}
         for _ in range(args.repeats):
             for v, kw in variants.items():
@@ -148,9 +164,9 @@ def main() -> None:
                "ratio": round(t1 / t_batch, 2),
                "prefill_bound": round(t1 / t_prefill, 2)}
         if args.ablate:
-            res[f"batch{args.batch}_unpacked_samples_per_s"] = round(len(texts) / tb["unpacked"], 3)
-            res["ratio_without_packed_weights"] = round(t1 / tb["unpacked"], 2)
-            res["packed_vs_unpacked"] = round(tb["unpacked"] / t_batch, 3)
+            res[f"batch{args.batch}_cache_{other or 'dynamic'}_samples_per_s"] = round(
+                len(texts) / tb["other"], 3)
+            res[f"ratio_cache_{other or 'dynamic'}"] = round(t1 / tb["other"], 2)
         out[f"batch_vs_single_{name}"] = res
         note(f"batch_vs_single_{name}", res)
 
@@ -171,6 +187,7 @@ def main() -> None:
                          "one_at_a_time_full_model_seq_per_s": round(len(qs) / t_slow, 2),
                          f"batch{args.batch}_early_stop_seq_per_s": round(len(qs) / t_fast, 2),
                          "ratio": round(t_slow / t_fast, 2)}
+    note("extraction", out["extraction"])
     out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out, indent=1))
 
