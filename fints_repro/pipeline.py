@@ -38,7 +38,7 @@ from fints_repro.data.load import load_samples
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
 from fints_repro.generation import DecodingParams, generate_batches
-from fints_repro.models.chat import fit_user_text, render_chat
+from fints_repro.models.chat import fit_chat_prompts
 from fints_repro.models.inspect import shape_from_config, shape_of
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.report import markdown
@@ -114,7 +114,7 @@ class Resources:
             seed=self.cfg.seed, retriever=self.retriever,
             generator=lambda: self.model(steering.pairs.generator),
             layers_path=self.cfg.model.layers_path, progress=self.cfg.progress,
-            pair_items=self.train_items,
+            pair_items=self.train_items, overlength=self.cfg.generation.overlength,
         )
 
 
@@ -151,28 +151,20 @@ def fit_prompts(lm: LoadedModel, samples: Sequence[Sample], prompts: Sequence[Pr
     """The chat-rendered prompts, checked against the model's context before any model time:
     a prompt whose tokens plus ``max_new_tokens`` exceed it stops the run naming the sample
     (``overlength=error``) or is cut in its middle (``truncate``; counted and logged)."""
-    limit = shape_of(lm.model).max_positions
-    texts = [render_chat(lm.tokenizer, p.text, lm.system_prompt) for p in prompts]
-    if limit is None:
-        return texts, 0
-    budget = limit - max_new_tokens
-    lengths = [len(x) for x in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    over = [i for i, n in enumerate(lengths) if n > budget]
-    if not over:
-        return texts, 0
-    if overlength == "error" or budget <= 0:
-        i = over[0]
-        raise DataError(
+    def too_long(i: int, n: int) -> Exception:
+        return DataError(
             f"[{method}] the prompt of sample {samples[i].id!r} (user {samples[i].user!r}) has "
-            f"{lengths[i]} tokens; with {max_new_tokens} new tokens it exceeds the model's "
-            f"context of {limit} ({len(over)} prompt(s) do). Set generation.overlength=truncate "
-            "to cut such prompts in the middle, or shorten them (dataset.history_max_words, "
-            "backbone.k, generation.max_new_tokens).", record=samples[i].id)
-    for i in over:
-        text, _ = fit_user_text(lm.tokenizer, prompts[i].text, lm.system_prompt, budget)
-        texts[i] = render_chat(lm.tokenizer, text, lm.system_prompt)
-    log.warning("[%s] %d prompt(s) longer than the context (%d tokens with %d new) were cut in "
-                "the middle", method, len(over), limit, max_new_tokens)
+            f"{n} tokens; with {max_new_tokens} new tokens it exceeds the model's context of "
+            f"{limit}. Set generation.overlength=truncate to cut such prompts in the middle, "
+            "or shorten them (dataset.history_max_words, backbone.k, generation.max_new_tokens).",
+            record=samples[i].id)
+
+    limit = shape_of(lm.model).max_positions
+    texts, over = fit_chat_prompts(lm.tokenizer, [p.text for p in prompts], lm.system_prompt,
+                                   limit, max_new_tokens, overlength, too_long)
+    if over:
+        log.warning("[%s] %d prompt(s) longer than the context (%d tokens with %d new) were "
+                    "cut in the middle", method, len(over), limit, max_new_tokens)
     return texts, len(over)
 
 

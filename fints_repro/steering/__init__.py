@@ -41,6 +41,9 @@ class SteeringInputs:
     # steering.pairs.source=train_samples: the items pairs are made from, per user (the
     # users' training-split samples); None = their profile items.
     pair_items: Optional[Callable[[], dict[str, list[HistoryItem]]]] = None
+    # generation.overlength: a generator prompt or an extraction sequence longer than the
+    # model's context is an error (naming it) or is cut in its middle
+    overlength: str = "error"
 
 
 @dataclass

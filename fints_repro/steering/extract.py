@@ -26,6 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fints_repro.cache import content_hash
+from fints_repro.models.chat import OVERLENGTH, fit_token_sequence
+from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering.hooks import capture
 from fints_repro.steering.pairs import Pair
@@ -68,14 +70,19 @@ def answer_means(
     lm: LoadedModel, questions: Sequence[str], answers: Sequence[str], layer: int,
     sites: Sequence[str], *, attn_read: str = "output", answer_tokenization: str = "separate",
     batch_size: int = 8, layers_path: str = "", progress: bool = True, desc: str = "extract",
-    stop_early: bool = True,
+    stop_early: bool = True, overlength: str = "error", names: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU).
-    ``stop_early=False`` runs the whole model (only the benchmark's baseline wants that)."""
+    ``stop_early=False`` runs the whole model (only the benchmark's baseline wants that).
+    A sequence longer than the model's context stops with an error naming it (``names[i]``)
+    or, with ``overlength="truncate"``, loses question tokens from its middle (the answer
+    is kept whole)."""
     seqs = tokenize_pair_texts(lm, questions, answers, answer_tokenization)
     if any(len(ids) <= start for ids, start in seqs):
         bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) <= start)
         raise SteeringError(f"answer {bad} has no tokens: {answers[bad]!r}")
+    seqs = _fit_context(seqs, shape_of(lm.model).max_positions, overlength,
+                        names or [f"sequence {i}" for i in range(len(seqs))])
     reads = {s: read_site(s, attn_read) for s in sites}
     keys = [(layer, r) for r in dict.fromkeys(reads.values())]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
@@ -107,13 +114,38 @@ def answer_means(
     return out
 
 
+def _fit_context(seqs: list[tuple[list[int], int]], limit: int | None, overlength: str,
+                 names: Sequence[str]) -> list[tuple[list[int], int]]:
+    if overlength not in OVERLENGTH:
+        raise SteeringError(f"generation.overlength={overlength!r}; expected one of {list(OVERLENGTH)}")
+    out = []
+    over = 0
+    for (ids, start), name in zip(seqs, names):
+        fitted = fit_token_sequence(ids, start, limit) if overlength == "truncate" else (
+            (ids, start) if limit is None or len(ids) <= limit else None)
+        if fitted is None:
+            how = ("its answer alone has %d tokens" % (len(ids) - start) if overlength == "truncate"
+                   else "set generation.overlength=truncate to drop question tokens from its middle")
+            raise SteeringError(f"extraction: {name} has {len(ids)} tokens, more than the model's "
+                                f"context of {limit}; {how}")
+        over += fitted[0] is not ids
+        out.append(fitted)
+    if over:
+        log.warning("extraction: %d sequence(s) longer than the context of %d tokens lost "
+                    "question tokens from their middle", over, limit)
+    return out
+
+
 def pair_vectors(
     lm: LoadedModel, pairs: Sequence[Pair], layer: int, sites: Sequence[str], *,
     attn_read: str = "output", answer_tokenization: str = "separate", batch_size: int = 8,
     cache_dir: str | Path, layers_path: str = "", progress: bool = True,
+    overlength: str = "error",
 ) -> dict[str, torch.Tensor]:
     """``{site: [len(pairs), H]}``, chosen minus rejected, loaded from the cache when the
-    same model, layer, read mode, answer tokenization and pairs were extracted before."""
+    same model, layer, read mode, answer tokenization and pairs were extracted before.
+    ``overlength``: a sequence longer than the model's context is an error naming the
+    pair, or (``truncate``) loses question tokens from its middle."""
     for s in sites:
         if s not in SITES:
             raise SteeringError(f"unknown site {s!r}; expected one of {list(SITES)}")
@@ -134,12 +166,16 @@ def pair_vectors(
     if not pairs:
         return {}
     qs = [p.question for p in pairs]
-    chosen = answer_means(lm, qs, [p.chosen for p in pairs], layer, sites, attn_read=attn_read,
-                          answer_tokenization=answer_tokenization, batch_size=batch_size,
-                          layers_path=layers_path, progress=progress, desc="extract chosen")
-    rejected = answer_means(lm, qs, [p.rejected for p in pairs], layer, sites, attn_read=attn_read,
-                            answer_tokenization=answer_tokenization, batch_size=batch_size,
-                            layers_path=layers_path, progress=progress, desc="extract rejected")
+    common = dict(attn_read=attn_read, answer_tokenization=answer_tokenization,
+                  batch_size=batch_size, layers_path=layers_path, progress=progress,
+                  overlength=overlength)
+    chosen = answer_means(lm, qs, [p.chosen for p in pairs], layer, sites, desc="extract chosen",
+                          names=[f"the chosen side of the pair for item {p.item_id!r} of user "
+                                 f"{p.user!r}" for p in pairs], **common)
+    rejected = answer_means(lm, qs, [p.rejected for p in pairs], layer, sites,
+                            desc="extract rejected",
+                            names=[f"the rejected side of the pair for item {p.item_id!r} of "
+                                   f"user {p.user!r}" for p in pairs], **common)
     vectors = {s: chosen[s] - rejected[s] for s in sites}
     save_vectors(path, vectors, {**recipe, "answer_tokenization": answer_tokenization,
                                  "data_hash": data_hash, "n_pairs": len(pairs),

@@ -38,9 +38,10 @@ from fints_repro.backbones.prompting import truncate_words
 from fints_repro.cache import GenerationStore, content_hash
 from fints_repro.config import DatasetConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
-from fints_repro.errors import ConfigError
+from fints_repro.errors import ConfigError, DataError
 from fints_repro.generation import DecodingParams, generate_batches
-from fints_repro.models.chat import render_chat
+from fints_repro.models.chat import fit_chat_prompts
+from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -222,6 +223,7 @@ def build_pairs(
     progress: bool = True,
     items_by_user: Mapping[str, Sequence[HistoryItem]] | None = None,
     task: "Task | None" = None,
+    overlength: str = "error",
 ) -> dict[str, list[Pair]]:
     """{user: pairs} for every user of ``samples`` (``[]`` where none was kept), pairs in
     item order, then attempt order. ``lm`` is the generator (``cfg.generator`` or the
@@ -232,7 +234,10 @@ def build_pairs(
     samples. Pairs are made for the users of ``samples``; the other users' items in the
     prompts are drawn from every user of ``items_by_user`` (or of ``samples``).
     ``task``: its ``accept_pair`` keeps or drops each attempt (default: the text task of
-    ``dataset``, ROUGE-L below ``dataset.pair_rouge_threshold``)."""
+    ``dataset``, ROUGE-L below ``dataset.pair_rouge_threshold``).
+    ``overlength`` (the run's ``generation.overlength``): a generator prompt longer than
+    the generator's context stops the run naming the item (``error``) or is cut in its
+    middle (``truncate``)."""
     _check(cfg, items_by_user)
     k = cfg.k_other if cfg.k_other is not None else dataset.pair_k_other
     if k < 1:
@@ -253,7 +258,24 @@ def build_pairs(
                             temperature=cfg.temperature, top_p=1.0, seed=seed)
     # Identical prompts (possible when few other items exist) are generated once.
     prompts = list(dict.fromkeys(p.prompt for p in plan))
-    texts = [render_chat(lm.tokenizer, p, lm.system_prompt) for p in prompts]
+    first = {}
+    for p in plan:
+        first.setdefault(p.prompt, p)
+
+    def too_long(i: int, n: int) -> Exception:
+        a = first[prompts[i]]
+        return DataError(
+            f"pairs: the generator prompt for item {a.item.id!r} of user {a.user!r} has {n} "
+            f"tokens; with {max_new} new tokens it exceeds the generator's context of {limit}. "
+            "Set generation.overlength=truncate to cut such prompts in the middle, or shorten "
+            "them (steering.pairs.k_other, steering.pairs.max_new_tokens).", record=a.item.id)
+
+    limit = shape_of(lm.model).max_positions
+    texts, over = fit_chat_prompts(lm.tokenizer, prompts, lm.system_prompt, limit, max_new,
+                                   overlength, too_long)
+    if over:
+        log.warning("pairs: %d generator prompt(s) longer than the context (%d tokens with %d "
+                    "new) were cut in the middle", len(over), limit, max_new)
     generation = dict(zip(prompts, _generate_cached(lm, texts, params, cfg.batch_size,
                                                     cache_dir, progress)))
 

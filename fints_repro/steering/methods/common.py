@@ -52,7 +52,7 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
         users = {s.user for s in samples}
         items = {u: v for u, v in inputs.pair_items().items() if u in users}
     by_user = build_pairs(samples, inputs.generator(), inputs.dataset, cfg.pairs, items_by_user=items,
-                          task=inputs.task,
+                          task=inputs.task, overlength=inputs.overlength,
                           cache_dir=inputs.cache_dir, seed=inputs.seed, progress=inputs.progress)
     log.info("contrastive pairs: %s", pair_stats(by_user))
     pairs: list[Pair] = []
@@ -63,7 +63,8 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
     vectors = pair_vectors(lm, pairs, layer, list(cfg.sites), attn_read=cfg.attn_read,
                            answer_tokenization=cfg.answer_tokenization,
                            batch_size=cfg.extract_batch_size, cache_dir=inputs.cache_dir,
-                           layers_path=inputs.layers_path, progress=inputs.progress)
+                           layers_path=inputs.layers_path, progress=inputs.progress,
+                           overlength=inputs.overlength)
     return PairVectors(layer, pairs, rows, vectors)
 
 
