@@ -190,7 +190,8 @@ def plot_lines(rows: list[dict[str, Any]], key: str, metric: str, path: Path) ->
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {key} (mean over any other swept parameter)", fontsize=9)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # none when every method failed
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

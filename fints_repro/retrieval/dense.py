@@ -41,7 +41,8 @@ def _load(path: str, pooling: str):
     if (Path(path) / "modules.json").exists():
         return SentenceTransformer(path, device=device)
     word = models.Transformer(path)
-    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
+    dim = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
+    pool = models.Pooling(dim(), pooling_mode=pooling)
     return SentenceTransformer(modules=[word, pool], device=device)
 
 
