@@ -22,7 +22,9 @@ from fints_repro.models.loading import LoadedModel
 
 # Given the sample index of each row that a batch's generate call runs, returns the
 # context to run that call in (see generate_batches: with N sampled candidates per
-# prompt, each index comes N times in a row).
+# prompt, each index comes N times in a row). What the context yields, if a dict, is
+# passed to ``generate`` as extra keyword arguments (e.g. PEFT's per-row
+# ``adapter_names``).
 BatchContext = Callable[[list[int]], ContextManager]
 
 
@@ -122,9 +124,9 @@ def _generate(
         rows = [i for i in batch for _ in range(expand)]
         ctx = batch_context(rows) if batch_context else contextlib.nullcontext()
         generator_seed = _batch_seed(params.seed, batch[0])
-        with ctx, torch.random.fork_rng(devices=[] if lm.device.type == "cpu" else [lm.device]):
+        with ctx as extra, torch.random.fork_rng(devices=[] if lm.device.type == "cpu" else [lm.device]):
             torch.manual_seed(generator_seed)
-            out = model.generate(**enc, **kw, pad_token_id=tok.pad_token_id)
+            out = model.generate(**enc, **kw, **(extra or {}), pad_token_id=tok.pad_token_id)
         gen = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         if expand < n:  # greedy: every candidate is the one decoded
             gen = [g for g in gen for _ in range(n)]

@@ -18,13 +18,13 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fints_repro.backbones import Prompt, build_backbone
+from fints_repro.backbones import Backbone, Prompt, build_backbone
 from fints_repro.cache import (
     GenerationStore,
     append_jsonl,
@@ -132,16 +132,21 @@ def _row_key(store_key: str, text: str, digest: str, identity: str, candidate: i
 
 
 def _combined_context(contexts: Sequence[Callable[[list[int]], ContextManager] | None]):
-    """One per-batch context that enters each of ``contexts`` (backbone, then steering)."""
+    """One per-batch context that enters each of ``contexts`` (backbone, then steering) and
+    yields the union of the generate keyword arguments they yield."""
     active = [c for c in contexts if c is not None]
     if not active:
         return None
 
-    def ctx(rows: list[int]) -> ContextManager:
-        stack = contextlib.ExitStack()
-        for c in active:
-            stack.enter_context(c(rows))
-        return stack
+    @contextlib.contextmanager
+    def ctx(rows: list[int]) -> Iterator[dict[str, Any]]:
+        with contextlib.ExitStack() as stack:
+            extra: dict[str, Any] = {}
+            for c in active:
+                got = stack.enter_context(c(rows))
+                if isinstance(got, dict):
+                    extra.update(got)
+            yield extra
 
     return ctx
 
@@ -174,16 +179,27 @@ def run_method(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Backbone fit → prompts → (steering plan) → N candidates per row (cached, resumable)
     → selection → parsing → scores, for one method."""
+    backbone = build_backbone(method.backbone, resources.task, resources.retriever)
+    try:
+        return _run_method(cfg, method, lm, samples, run_dir, resources, backbone)
+    finally:
+        backbone.close(lm)
+
+
+def _run_method(
+    cfg: RunConfig, method: Method, base_lm: LoadedModel, samples: Sequence[Sample],
+    run_dir: Path, resources: Resources, backbone: Backbone,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     task = resources.task
     t0 = time.time()
-    backbone = build_backbone(method.backbone, task, resources.retriever)
-    backbone.fit(lm, samples, resources)
+    backbone.fit(base_lm, samples, resources, method.steering)
+    lm = backbone.model(base_lm)  # what generation and extraction run on
     t_fit = time.time() - t0
     g = cfg.generation
-    params = DecodingParams(
+    params = backbone.decoding(DecodingParams(
         max_new_tokens=g.max_new_tokens or cfg.dataset.max_new_tokens,
         do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, seed=cfg.seed,
-    )
+    ))
     t0 = time.time()
     prompts = backbone.build_prompts(samples)
     texts, n_truncated = fit_prompts(lm, samples, prompts, params.max_new_tokens, g.overlength,
@@ -191,8 +207,12 @@ def run_method(
     t_prompts = time.time() - t0
 
     t_steer = time.time()
-    plan = STEERING.get(method.steering.name)(method.steering, lm, samples,
-                                               resources.steering_inputs(method.steering))
+    inputs = resources.steering_inputs(method.steering)
+    if method.steering.extract_with_adapter:
+        inputs = dataclasses.replace(
+            inputs, user_context=lambda users: backbone.user_context(lm, users),
+            user_identity=backbone.user_identity)
+    plan = STEERING.get(method.steering.name)(method.steering, lm, samples, inputs)
     t_steer = time.time() - t_steer
     n_cand = backbone.n_candidates
     store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
@@ -269,6 +289,7 @@ def run_method(
         "seconds_steering_prep": round(t_steer, 3),
         "seconds_generation": round(t_gen, 3),
         "samples_per_second": round(n_generated / t_gen, 3) if n_generated and t_gen > 0 else None,
+        **backbone.metrics(),
     }
     if plan:
         metrics.update({f"steering_{k}": v for k, v in plan.stats.items()})
@@ -287,7 +308,7 @@ def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
     keys: list[str] = []
     for m in results.values():
         keys += [k for k, v in m.items() if k not in keys and k not in skip
-                 and not k.startswith(("seconds_", "steering_")) and isinstance(v, (int, float))]
+                 and not k.startswith(("seconds_", "steering_", "backbone_")) and isinstance(v, (int, float))]
     return keys
 
 

@@ -280,7 +280,7 @@ class ProbeBackbone(Backbone):
     n_candidates = 2
     strength = 30.0  # of the stand-in adapter
 
-    def fit(self, lm, samples, resources):
+    def fit(self, lm, samples, resources, steering=None):
         PROBE_LOG.setdefault("fit", []).append(sorted({s.user for s in samples}))
         self.samples = list(samples)
         self.marked = {sorted({s.user for s in samples})[0]}

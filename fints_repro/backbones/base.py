@@ -2,14 +2,25 @@
 
 A backbone has a lifecycle, run by the pipeline in this order:
 
-1. ``fit(lm, samples, resources)``: per-user preparation (e.g. training a user's adapter),
-   cached by content hash by the backbone itself. Prompting backbones fit nothing.
+1. ``fit(lm, samples, resources, steering)``: per-user preparation (training a user's
+   adapter or reward model), cached by content hash by the backbone itself. Prompting
+   backbones fit nothing. ``steering`` is the method's steering config (its ``pairs``
+   node says how contrastive pairs are made, for a backbone that trains on them).
 2. ``build_prompts(samples)``: the user-turn text of each sample and the history it used.
-3. ``model_context(lm, rows)``: a context manager entered around the generation of a
-   group of rows (e.g. activating each row's adapter). Prompting: nothing.
-4. ``n_candidates``: how many return sequences each row gets from one ``generate``.
-5. ``select(samples, candidates)``: which candidate becomes the prediction (index per
+3. ``model(lm)``: the model that generation and extraction run on (default ``lm``; LoRA:
+   the PEFT wrapper holding every user's adapter). ``decoding(params)``: the decoding
+   parameters (default the run's; best-of-N samples its candidates).
+4. ``model_context(lm, rows)``: a context manager entered around the generation of a
+   group of rows; what it yields, if a dict, goes to ``generate`` (LoRA: each row's
+   ``adapter_names``). ``user_context(lm, users)`` is the same for a list of users (the
+   extraction of steering vectors with each pair's user's adapter), and
+   ``user_identity(user)`` what of the user's, besides the input, decides the model's
+   activations (an adapter's hash; part of the vector cache key). Prompting: nothing.
+5. ``n_candidates``: how many return sequences each row gets from one ``generate``.
+6. ``select(samples, candidates)``: which candidate becomes the prediction (index per
    sample, and per-sample information for ``predictions.jsonl``). Default: the first.
+7. ``metrics()``: what the backbone reports into ``metrics.json`` (training seconds per
+   user, ...); ``close(lm)``: undo what ``fit`` did to the shared model (always called).
 
 ``row_identity(i)`` is what, besides the prompt, decides row i's output (an adapter's
 content hash, ...): it is part of the generation cache key, so no backbone can reuse
@@ -32,6 +43,8 @@ from fints_repro.registry import Registry
 from fints_repro.retrieval import Retriever
 
 if TYPE_CHECKING:
+    from fints_repro.config import SteeringConfig
+    from fints_repro.generation import DecodingParams
     from fints_repro.models.loading import LoadedModel
     from fints_repro.tasks import Task
 
@@ -53,17 +66,37 @@ class Backbone:
     def __init__(self, cfg: BackboneConfig, task: "Task", retriever: Callable[[], Retriever]):
         self.cfg, self.task, self._retriever = cfg, task, retriever
 
-    def fit(self, lm: "LoadedModel", samples: Sequence[Sample], resources: Any) -> None:
+    def fit(self, lm: "LoadedModel", samples: Sequence[Sample], resources: Any,
+            steering: "SteeringConfig | None" = None) -> None:
         """Per-user preparation before prompts are built (cached by the backbone)."""
 
     def build_prompts(self, samples: Sequence[Sample]) -> list[Prompt]:
         raise NotImplementedError
 
+    def model(self, lm: "LoadedModel") -> "LoadedModel":
+        return lm
+
+    def decoding(self, params: "DecodingParams") -> "DecodingParams":
+        return params
+
     def model_context(self, lm: "LoadedModel", rows: list[int]) -> ContextManager:
         return contextlib.nullcontext()
 
+    def user_context(self, lm: "LoadedModel", users: list[str]) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def user_identity(self, user: str) -> str:
+        return ""
+
     def row_identity(self, i: int) -> str:
         return ""
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def close(self, lm: "LoadedModel") -> None:
+        """Undo what ``fit`` changed in the shared model (called after the method, also
+        after an error)."""
 
     def select(self, samples: Sequence[Sample], candidates: Sequence[Sequence[str]]
                ) -> tuple[list[int], list[dict[str, Any]]]:

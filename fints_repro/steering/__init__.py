@@ -44,6 +44,11 @@ class SteeringInputs:
     # generation.overlength: a generator prompt or an extraction sequence longer than the
     # model's context is an error (naming it) or is cut in its middle
     overlength: str = "error"
+    # A backbone with per-user adapters (steering.extract_with_adapter): the context to run
+    # a forward pass of the given users' rows in (it yields the forward's extra keyword
+    # arguments), and what of a user's decides the activations (part of the vector key).
+    user_context: Optional[Callable[[list[str]], ContextManager]] = None
+    user_identity: Optional[Callable[[str], str]] = None
 
 
 @dataclass

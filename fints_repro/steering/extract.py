@@ -18,9 +18,10 @@ content hash (model, layer, sites, read mode, tokenization, pairs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -71,12 +72,15 @@ def answer_means(
     sites: Sequence[str], *, attn_read: str = "output", answer_tokenization: str = "separate",
     batch_size: int = 8, layers_path: str = "", progress: bool = True, desc: str = "extract",
     stop_early: bool = True, overlength: str = "error", names: Sequence[str] | None = None,
+    row_context: Callable[[list[int]], ContextManager] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU).
     ``stop_early=False`` runs the whole model (only the benchmark's baseline wants that).
     A sequence longer than the model's context stops with an error naming it (``names[i]``)
     or, with ``overlength="truncate"``, loses question tokens from its middle (the answer
-    is kept whole)."""
+    is kept whole). ``row_context(rows)``: the context each batch's forward runs in, given
+    the indices of its sequences; a dict it yields goes to the forward (e.g. PEFT's
+    per-row ``adapter_names``)."""
     seqs = tokenize_pair_texts(lm, questions, answers, answer_tokenization)
     if any(len(ids) <= start for ids, start in seqs):
         bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) <= start)
@@ -100,8 +104,11 @@ def answer_means(
             ids[r, :len(seq)] = torch.tensor(seq)
             attn[r, :len(seq)] = 1
             answer[r, start:len(seq)] = True
-        with capture(lm.model, keys, layers_path=layers_path, stop_early=stop_early) as acts:
-            lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), use_cache=False)
+        ctx = row_context(rows) if row_context else contextlib.nullcontext()
+        with ctx as extra, capture(lm.model, keys, layers_path=layers_path,
+                                   stop_early=stop_early) as acts:
+            lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), use_cache=False,
+                     **(extra or {}))
         w = answer.to(lm.device, torch.float32)[..., None]
         for site, r in reads.items():
             a = acts[(layer, r)].float()
@@ -140,12 +147,16 @@ def pair_vectors(
     lm: LoadedModel, pairs: Sequence[Pair], layer: int, sites: Sequence[str], *,
     attn_read: str = "output", answer_tokenization: str = "separate", batch_size: int = 8,
     cache_dir: str | Path, layers_path: str = "", progress: bool = True,
-    overlength: str = "error",
+    overlength: str = "error", row_context: Callable[[list[int]], ContextManager] | None = None,
+    identities: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{site: [len(pairs), H]}``, chosen minus rejected, loaded from the cache when the
     same model, layer, read mode, answer tokenization and pairs were extracted before.
     ``overlength``: a sequence longer than the model's context is an error naming the
-    pair, or (``truncate``) loses question tokens from its middle."""
+    pair, or (``truncate``) loses question tokens from its middle. ``row_context(rows)``:
+    the context a batch of pairs (indices into ``pairs``) is read in (a user's adapter);
+    ``identities[i]``: what besides the text decides pair i's activations (the adapter's
+    hash), part of the cache key (all "" or None: the key vectors always had)."""
     for s in sites:
         if s not in SITES:
             raise SteeringError(f"unknown site {s!r}; expected one of {list(SITES)}")
@@ -158,6 +169,10 @@ def pair_vectors(
     recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
               "attn_read": attn_read, "answer_join": join, "mean": "answer_tokens"}
     data_hash = content_hash([[p.question, p.chosen, p.rejected] for p in pairs])
+    if identities is not None and any(identities):
+        if len(identities) != len(pairs):
+            raise SteeringError(f"{len(identities)} identities for {len(pairs)} pairs")
+        recipe["identities"] = content_hash(list(identities))
     path = Path(cache_dir) / "vectors" / f"{content_hash([recipe, data_hash])}.safetensors"
     cached = load_vectors(path)
     if cached is not None:
@@ -168,7 +183,7 @@ def pair_vectors(
     qs = [p.question for p in pairs]
     common = dict(attn_read=attn_read, answer_tokenization=answer_tokenization,
                   batch_size=batch_size, layers_path=layers_path, progress=progress,
-                  overlength=overlength)
+                  overlength=overlength, row_context=row_context)
     chosen = answer_means(lm, qs, [p.chosen for p in pairs], layer, sites, desc="extract chosen",
                           names=[f"the chosen side of the pair for item {p.item_id!r} of user "
                                  f"{p.user!r}" for p in pairs], **common)
