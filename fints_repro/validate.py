@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from fints_repro.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fints_repro.config import RunConfig, SteeringConfig
+    from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig, TrainConfig
 
 POSITIONS = ("all", "prompt", "generated")
 SITES = ("resid", "attn", "mlp")
@@ -27,6 +27,9 @@ ANSWER_TOKENIZATIONS = ("separate", "joint")
 AGGREGATES = ("mean", "softmax")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGGER_MODES = ("offline", "online", "disabled")
+REWARD_BASES = ("zero_shot", "rag")
+REWARDS = ("trained", "judge")
+LORA_TEMPLATES = ("chat", "raw")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -95,6 +98,56 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     positive(f"{prefix}.pairs.temperature", p.temperature)
 
 
+def check_train(t: "TrainConfig", prefix: str) -> None:
+    positive(f"{prefix}.lr", t.lr)
+    positive(f"{prefix}.epochs", t.epochs)
+    at_least(f"{prefix}.batch_size", t.batch_size, 1)
+    at_least(f"{prefix}.weight_decay", t.weight_decay, 0)
+    in_range(f"{prefix}.warmup_ratio", t.warmup_ratio, 0, 1)
+    positive(f"{prefix}.max_grad_norm", t.max_grad_norm)
+    at_least(f"{prefix}.max_length", t.max_length, 2)
+
+
+def _placeholders(key: str, template: str, names: Iterable[str]) -> None:
+    missing = [n for n in names if "{" + n + "}" not in template]
+    if missing:
+        _fail(key, template, f"lacks the placeholder(s) {', '.join('{' + n + '}' for n in missing)}")
+
+
+def check_lora(b: "BackboneConfig", prefix: str = "backbone.lora") -> None:
+    """``backbone.lora.*`` (checked whatever the backbone, like every other node)."""
+    lc = b.lora
+    at_least(f"{prefix}.r", lc.r, 1)
+    positive(f"{prefix}.lora_alpha", lc.lora_alpha)
+    in_range(f"{prefix}.lora_dropout", lc.lora_dropout, 0, 1)
+    one_of(f"{prefix}.train_template", lc.train_template, LORA_TEMPLATES)
+    if lc.target_modules is not None and not lc.target_modules:
+        _fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
+    check_train(lc.train, f"{prefix}.train")
+
+
+def check_reward_model(b: "BackboneConfig", prefix: str = "backbone.reward_model") -> None:
+    """``backbone.reward_model.*`` (checked whatever the backbone, like every other node)."""
+    r = b.reward_model
+    one_of(f"{prefix}.base", r.base, REWARD_BASES)
+    at_least(f"{prefix}.n", r.n, 1)
+    positive(f"{prefix}.temperature", r.temperature)
+    in_range(f"{prefix}.top_p", r.top_p, 0, 1, low_open=True)
+    one_of(f"{prefix}.reward", r.reward, REWARDS)
+    at_least(f"{prefix}.lora_r", r.lora_r, 1)
+    positive(f"{prefix}.lora_alpha", r.lora_alpha)
+    in_range(f"{prefix}.lora_dropout", r.lora_dropout, 0, 1)
+    if r.target_modules is not None and not r.target_modules:
+        _fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
+    check_train(r.train, f"{prefix}.train")
+    at_least(f"{prefix}.score_batch_size", r.score_batch_size, 1)
+    at_least(f"{prefix}.judge_max_new_tokens", r.judge_max_new_tokens, 1)
+    at_least(f"{prefix}.persona_max_new_tokens", r.persona_max_new_tokens, 1)
+    at_least(f"{prefix}.persona_max_pairs", r.persona_max_pairs, 1)
+    _placeholders(f"{prefix}.persona_template", r.persona_template, ["pairs"])
+    _placeholders(f"{prefix}.judge_template", r.judge_template, ["persona", "input", "a", "b"])
+
+
 def check_run_config(cfg: "RunConfig") -> None:
     d, g, m = cfg.dataset, cfg.generation, cfg.model
     at_least("generation.batch_size", g.batch_size, 1)
@@ -115,6 +168,8 @@ def check_run_config(cfg: "RunConfig") -> None:
     if not d.metrics:
         _fail("dataset.metrics", [], "must name at least one metric")
     at_least("backbone.k", cfg.backbone.k, 0, optional=True)
+    check_lora(cfg.backbone)
+    check_reward_model(cfg.backbone)
     at_least("eval.bootstrap", cfg.eval.bootstrap, 0)
     one_of("model.dtype", m.dtype, DTYPES)
     if not _DEVICE.match(m.device):

@@ -42,9 +42,12 @@ class PairVectors:
     vectors: dict[str, torch.Tensor]  # site -> [len(pairs), H]
 
 
-def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-            inputs: SteeringInputs) -> PairVectors:
-    layer = validate(cfg, lm, inputs.layers_path)
+def user_pairs(cfg: SteeringConfig, samples: Sequence[Sample],
+               inputs: SteeringInputs) -> dict[str, list[Pair]]:
+    """{user: contrastive pairs} for the users of ``samples``, as ``cfg.pairs`` says they
+    are made (from the profile items, or the users' training-split items), by the
+    generator of ``inputs``; cached by ``build_pairs``. What steering methods extract
+    vectors from and what a reward-model backbone trains on."""
     items = None
     if cfg.pairs.source == "train_samples" and inputs.pair_items:
         # the run's users only: the other users' items in a generator prompt come from the
@@ -55,6 +58,13 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                           task=inputs.task, overlength=inputs.overlength,
                           cache_dir=inputs.cache_dir, seed=inputs.seed, progress=inputs.progress)
     log.info("contrastive pairs: %s", pair_stats(by_user))
+    return by_user
+
+
+def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
+            inputs: SteeringInputs) -> PairVectors:
+    layer = validate(cfg, lm, inputs.layers_path)
+    by_user = user_pairs(cfg, samples, inputs)
     pairs: list[Pair] = []
     rows: dict[str, list[int]] = {}
     for user, ps in by_user.items():
@@ -64,8 +74,17 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                            answer_tokenization=cfg.answer_tokenization,
                            batch_size=cfg.extract_batch_size, cache_dir=inputs.cache_dir,
                            layers_path=inputs.layers_path, progress=inputs.progress,
-                           overlength=inputs.overlength)
+                           overlength=inputs.overlength, **_per_user(inputs, pairs))
     return PairVectors(layer, pairs, rows, vectors)
+
+
+def _per_user(inputs: SteeringInputs, pairs: Sequence[Pair]) -> dict:
+    """Extraction with each pair's user's model context (a backbone's adapter)."""
+    if inputs.user_context is None:
+        return {}
+    ctx, ident = inputs.user_context, inputs.user_identity or (lambda u: "")
+    return {"row_context": lambda rows: ctx([pairs[i].user for i in rows]),
+            "identities": [ident(p.user) for p in pairs]}
 
 
 def plan_stats(pv: PairVectors, steered: Sequence[bool]) -> dict:
