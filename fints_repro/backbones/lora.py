@@ -1,0 +1,317 @@
+"""``backbone=lora``: one LoRA adapter per user (OPPU), steering pluggable on top.
+
+- **Training** (``fit``): each user's history items become (question -> output) texts, in
+  the chat template the run generates with (``backbone.lora.train_template=chat``) or the
+  dataset's raw OPPU template (``raw``, the authors'); the loss is on the output tokens
+  and the EOS after them. One adapter at a time is injected into the run's model (PEFT's
+  ``get_peft_model``), trained with transformers' ``Trainer`` (settings: ``backbone.lora``
+  and its ``train`` node, the authors' OPPU values by default), saved in PEFT's own format
+  and unloaded again, so that no user's training ever sees another's adapter.
+- **Cache**: ``<cache_dir>/adapters/<key>/<user>/`` (``adapter_config.json`` +
+  ``adapter_model.safetensors``), the key a content hash of the model fingerprint, the
+  adapter and training settings, the seed and that user's training texts. Each is written
+  to a temporary directory and renamed into place when complete: a run killed during
+  training resumes at the user it was on, and a directory that does not load is trained
+  again, never used half.
+- **Generation**: every user's adapter is loaded under its own name into one PEFT wrapper;
+  a batch holds rows of different users, each run with its own adapter (PEFT's mixed
+  batches, ``adapter_names``; a user without history runs the base model, ``__base__``).
+  Adapter layers are switched off outside this backbone's contexts, and ``close`` unloads
+  them, so the other methods of a run see the base model untouched.
+- **Steering on top**: vectors are extracted through ``user_context`` (each pair's user's
+  adapter, ``steering.extract_with_adapter``), and ``steer()`` works through the wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
+from fints_repro.cache import content_hash, lock_for
+from fints_repro.config import BackboneConfig, TrainConfig
+from fints_repro.data.schema import HistoryItem, Sample
+from fints_repro.errors import ConfigError
+from fints_repro.models.chat import fit_token_sequence, render_chat
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+TEMPLATES = ("chat", "raw")
+
+
+def target_modules(model: Any, configured: Sequence[str] | None) -> list[str]:
+    """The modules the adapters wrap: ``backbone.lora.target_modules``, or PEFT's default
+    for the architecture (q_proj + v_proj for Llama-like models, c_attn for GPT-2)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if configured:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in configured if t not in names]
+        if missing:
+            raise ConfigError(f"backbone.lora.target_modules={list(configured)}: the model has no "
+                              f"module named {missing}")
+        return list(configured)
+    arch = getattr(model.config, "model_type", None)
+    if arch not in DEFAULTS:
+        raise ConfigError(f"backbone.lora.target_modules: no default for the architecture "
+                          f"{arch!r}; name the modules to adapt (e.g. [q_proj, v_proj])")
+    return list(DEFAULTS[arch])
+
+
+def training_example(tok, item: HistoryItem, question: str, template: str, raw_template: str,
+                     system_prompt: str | None, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels of one training text: the prompt part's labels are -100, the
+    output's and the EOS's are their ids. ``chat``: the chat-rendered question (as at test
+    time), then output + EOS; ``raw``: the raw template up to ``{output}`` (with the
+    tokenizer's special tokens), then output + EOS."""
+    if template == "chat":
+        prompt_ids = tok(render_chat(tok, question, system_prompt), add_special_tokens=False)["input_ids"]
+    else:
+        head = raw_template.split("{output}", 1)[0]
+        prompt_ids = tok(head.format(input=item.input))["input_ids"]
+    answer = tok(item.output + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+    fitted = fit_token_sequence(prompt_ids + answer, len(prompt_ids), max_length)
+    if fitted is None:  # the output alone fills the cut-off: keep its start
+        ids, start = (prompt_ids[:1] + answer)[:max_length], 1
+    else:
+        ids, start = fitted
+    return {"input_ids": ids, "labels": [-100] * start + ids[start:]}
+
+
+@contextlib.contextmanager
+def _right_padding(tok) -> Iterator[None]:
+    """Training batches are right-padded (positions from 0, as unpadded); generation's
+    left padding is restored after."""
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        yield
+    finally:
+        tok.padding_side = side
+
+
+def train_adapter(model, tok, examples: list[dict], lora_cfg, targets: list[str],
+                  train: TrainConfig, seed: int, out_dir: Path) -> float:
+    """Inject one LoRA adapter into ``model``, train it on ``examples`` with transformers'
+    Trainer, save it in PEFT's format into ``out_dir`` and unload it again (the model is
+    left as found: weights, requires_grad and eval mode). Returns the mean training loss."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha,
+                     lora_dropout=lora_cfg.lora_dropout, target_modules=targets, bias="none",
+                     fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the adapter's initialisation
+        peft_model = get_peft_model(model, cfg)
+    try:
+        with tempfile.TemporaryDirectory() as scratch, _right_padding(tok):
+            args = TrainingArguments(
+                output_dir=scratch, per_device_train_batch_size=train.batch_size,
+                num_train_epochs=train.epochs, learning_rate=train.lr,
+                weight_decay=train.weight_decay, warmup_steps=train.warmup_ratio,
+                lr_scheduler_type=train.lr_scheduler, max_grad_norm=train.max_grad_norm,
+                optim=train.optimizer, seed=seed, data_seed=seed, report_to="none",
+                save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                use_cpu=model.device.type == "cpu", dataloader_num_workers=0,
+                remove_unused_columns=False)
+            trainer = Trainer(model=peft_model, args=args,
+                              train_dataset=Dataset.from_list(examples),
+                              data_collator=DataCollatorForSeq2Seq(tok, padding=True,
+                                                                   label_pad_token_id=-100))
+            trainer.remove_callback(PrinterCallback)  # no metrics dict printed per user
+            result = trainer.train()
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+        try:
+            peft_model.save_pretrained(tmp)
+            os.replace(tmp, out_dir)  # complete, or not there at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return float(result.training_loss)
+    finally:
+        peft_model.base_model.unload()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, p.requires_grad))
+        model.eval()
+
+
+def _adapter_name(i: int) -> str:
+    return f"user{i}"
+
+
+@BACKBONES.register("lora")
+class LoRA(Backbone):
+    name = "lora"
+
+    def __init__(self, cfg: BackboneConfig, task, retriever):
+        super().__init__(cfg, task, retriever)
+        self.lcfg = cfg.lora
+        if self.lcfg.train_template not in TEMPLATES:
+            raise ConfigError(f"backbone.lora.train_template={self.lcfg.train_template!r}; "
+                              f"expected one of {list(TEMPLATES)}")
+        k = cfg.k or 0
+        base = dataclasses.replace(cfg, name="rag" if k > 0 else "zero_shot", k=k)
+        self.prompting = build_backbone(base, task, retriever)
+        self.peft = None
+        self.keys: dict[str, str] = {}  # user -> adapter key ("" = no adapter)
+        self.names: dict[str, str] = {}  # user -> adapter name in the wrapper
+        self.samples: list[Sample] = []
+        self.stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ fit
+
+    def _examples(self, lm, items: Sequence[HistoryItem]) -> list[dict]:
+        """The user's training texts: each history item's task question (as pairs and
+        extraction phrase it) -> its output."""
+        from fints_repro.steering.pairs import item_question
+
+        d = self.task.dataset
+        t = self.lcfg.train
+        return [training_example(lm.tokenizer, h, item_question(h, d), self.lcfg.train_template,
+                                 d.lora_raw_template, lm.system_prompt, t.max_length)
+                for h in items if h.output.strip()]
+
+    def fit(self, lm, samples, resources, steering=None) -> None:
+        from fints_repro.steering.pairs import user_history
+
+        cache_dir = Path(resources.cfg.cache_dir) / "adapters"
+        seed = resources.cfg.seed
+        progress = resources.cfg.progress
+        targets = target_modules(lm.model, self.lcfg.target_modules)
+        recipe = {"model": lm.fingerprint, "r": self.lcfg.r, "alpha": self.lcfg.lora_alpha,
+                  "dropout": self.lcfg.lora_dropout, "targets": targets,
+                  "template": self.lcfg.train_template, "train": dataclasses.asdict(self.lcfg.train),
+                  "seed": seed}
+        self.samples = list(samples)
+        history = user_history(samples)
+        trained, loaded, seconds, losses = 0, 0, [], []
+        from tqdm.auto import tqdm
+
+        users = sorted(history)
+        for user in tqdm(users, desc="lora adapters", unit="user", disable=not progress, leave=False):
+            examples = self._examples(lm, history[user])
+            if not examples:
+                self.keys[user] = ""
+                continue
+            key = content_hash([recipe, examples])
+            self.keys[user] = key
+            path = cache_dir / key / _safe(user)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with lock_for(path):
+                if _complete(path):
+                    loaded += 1
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                t0 = time.time()
+                losses.append(train_adapter(lm.model, lm.tokenizer, examples, self.lcfg, targets,
+                                            self.lcfg.train, seed, path))
+                seconds.append(time.time() - t0)
+                trained += 1
+                log.info("lora: adapter of user %s trained in %.1f s (%d items) into %s",
+                         user, seconds[-1], len(examples), path)
+        self._load(lm, cache_dir)
+        n_without = sum(1 for u in users if not self.keys[u])
+        if n_without:
+            log.warning("lora: %d user(s) have no history and are generated with the base model",
+                        n_without)
+        self.stats = {"backbone_n_adapters_trained": trained, "backbone_n_adapters_loaded": loaded,
+                      "backbone_n_users_without_adapter": n_without,
+                      "seconds_train_per_user": round(sum(seconds) / len(seconds), 3) if seconds else None,
+                      "backbone_train_loss_mean": round(sum(losses) / len(losses), 4) if losses else None}
+
+    def _load(self, lm, cache_dir: Path) -> None:
+        """Every user's adapter into one PEFT wrapper, each under its own name; a directory
+        that fails to load is an error naming it (it was checked complete before)."""
+        from peft import PeftModel
+
+        with_adapter = [u for u in sorted(self.keys) if self.keys[u]]
+        for i, user in enumerate(with_adapter):
+            path = cache_dir / self.keys[user] / _safe(user)
+            name = _adapter_name(i)
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(lm.model, str(path), adapter_name=name,
+                                                      is_trainable=False)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            self.names[user] = name
+        if self.peft is not None:
+            self.peft.eval()
+            self.peft.base_model.disable_adapter_layers()  # on only inside our contexts
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def build_prompts(self, samples: Sequence[Sample]) -> list[Prompt]:
+        return self.prompting.build_prompts(samples)
+
+    def model(self, lm):
+        return lm if self.peft is None else dataclasses.replace(lm, model=self.peft)
+
+    @contextlib.contextmanager
+    def user_context(self, lm, users: list[str]) -> Iterator[dict[str, Any]]:
+        if self.peft is None:
+            yield {}
+            return
+        self.peft.base_model.enable_adapter_layers()
+        try:
+            yield {"adapter_names": [self.names.get(u, BASE) for u in users]}
+        finally:
+            self.peft.base_model.disable_adapter_layers()
+
+    def model_context(self, lm, rows: list[int]):
+        return self.user_context(lm, [self.samples[i].user for i in rows])
+
+    def user_identity(self, user: str) -> str:
+        key = self.keys.get(user, "")
+        return f"lora:{key}" if key else ""
+
+    def row_identity(self, i: int) -> str:
+        return self.user_identity(self.samples[i].user)
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.stats)
+
+    def close(self, lm) -> None:
+        if self.peft is not None:
+            self.peft.base_model.unload()  # the shared model's modules, as they were
+            self.peft = None
+            lm.model.eval()
+
+
+def _safe(user: str) -> str:
+    """A user id as a directory name."""
+    s = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(user))
+    return s if s and s not in (".", "..") else f"user_{content_hash(user)}"
+
+
+def _complete(path: Path) -> bool:
+    """A saved adapter: its config and weights, the weights readable."""
+    if not (path / "adapter_config.json").is_file():
+        return False
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+        import json
+
+        json.loads((path / "adapter_config.json").read_text())
+        return True
+    except Exception as e:  # noqa: BLE001  (any damage: train it again)
+        log.warning("lora: the adapter in %s is damaged (%s): training it again", path, e)
+        return False

@@ -1,0 +1,293 @@
+"""``backbone=lora``: per-user adapters trained with transformers' Trainer, cached in PEFT's
+format, generated in mixed-adapter batches, steering on top.
+
+The users' outputs carry a user-specific marker, so an adapter has something of its
+user's to learn even on a tiny random model: its loss on the user's held-out items falls
+below the base model's. Mixed batches are checked row by row against generating each row
+alone with only its adapter; leakage, resume after a kill, damaged adapters and the shared
+model's state after the method are each checked directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+import fints_repro.backbones.lora as lora_mod  # noqa: E402
+from fints_repro.backbones import build_backbone  # noqa: E402
+from fints_repro.config import (BackboneConfig, DatasetConfig, EvalConfig,  # noqa: E402
+                                GenerationConfig, LoraBackboneConfig, ModelConfig, TrainConfig)
+from fints_repro.data.schema import HistoryItem, Sample  # noqa: E402
+from fints_repro.errors import ConfigError  # noqa: E402
+from fints_repro.generation import DecodingParams, generate_batches  # noqa: E402
+from fints_repro.models.chat import render_chat  # noqa: E402
+from fints_repro.models.loading import LoadedModel, load_model  # noqa: E402
+from fints_repro.steering.hooks import steer  # noqa: E402
+from fints_repro.tasks import build_task  # noqa: E402
+from tests.conftest import run  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DATASET = DatasetConfig(name="demo_news", loader="demo", task="demo_news", path="unused",
+                        question_template="Headline: {input}", max_new_tokens=6)
+MARKERS = {"alice": "AAA!", "bob": "zq#"}
+FAST = TrainConfig(lr=2e-2, epochs=8, batch_size=2, weight_decay=0.0, warmup_ratio=0.0,
+                   max_grad_norm=1.0, max_length=256)
+
+
+def _lm(arch: str = "llama") -> LoadedModel:
+    return load_model(ModelConfig(name=f"tiny_random_{arch}", source="tiny_random", arch=arch,
+                                  dtype="float32", device="cpu"))
+
+
+def _items(user: str, n: int, start: int = 0) -> tuple[HistoryItem, ...]:
+    return tuple(HistoryItem(f"{user}-h{i}", f"story {i} about town {i % 3}",
+                             f"{MARKERS[user]} news {i}") for i in range(start, start + n))
+
+
+def _samples(users=("alice", "bob"), n_hist: int = 6) -> list[Sample]:
+    return [Sample(f"{u}-t{j}", u, f"Headline: test story {j}", f"{MARKERS[u]} t", _items(u, n_hist))
+            for u in users for j in range(2)]
+
+
+def _backbone(tmp_path: Path, k: int = 0, **lora) -> tuple:
+    cfg = BackboneConfig(name="lora", k=k, lora=LoraBackboneConfig(train=FAST, **lora))
+    task = build_task(DATASET, GenerationConfig(), EvalConfig())
+    resources = SimpleNamespace(cfg=SimpleNamespace(cache_dir=str(tmp_path), seed=0, progress=False))
+    return build_backbone(cfg, task, lambda: None), resources
+
+
+def _generate(lm, texts, batch_size, context=None) -> list[str]:
+    params = DecodingParams(max_new_tokens=6)
+    out = {}
+    for idx, gens in generate_batches(lm, texts, params, batch_size=batch_size, progress=False,
+                                      batch_context=context):
+        out.update(zip(idx, gens))
+    return [out[i] for i in range(len(texts))]
+
+
+@torch.no_grad()
+def _loss(model, tok, examples, **kw) -> float:
+    total, n = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        labels = torch.tensor([ex["labels"]])
+        out = model(input_ids=ids, labels=labels, **kw)
+        k = int((labels[:, 1:] != -100).sum())
+        total, n = total + float(out.loss) * k, n + k
+    return total / n
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def test_target_modules_per_architecture_and_clear_errors() -> None:
+    assert lora_mod.target_modules(_lm("llama").model, None) == ["q_proj", "v_proj"]
+    assert lora_mod.target_modules(_lm("gpt2").model, None) == ["c_attn"]
+    model = _lm("llama").model
+    with pytest.raises(ConfigError, match=r"backbone.lora.target_modules.*no module named \['w_q'\]"):
+        lora_mod.target_modules(model, ["w_q"])
+    odd = SimpleNamespace(config=SimpleNamespace(model_type="my_new_arch"), named_modules=lambda: [])
+    with pytest.raises(ConfigError, match=r"backbone.lora.target_modules: no default for the "
+                                          r"architecture 'my_new_arch'"):
+        lora_mod.target_modules(odd, None)
+
+
+@pytest.mark.parametrize("template", ["chat", "raw"])
+def test_training_example_puts_the_loss_on_the_output_and_eos_only(template: str) -> None:
+    lm = _lm()
+    tok = lm.tokenizer
+    item = HistoryItem("h", "an article", "My Title")
+    raw = "Generate a headline.\n article: {input} headline: {output}"
+    ex = lora_mod.training_example(tok, item, "Headline: an article", template, raw, None, 512)
+    answer = tok("My Title" + tok.eos_token, add_special_tokens=False)["input_ids"]
+    if template == "chat":
+        prompt = tok(render_chat(tok, "Headline: an article"), add_special_tokens=False)["input_ids"]
+    else:
+        prompt = tok("Generate a headline.\n article: an article headline: ")["input_ids"]
+    assert ex["input_ids"] == prompt + answer
+    assert ex["labels"] == [-100] * len(prompt) + answer
+    cut = lora_mod.training_example(tok, item, "Headline: an article", template, raw, None,
+                                    len(answer) + 4)
+    assert len(cut["input_ids"]) == len(answer) + 4 and cut["labels"][-len(answer):] == answer
+
+
+# ------------------------------------------------------------------ training and generation
+
+
+def test_an_adapter_learns_its_user_and_leaves_the_model_as_found(tmp_path) -> None:
+    lm = _lm()
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    grads = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+    backbone, res = _backbone(tmp_path)
+    samples = _samples(("alice",))
+    backbone.fit(lm, samples, res)
+    held_out = backbone._examples(lm, _items("alice", 3, start=50))
+    base_loss = _loss(lm.model, lm.tokenizer, held_out)
+    peft_lm = backbone.model(lm)
+    with backbone.user_context(lm, ["alice"]) as kw:
+        adapted = _loss(peft_lm.model, lm.tokenizer, held_out, adapter_names=kw["adapter_names"])
+    assert adapted < base_loss - 0.3, (adapted, base_loss)  # nats per output token
+    # outside the backbone's contexts the adapter layers are off: the base model's loss
+    assert _loss(peft_lm.model, lm.tokenizer, held_out) == pytest.approx(base_loss, rel=1e-6)
+    backbone.close(lm)
+    for n, p in lm.model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad == grads[n], n
+    assert not any("lora" in n for n, _ in lm.model.named_modules())
+    assert not lm.model.training
+    saved = list((tmp_path / "adapters").glob("*/alice"))
+    assert len(saved) == 1
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in saved[0].iterdir()}
+    assert backbone.metrics()["backbone_n_adapters_trained"] == 1
+
+
+def test_mixed_adapter_batches_equal_each_row_alone_and_adapters_differ(tmp_path) -> None:
+    lm = _lm()
+    backbone, res = _backbone(tmp_path)
+    samples = _samples(("alice", "bob"))
+    backbone.fit(lm, samples, res)
+    peft_lm = backbone.model(lm)
+    texts = [render_chat(lm.tokenizer, p.text) for p in backbone.build_prompts(samples)]
+    mixed = _generate(peft_lm, texts, 4, lambda rows: backbone.model_context(lm, rows))
+    alone = [_generate(peft_lm, [t], 1, lambda rows, i=i: backbone.model_context(lm, [i]))[0]
+             for i, t in enumerate(texts)]
+    assert mixed == alone
+    base = _generate(peft_lm, texts, 4)  # no context: adapters off
+    assert mixed != base
+    a, b = samples[0], samples[2]
+    assert a.input == b.input  # the same prompt, a different user
+    assert mixed[0] != mixed[2]  # ... a different adapter, a different output
+    assert backbone.row_identity(0) != backbone.row_identity(2) != ""
+    backbone.close(lm)
+
+
+def test_a_user_adapter_does_not_change_when_another_is_trained_after_it(tmp_path) -> None:
+    lm = _lm()
+    first, res = _backbone(tmp_path)
+    alice = _samples(("alice",))
+    first.fit(lm, alice, res)
+    texts = [render_chat(lm.tokenizer, p.text) for p in first.build_prompts(alice)]
+    out_a = _generate(first.model(lm), texts, 2, lambda rows: first.model_context(lm, rows))
+    first.close(lm)
+    second, _ = _backbone(tmp_path)
+    both = _samples(("alice", "bob"))
+    second.fit(lm, both, res)
+    assert second.metrics()["backbone_n_adapters_loaded"] == 1  # alice's, from the cache
+    assert second.metrics()["backbone_n_adapters_trained"] == 1  # bob's
+    out_a2 = _generate(second.model(lm), texts, 2,
+                       lambda rows: second.model_context(lm, [both.index(alice[i]) for i in rows]))
+    assert out_a2 == out_a
+    second.close(lm)
+
+
+def test_steering_on_top_changes_the_output_again(tmp_path) -> None:
+    lm = _lm()
+    backbone, res = _backbone(tmp_path)
+    samples = _samples(("alice", "bob"))
+    backbone.fit(lm, samples, res)
+    peft_lm = backbone.model(lm)
+    texts = [render_chat(lm.tokenizer, p.text) for p in backbone.build_prompts(samples)]
+    ctx = lambda rows: backbone.model_context(lm, rows)  # noqa: E731
+    plain = _generate(peft_lm, texts, 4, ctx)
+    H = lm.model.config.hidden_size
+    vec = {(1, "mlp"): torch.randn(H, generator=torch.Generator().manual_seed(0)) * 8}
+
+    def steered(rows):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        kw = stack.enter_context(ctx(rows))
+        stack.enter_context(steer(peft_lm.model, vec))
+
+        class _C:
+            def __enter__(self):
+                return kw
+
+            def __exit__(self, *a):
+                return stack.__exit__(*a)
+
+        return _C()
+
+    assert _generate(peft_lm, texts, 4, steered) != plain
+    backbone.close(lm)
+
+
+# ------------------------------------------------------------------ cache, resume, damage, gaps
+
+
+def test_a_killed_run_resumes_without_training_an_adapter_twice(tmp_path, monkeypatch) -> None:
+    lm = _lm()
+    calls: list[str] = []
+    real = lora_mod.train_adapter
+
+    def counted(model, tok, examples, cfg, targets, train, seed, out_dir):
+        calls.append(out_dir.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while training the second user
+        return real(model, tok, examples, cfg, targets, train, seed, out_dir)
+
+    monkeypatch.setattr(lora_mod, "train_adapter", counted)
+    backbone, res = _backbone(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        backbone.fit(lm, _samples(("alice", "bob")), res)
+    assert calls == ["alice", "bob"]
+    assert not list((tmp_path / "adapters").glob("*/bob"))  # nothing half-written in place
+    backbone, _ = _backbone(tmp_path)
+    backbone.fit(lm, _samples(("alice", "bob")), res)
+    assert calls == ["alice", "bob", "bob"]
+    assert backbone.metrics()["backbone_n_adapters_loaded"] == 1
+    backbone.close(lm)
+
+
+def test_a_damaged_adapter_is_trained_again(tmp_path) -> None:
+    lm = _lm()
+    backbone, res = _backbone(tmp_path)
+    backbone.fit(lm, _samples(("alice",)), res)
+    backbone.close(lm)
+    (weights,) = (tmp_path / "adapters").glob("*/alice/adapter_model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:50])
+    backbone, _ = _backbone(tmp_path)
+    backbone.fit(lm, _samples(("alice",)), res)
+    assert backbone.metrics()["backbone_n_adapters_trained"] == 1
+    backbone.close(lm)
+
+
+def test_a_user_without_history_runs_the_base_model(tmp_path) -> None:
+    lm = _lm()
+    backbone, res = _backbone(tmp_path)
+    samples = _samples(("alice",)) + [Sample("carol-t0", "carol", "Headline: test story 0", "x", ())]
+    backbone.fit(lm, samples, res)
+    assert backbone.metrics()["backbone_n_users_without_adapter"] == 1
+    assert backbone.row_identity(len(samples) - 1) == ""
+    texts = [render_chat(lm.tokenizer, p.text) for p in backbone.build_prompts(samples)]
+    peft_lm = backbone.model(lm)
+    got = _generate(peft_lm, texts, 4, lambda rows: backbone.model_context(lm, rows))
+    assert got[-1] == _generate(peft_lm, texts[-1:], 1)[0]
+    backbone.close(lm)
+
+
+# ------------------------------------------------------------------ the whole pipeline
+
+
+def test_lora_and_lora_plus_steering_through_the_pipeline(tiny_overrides, tmp_path) -> None:
+    methods = ("methods=[{backbone: zero_shot}, {backbone: lora}, "
+               "{backbone: lora, steering: fine_grained, name: lora+fine_grained}]")
+    ov = ["+exp=demo", "fidelity=ours", *tiny_overrides, methods, "backbone.lora.train.epochs=1",
+          "steering.pairs.attempts=1"]
+    summary = run(ov, tmp_path / "run")
+    m = summary["methods"]
+    assert m["lora"]["n_generated"] == m["lora"]["n"]  # nothing reused from zero-shot's cache
+    assert m["lora"]["backbone_n_adapters_trained"] == 3
+    assert m["lora+fine_grained"]["backbone_n_adapters_loaded"] == 3
+    rows = {name: [json.loads(x) for x in (tmp_path / "run" / name / "predictions.jsonl")
+                   .read_text().splitlines()] for name in m}
+    assert [r["prompt"] for r in rows["lora"]] == [r["prompt"] for r in rows["zero_shot"]]
+    assert [r["cache_key"] for r in rows["lora"]] != [r["cache_key"] for r in rows["zero_shot"]]
+    assert m["lora+fine_grained"]["steering_n_pairs"] > 0
