@@ -10,7 +10,8 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-drift test test-fast bench bench-steering repro-demo sweep-demo \
+.PHONY: install demo demo-drift test test-fast bench bench-steering bench-backbones repro-demo \
+	repro-demo-backbones sweep-demo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
 install: $(VENV)/.installed
@@ -43,6 +44,9 @@ bench: install
 bench-steering: install
 	$(BIN)/python scripts/bench_steering.py --ablate --repeats 3
 
+bench-backbones: install  ## mixed-adapter batches, adapter training, best-of-N in one call
+	$(BIN)/python scripts/bench_backbones.py --repeats 2
+
 # Reproduction targets: a multirun into outputs/, then its tables and plots into results/.
 RUN := $(BIN)/python -m fints_repro.run
 define publish
@@ -56,6 +60,10 @@ repro-demo: install  ## all methods on the embedded data, 3 seeds (and the drift
 	$(call publish,repro-demo)
 	$(RUN) -m +exp=demo_drift logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-drift
 	$(call publish,repro-demo-drift)
+
+repro-demo-backbones: install  ## LoRA and reward-model backbones (+ steering), 3 seeds
+	$(RUN) -m +exp=demo_backbones logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-backbones
+	$(call publish,repro-demo-backbones)
 
 sweep-demo: install  ## layers x strengths of fine-grained steering on the embedded data
 	$(RUN) -m +exp=demo_sweep logger=none hydra.sweep.dir=outputs/sweep-demo
