@@ -31,7 +31,7 @@ demo: install
 demo-drift: install
 	$(BIN)/python -m fints_repro.run +exp=demo_drift
 
-test: install  ## everything, the end-to-end checks on the embedded model included (~6 min)
+test: install  ## everything, the end-to-end checks on the embedded model included (~10 min)
 	$(BIN)/python -m pytest -q
 
 test-fast: install  ## without the tests marked slow (~3 min)
