@@ -18,7 +18,6 @@ import torch
 
 from fints_repro.config import ModelConfig
 from fints_repro.generation import DecodingParams, generate_batches
-from fints_repro.models.kv_cache import reserved_cache
 from fints_repro.models.loading import load_model
 from fints_repro.models.tiny import tiny_model
 from fints_repro.steering.hooks import capture, steer
@@ -135,15 +134,13 @@ def _reference_generate(model, tok, prompt: str, v: torch.Tensor, positions: str
 
 
 def _cache_kwargs(model, cache: str) -> dict:
-    """generate() kwargs for a KV cache kind: transformers' default (dynamic), its static
-    cache (the model gets a prepared 4-D mask, per attention type for Qwen2), or ours."""
-    return {"dynamic": {}, "static": {"cache_implementation": "static"},
-            "reserved": {"past_key_values": reserved_cache(model, 2)}}[cache]
+    """generate() kwargs for a KV cache kind of transformers': its default (dynamic) or its
+    static cache (the model gets a prepared 4-D mask, per attention type for Qwen2)."""
+    return {"dynamic": {}, "static": {"cache_implementation": "static"}}[cache]
 
 
 @pytest.mark.parametrize(("arch", "cache"), [("llama", "dynamic"), ("gpt2", "dynamic"),
-                                             ("llama", "static"), ("qwen2", "static"),
-                                             ("llama", "reserved")])
+                                             ("llama", "static"), ("qwen2", "static")])
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
 def test_kv_cache_left_padding_and_positions_match_no_cache_reference(
         arch: str, cache: str, positions: str) -> None:
@@ -447,7 +444,7 @@ def _reference_generate_weighted(model, prompt: str, tok, v: torch.Tensor, w: to
 
 
 @pytest.mark.parametrize(("arch", "cache"), [("llama", "dynamic"), ("gpt2", "dynamic"),
-                                             ("llama", "static"), ("llama", "reserved")])
+                                             ("llama", "static"), ("qwen2", "static")])
 def test_position_weights_under_the_kv_cache_are_indexed_by_absolute_position(
         arch: str, cache: str) -> None:
     model, tok = _model(arch)
