@@ -10,6 +10,7 @@ model's state after the method are each checked directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -148,13 +149,19 @@ def test_an_adapter_learns_its_user_and_leaves_the_model_as_found(tmp_path) -> N
     assert backbone.metrics()["backbone_n_adapters_trained"] == 1
 
 
-def test_mixed_adapter_batches_equal_each_row_alone_and_adapters_differ(tmp_path) -> None:
+def _fitted(tmp_path, users):
+    """A LoRA backbone fitted on ``users``' samples: (lm, backbone, samples, the model it
+    generates with, the chat-rendered prompts)."""
     lm = _lm()
     backbone, res = _backbone(tmp_path)
-    samples = _samples(("alice", "bob"))
+    samples = _samples(users)
     backbone.fit(lm, samples, res)
-    peft_lm = backbone.model(lm)
     texts = [render_chat(lm.tokenizer, p.text) for p in backbone.build_prompts(samples)]
+    return lm, backbone, samples, backbone.model(lm), texts
+
+
+def test_mixed_adapter_batches_equal_each_row_alone_and_adapters_differ(tmp_path) -> None:
+    lm, backbone, samples, peft_lm, texts = _fitted(tmp_path, ("alice", "bob"))
     mixed = _generate(peft_lm, texts, 4, lambda rows: backbone.model_context(lm, rows))
     alone = [_generate(peft_lm, [t], 1, lambda rows, i=i: backbone.model_context(lm, [i]))[0]
              for i, t in enumerate(texts)]
@@ -188,32 +195,15 @@ def test_a_user_adapter_does_not_change_when_another_is_trained_after_it(tmp_pat
 
 
 def test_steering_on_top_changes_the_output_again(tmp_path) -> None:
-    lm = _lm()
-    backbone, res = _backbone(tmp_path)
-    samples = _samples(("alice", "bob"))
-    backbone.fit(lm, samples, res)
-    peft_lm = backbone.model(lm)
-    texts = [render_chat(lm.tokenizer, p.text) for p in backbone.build_prompts(samples)]
-    ctx = lambda rows: backbone.model_context(lm, rows)  # noqa: E731
-    plain = _generate(peft_lm, texts, 4, ctx)
+    lm, backbone, _, peft_lm, texts = _fitted(tmp_path, ("alice", "bob"))
+    plain = _generate(peft_lm, texts, 4, lambda rows: backbone.model_context(lm, rows))
     H = lm.model.config.hidden_size
     vec = {(1, "mlp"): torch.randn(H, generator=torch.Generator().manual_seed(0)) * 8}
 
-    def steered(rows):
-        import contextlib
-
-        stack = contextlib.ExitStack()
-        kw = stack.enter_context(ctx(rows))
-        stack.enter_context(steer(peft_lm.model, vec))
-
-        class _C:
-            def __enter__(self):
-                return kw
-
-            def __exit__(self, *a):
-                return stack.__exit__(*a)
-
-        return _C()
+    @contextlib.contextmanager
+    def steered(rows):  # each row's adapter, and the vector on top
+        with backbone.model_context(lm, rows) as kw, steer(peft_lm.model, vec):
+            yield kw
 
     assert _generate(peft_lm, texts, 4, steered) != plain
     backbone.close(lm)

@@ -133,18 +133,26 @@ def train_adapter(model, tok, examples: list[dict], lora_cfg, targets: list[str]
                                                                    label_pad_token_id=-100))
             trainer.remove_callback(PrinterCallback)  # no metrics dict printed per user
             result = trainer.train()
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
-        try:
-            peft_model.save_pretrained(tmp)
-            os.replace(tmp, out_dir)  # complete, or not there at all
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(peft_model, out_dir)
         return float(result.training_loss)
     finally:
         peft_model.base_model.unload()
         for n, p in model.named_parameters():
             p.requires_grad_(grads.get(n, p.requires_grad))
         model.eval()
+
+
+def save_adapter(peft_model, out_dir: Path) -> None:
+    """Save a PEFT model's adapter in PEFT's format into ``out_dir``, atomically: written to
+    a temporary directory beside it and renamed into place, so ``out_dir`` is complete or
+    not there at all (a kill mid-save leaves nothing that looks trained)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    try:
+        peft_model.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _adapter_name(i: int) -> str:

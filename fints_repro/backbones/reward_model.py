@@ -44,7 +44,6 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import os
 import random
 import re
 import shutil
@@ -57,7 +56,7 @@ import numpy as np
 import torch
 
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
-from fints_repro.backbones.lora import _safe, target_modules
+from fints_repro.backbones.lora import _safe, save_adapter, target_modules
 from fints_repro.cache import GenerationStore, content_hash, lock_for
 from fints_repro.config import BackboneConfig
 from fints_repro.data.schema import HistoryItem, Sample
@@ -282,13 +281,7 @@ def train_reward_model(enc: Encoder, examples: list[dict], rm, targets: list[str
                                         processing_class=enc.tokenizer)
                 trainer.remove_callback(PrinterCallback)  # no metrics dict printed per user
                 result = trainer.train()
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
-            try:
-                peft_model.save_pretrained(tmp)
-                os.replace(tmp, out_dir)  # complete, or not there at all
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(peft_model, out_dir)
             return float(result.training_loss)
         finally:
             peft_model.base_model.unload()
