@@ -55,7 +55,7 @@ define publish
 	for f in outputs/$(1)/*.png; do if [ -e "$$f" ]; then cp "$$f" results/$(1)/; fi; done
 endef
 
-repro-demo: install  ## all methods on the embedded data, 3 seeds (and the drift setting)
+repro-demo: install repro-demo-backbones  ## all methods and backbones on the embedded data, 3 seeds (and the drift setting)
 	$(RUN) -m +exp=demo logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo
 	$(call publish,repro-demo)
 	$(RUN) -m +exp=demo_drift logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-drift

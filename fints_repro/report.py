@@ -95,7 +95,8 @@ def seed_table(rows: list[dict[str, Any]], others: list[str], scores: list[str]
                ) -> list[dict[str, Any]]:
     """Per (other overrides, method): mean ± sd over seeds of each score, and for a steered
     method ``B+S`` the paired difference to its backbone ``B`` on the same seed (seeds
-    draw different data, so the paired difference is the comparison that means something)."""
+    draw different data, so the paired difference is the comparison that means something):
+    ``"Δ vs": B`` and ``Δ<score>`` (``seed_columns`` names the columns)."""
     ok = [r for r in rows if r["status"] == "ok"]
     by_seed = {(tuple(str(r.get(k)) for k in others), r["method"], str(r.get("seed"))): r for r in ok}
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -114,9 +115,27 @@ def seed_table(rows: list[dict[str, Any]], others: list[str], scores: list[str]
                 deltas = [m[s] - by_seed[(over, base, str(m.get("seed")))][s] for m in members
                           if (over, base, str(m.get("seed"))) in by_seed]
                 if deltas:
-                    row[f"Δ{s} vs {base}"] = _mean_sd(deltas)
+                    row["Δ vs"] = base
+                    row[f"Δ{s}"] = _mean_sd(deltas)
         out.append(row)
     return out
+
+
+def seed_columns(table: list[dict[str, Any]], others: list[str], scores: list[str]
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The seed table's rows and columns for print: with one backbone to compare against,
+    ``Δ<score> vs <backbone>`` columns; with several (a preset over backbones), one ``Δ vs``
+    column naming each row's backbone and one ``Δ<score>`` column per score, instead of a
+    sparse column per (score, backbone)."""
+    score_cols = [s for s in scores if any(s in t for t in table)]
+    bases = sorted({t["Δ vs"] for t in table if "Δ vs" in t})
+    deltas = [f"Δ{s}" for s in score_cols if any(f"Δ{s}" in t for t in table)]
+    cols = [*others, "method", "seeds", *score_cols]
+    if len(bases) == 1:
+        named = {d: f"{d} vs {bases[0]}" for d in deltas}
+        table = [{named.get(k, k): v for k, v in t.items() if k != "Δ vs"} for t in table]
+        return table, cols + list(named.values())
+    return table, cols + (["Δ vs", *deltas] if bases else [])
 
 
 def _num(v: Any) -> float | str:
@@ -230,9 +249,7 @@ def write_report(root: Path) -> dict[str, Path]:
         others = [k for k in over_keys if k != "seed"]
         table = seed_table(rows, others, scores)
         out["seeds"] = root / "seeds.md"
-        score_cols = [s for s in scores if any(s in t for t in table)]
-        delta_cols = sorted({k for t in table for k in t if k.startswith("Δ")})
-        cols = [*others, "method", "seeds", *score_cols, *delta_cols]
+        table, cols = seed_columns(table, others, scores)
         out["seeds"].write_text(header + "\n\nMean ± sample standard deviation over seeds; Δ: paired difference to the method's backbone on the same seed.\n\n"
                                 + markdown(table, cols))
     metric = task["primary"] if any(task["primary"] in r for r in rows) else None

@@ -32,3 +32,39 @@ def test_report_tables_from_a_seed_sweep_with_a_failed_job(tmp_path: Path) -> No
     assert all(0.0 <= float(r["rougeL"]) <= 1.0 for r in ok)
     seeds = out["seeds"].read_text()
     assert "| 1 | rag | 2 |" in seeds and "| 2 | rag | 1 |" in seeds  # backbone.k=1: 2 seeds
+
+
+def _job(seed: int, method: str, rougeL: float) -> dict:
+    return {"status": "ok", "seed": seed, "method": method, "rougeL": rougeL}
+
+
+def test_seed_table_means_and_paired_differences_as_computed_by_hand() -> None:
+    import statistics
+
+    from fints_repro.report import seed_columns, seed_table
+
+    rows = [_job(0, "rag", 0.40), _job(1, "rag", 0.50), _job(2, "rag", 0.30),
+            _job(0, "rag+caa", 0.42), _job(1, "rag+caa", 0.49), _job(2, "rag+caa", 0.35),
+            _job(0, "lora", 0.10), _job(1, "lora", 0.20),
+            _job(0, "lora+caa", 0.13), _job(1, "lora+caa", 0.26),
+            {"status": "failed", "seed": 2, "method": "lora", "rougeL": None}]
+    table = {t["method"]: t for t in seed_table(rows, [], ["rougeL"])}
+    sd = statistics.stdev
+    assert table["rag"]["rougeL"] == f"{0.4:.4f} ± {sd([0.4, 0.5, 0.3]):.4f}"
+    assert table["rag"]["seeds"] == 3 and "Δ vs" not in table["rag"]
+    # paired per seed: (0.42-0.40, 0.49-0.50, 0.35-0.30)
+    d = [0.02, -0.01, 0.05]
+    assert table["rag+caa"]["Δ vs"] == "rag"
+    assert table["rag+caa"]["ΔrougeL"] == f"{statistics.mean(d):.4f} ± {sd(d):.4f}"
+    # lora's failed seed-2 job: two seeds, both paired
+    assert table["lora+caa"]["seeds"] == 2
+    assert table["lora+caa"]["ΔrougeL"] == f"{0.045:.4f} ± {sd([0.03, 0.06]):.4f}"
+
+    # several backbones: one "Δ vs" column naming each row's backbone
+    printed, cols = seed_columns(list(table.values()), [], ["rougeL"])
+    assert cols == ["method", "seeds", "rougeL", "Δ vs", "ΔrougeL"]
+    # one backbone: the column names say which
+    one = seed_table([r for r in rows if r["method"].startswith("rag")], [], ["rougeL"])
+    printed, cols = seed_columns(one, [], ["rougeL"])
+    assert cols == ["method", "seeds", "rougeL", "ΔrougeL vs rag"]
+    assert printed[1]["ΔrougeL vs rag"] == table["rag+caa"]["ΔrougeL"] and "Δ vs" not in printed[1]
