@@ -69,7 +69,7 @@ def main() -> None:
     load_methods()
     real_pairs = rm_mod._user_pairs
     out: dict = {"every": args.every, "seeds": {}}
-    pooled = {"trained": [0, 0], "untrained": [0, 0]}
+    totals = [0, 0, 0]  # held-out pairs, ranked right trained, ranked right untrained
     for seed in args.seeds:
         overrides = ["+exp=demo_backbones", "backbone=reward_model", "logger=none",
                      "progress=false", f"seed={seed}"]
@@ -97,20 +97,16 @@ def main() -> None:
         raw = rm_mod.score_sequences(bb.encoder.model, seqs, lm.tokenizer.pad_token_id,
                                      bb.rm.score_batch_size)
         bb.close(lm)
-        kept = [(r, u) for r, u in zip(scores, zip(raw[0::2], raw[1::2])) if r is not None]
-        wins = sum(r[0] > r[1] for r, _ in kept)
-        floor = sum(u[0] > u[1] for _, u in kept)
-        n = len(kept)
-        pooled["trained"][0] += wins
-        pooled["untrained"][0] += floor
-        pooled["trained"][1] += n
-        pooled["untrained"][1] += n
-        per_user = {}
-        for (s, p), r in zip(rows, scores):
-            if r is not None:
-                w = per_user.setdefault(p.user, [0, 0])
-                w[0] += r[0] > r[1]
-                w[1] += 1
+        per_user: dict[str, list[int]] = {}
+        wins = floor = n = 0
+        for (_, p), r, u in zip(rows, scores, zip(raw[0::2], raw[1::2])):
+            if r is None:  # a user without a reward model
+                continue
+            w = per_user.setdefault(p.user, [0, 0])
+            w[0] += r[0] > r[1]
+            w[1] += 1
+            wins, floor, n = wins + (r[0] > r[1]), floor + (u[0] > u[1]), n + 1
+        totals = [totals[0] + n, totals[1] + wins, totals[2] + floor]
         result = {"pairs": sum(len(v) for v in pairs.values()),
                   "train_pairs": sum(len(v) for v in train.values()), "held_out": n,
                   "accuracy": round(wins / n, 4) if n else None,
@@ -121,8 +117,7 @@ def main() -> None:
                   "reward_models_trained": bb.metrics().get("backbone_n_reward_models_trained")}
         out["seeds"][seed] = result
         note(f"seed {seed}", result)
-    w, n = pooled["trained"]
-    f, _ = pooled["untrained"]
+    n, w, f = totals
     out["pooled"] = {"held_out": n, "accuracy": round(w / n, 4) if n else None,
                      "p_value_vs_chance": round(sign_test(w, n), 6),
                      "untrained_accuracy": round(f / n, 4) if n else None}

@@ -63,6 +63,8 @@ def test_seed_table_means_and_paired_differences_as_computed_by_hand() -> None:
     # several backbones: one "Δ vs" column naming each row's backbone
     printed, cols = seed_columns(list(table.values()), [], ["rougeL"])
     assert cols == ["method", "seeds", "rougeL", "Δ vs", "ΔrougeL"]
+    assert [(t["method"], t.get("Δ vs")) for t in printed] == [
+        ("rag", None), ("rag+caa", "rag"), ("lora", None), ("lora+caa", "lora")]
     # one backbone: the column names say which
     one = seed_table([r for r in rows if r["method"].startswith("rag")], [], ["rougeL"])
     printed, cols = seed_columns(one, [], ["rougeL"])

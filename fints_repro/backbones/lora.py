@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -216,19 +216,16 @@ class LoRA(Backbone):
             key = content_hash([recipe, examples])
             self.keys[user] = key
             path = cache_dir / key / _safe(user)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with lock_for(path):
-                if _complete(path):
-                    loaded += 1
-                    continue
-                shutil.rmtree(path, ignore_errors=True)
-                t0 = time.time()
-                losses.append(train_adapter(lm.model, lm.tokenizer, examples, self.lcfg, targets,
-                                            self.lcfg.train, seed, path))
-                seconds.append(time.time() - t0)
-                trained += 1
-                log.info("lora: adapter of user %s trained in %.1f s (%d items) into %s",
-                         user, seconds[-1], len(examples), path)
+            done = train_once(path, "lora: the adapter", lambda out, ex=examples: train_adapter(
+                lm.model, lm.tokenizer, ex, self.lcfg, targets, self.lcfg.train, seed, out))
+            if done is None:
+                loaded += 1
+                continue
+            losses.append(done[0])
+            seconds.append(done[1])
+            trained += 1
+            log.info("lora: adapter of user %s trained in %.1f s (%d items) into %s",
+                     user, seconds[-1], len(examples), path)
         self._load(lm, cache_dir)
         n_without = sum(1 for u in users if not self.keys[u])
         if n_without:
@@ -303,23 +300,37 @@ def _safe(user: str) -> str:
     return s if s and s not in (".", "..") else f"user_{content_hash(user)}"
 
 
-def _complete(path: Path) -> bool:
-    """A saved adapter: its config and weights, the weights readable."""
-    if not (path / "adapter_config.json").is_file():
-        return False
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
+def adapter_complete(path: Path, what: str) -> bool:
+    """Is a complete adapter saved in ``path`` (PEFT's config and weights, both readable)?
+    A damaged one is named in a warning (``what``: whose it is) and counts as absent."""
+    import json
+
+    from safetensors import safe_open
+
+    config, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not (config.is_file() and weights.is_file()):
         return False
     try:
-        from safetensors import safe_open
-
+        json.loads(config.read_text())
         with safe_open(str(weights), framework="pt") as f:
             for k in f.keys():
                 f.get_tensor(k)
-        import json
-
-        json.loads((path / "adapter_config.json").read_text())
         return True
     except Exception as e:  # noqa: BLE001  (any damage: train it again)
-        log.warning("lora: the adapter in %s is damaged (%s): training it again", path, e)
+        log.warning("%s in %s is damaged (%s): training it again", what, path, e)
         return False
+
+
+def train_once(path: Path, what: str, train: Callable[[Path], float]) -> tuple[float, float] | None:
+    """One per-user adapter cached in ``path``, trained at most once even by parallel runs:
+    under the path's lock, None when a complete one is saved there (the caller loads it);
+    otherwise whatever is there (partial, damaged) is removed, ``train(path)`` trains and
+    saves it (atomically, ``save_adapter``) and (its loss, seconds taken) is returned."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_for(path):
+        if adapter_complete(path, what):
+            return None
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.time()
+        loss = train(path)
+        return loss, time.time() - t0

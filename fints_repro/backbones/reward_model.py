@@ -46,7 +46,6 @@ import dataclasses
 import logging
 import random
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -56,8 +55,8 @@ import numpy as np
 import torch
 
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
-from fints_repro.backbones.lora import _safe, save_adapter, target_modules
-from fints_repro.cache import GenerationStore, content_hash, lock_for
+from fints_repro.backbones.lora import _safe, save_adapter, target_modules, train_once
+from fints_repro.cache import GenerationStore, content_hash
 from fints_repro.config import BackboneConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
@@ -314,26 +313,6 @@ def score_sequences(model: torch.nn.Module, seqs: Sequence[list[int]], pad_token
     return out
 
 
-def _complete(path: Path) -> bool:
-    """A saved reward model: its adapter config and weights, both readable."""
-    import json
-
-    from safetensors import safe_open
-
-    config, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not (config.is_file() and weights.is_file()):
-        return False
-    try:
-        json.loads(config.read_text())
-        with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():
-                f.get_tensor(k)
-        return True
-    except Exception as e:  # noqa: BLE001  (any damage: train it again)
-        log.warning("reward_model: the reward model in %s is damaged (%s): training it again", path, e)
-        return False
-
-
 # ------------------------------------------------------------------ the judge
 
 # The verdict: "A" or "B" (capital, a word of its own) at the start of the answer, after an
@@ -491,18 +470,17 @@ class RewardModel(Backbone):
                          "rejected_ids": self._ids(p.question, p.rejected)} for p in self.pairs[user]]
             self.keys[user] = content_hash([recipe, examples])
             path = self._path(user)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with lock_for(path):
-                if _complete(path):
-                    loaded += 1
-                    continue
-                shutil.rmtree(path, ignore_errors=True)
-                t0 = time.time()
-                losses.append(train_reward_model(self.encoder, examples, self.rm, targets, seed, path))
-                seconds.append(time.time() - t0)
-                trained += 1
-                log.info("reward_model: reward model of user %s trained in %.1f s (%d pairs) into %s",
-                         user, seconds[-1], len(examples), path)
+            done = train_once(path, "reward_model: the reward model",
+                              lambda out, ex=examples: train_reward_model(
+                                  self.encoder, ex, self.rm, targets, seed, out))
+            if done is None:
+                loaded += 1
+                continue
+            losses.append(done[0])
+            seconds.append(done[1])
+            trained += 1
+            log.info("reward_model: reward model of user %s trained in %.1f s (%d pairs) into %s",
+                     user, seconds[-1], len(examples), path)
         n_without = len(users) - len(with_pairs)
         if n_without:
             log.warning("reward_model: %d user(s) have no pairs: their first candidate is the "
