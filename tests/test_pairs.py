@@ -135,14 +135,14 @@ def test_threshold_filter_keeps_exactly_the_dissimilar_non_empty_attempts(
             f = scorer.score(h.output, rejected)["rougeL"].fmeasure if rejected else None
             if f is not None and f < DATASET.pair_rouge_threshold:
                 expected[s.user].append((h.id, rejected, f))
-    assert {u: [(p.item_id, p.rejected, p.rouge_l) for p in ps] for u, ps in out.items()} == expected
+    assert {u: [(p.item_id, p.rejected, p.score) for p in ps] for u, ps in out.items()} == expected
     kept = [item_id for ps in expected.values() for item_id, *_ in ps]
     assert kept == [h.id for j, h in enumerate(items) if j % 4 == 1]  # the near misses score >= 0.15
     assert all(p.chosen == next(h.output for h in items if h.id == p.item_id)
                for ps in out.values() for p in ps)
     stats = pair_stats(out)
     assert stats["n_users"] == 3 and stats["n_pairs"] == len(kept)
-    assert stats["mean_rouge_l"] == 0.0
+    assert stats["mean_score"] == 0.0
 
 
 def test_every_passing_attempt_is_kept_in_history_then_attempt_order(
@@ -212,7 +212,7 @@ def test_a_single_user_gets_no_pairs_and_no_crash(lm, samples, tmp_path, caplog)
     assert out == {samples[0].user: []}
     assert "no other user has history" in caplog.text
     assert pair_stats(out) == {"n_users": 1, "n_pairs": 0, "n_users_without_pairs": 1,
-                               "mean_rouge_l": None}
+                               "mean_score": None}
 
 
 
@@ -333,7 +333,7 @@ def test_rouge_impl_decides_which_attempts_are_kept(lm, samples, tmp_path, monke
         if f < DATASET.pair_rouge_threshold:
             want[h.id] = f
     assert len(want) >= 5
-    assert {p.item_id: p.rouge_l for ps in pkg.values() for p in ps} == want
+    assert {p.item_id: p.score for ps in pkg.values() for p in ps} == want
 
 
 @pytest.mark.parametrize("cfg, match", [

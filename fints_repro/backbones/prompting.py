@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt
+from fints_repro.config import DatasetConfig
 from fints_repro.data.schema import HistoryItem, Sample
 
 
@@ -14,6 +15,17 @@ def truncate_words(text: str, n: int | None) -> str:
         return text
     words = text.split()
     return text if len(words) <= n else " ".join(words[:n]) + " ..."
+
+
+def render_with_history(d: DatasetConfig, text: str, items: Sequence[HistoryItem]) -> str:
+    """``text`` after ``items`` by the dataset's RAG templates (``{i}``: the item's 0-based
+    position, the authors' "Historical sample i"); no items: ``text`` alone."""
+    if not items:
+        return text
+    shown = [d.history_template.format(i=i, input=truncate_words(h.input, d.history_max_words),
+                                       output=h.output)
+             for i, h in enumerate(items)]
+    return d.rag_prompt_template.format(history=d.history_separator.join(shown), input=text)
 
 
 @BACKBONES.register("zero_shot")
@@ -34,20 +46,15 @@ class RAG(Backbone):
         self.k = cfg.k if cfg.k is not None else self.dataset.rag_k
 
     def render(self, sample: Sample, items: Sequence[HistoryItem]) -> str:
-        d = self.dataset
-        if not items:  # empty history: the prompt is the zero-shot one
-            return sample.input
-        # `{i}` in the template: the item's 0-based position (the authors' "Historical sample i")
-        shown = [
-            d.history_template.format(
-                i=i, input=truncate_words(h.input, d.history_max_words), output=h.output
-            )
-            for i, h in enumerate(items)
-        ]
-        return d.rag_prompt_template.format(history=d.history_separator.join(shown),
-                                            input=sample.input)
+        return render_with_history(self.dataset, sample.input, items)
 
     def build_prompts(self, samples: Sequence[Sample]) -> list[Prompt]:
+        if self.cfg.memory == "last":  # the k most recent items, most recent first
+            prompts = []
+            for s in samples:
+                items = sorted(s.history, key=lambda h: -(h.timestamp or 0.0))[: self.k]
+                prompts.append(Prompt(self.render(s, items), [h.id for h in items]))
+            return prompts
         with_history = [i for i, s in enumerate(samples) if s.history]
         rankings: dict[int, list[tuple[int, float]]] = {}
         if with_history and self.k > 0:

@@ -1,5 +1,6 @@
-"""BM25 over each user's history, with bm25s (its default Lucene variant: k1=1.5, b=0.75,
-idf = ln(1 + (N - df + 0.5) / (df + 0.5)))."""
+"""BM25 with bm25s (its default Lucene variant, idf = ln(1 + (N - df + 0.5) / (df + 0.5));
+k1=1.5, b=0.75 unless given): over each user's history (the ``bm25`` retriever), and over
+a catalogue (function calling's search tool, k1=0.9, b=0.4 as Lucene's searcher)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def _tokenize(texts: list[str]):
 class BM25Retriever:
     name = "bm25"
 
+    def __init__(self, k1: float = 1.5, b: float = 0.75):
+        self.k1, self.b = k1, b
+
     def rank_many(
         self, queries: Sequence[str], docs_per_query: Sequence[Sequence[str]], k: int
     ) -> list[Ranking]:
@@ -32,7 +36,7 @@ class BM25Retriever:
             doc_tokens = _tokenize(list(docs))
             index = None
             if any(len(ids) for ids in doc_tokens.ids):  # else: nothing to match, all zeros
-                index = bm25s.BM25()
+                index = bm25s.BM25(k1=self.k1, b=self.b)
                 index.index(doc_tokens, show_progress=False)
             q_tokens = _tokenize([queries[i] for i in qidx])
             vocab_inv = {v: t for t, v in q_tokens.vocab.items()}

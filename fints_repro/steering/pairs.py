@@ -62,7 +62,7 @@ class Pair:
     question: str  # what the answers are appended to for extraction and retrieval
     chosen: str  # the user's own output for the history item
     rejected: str  # the generator's output
-    rouge_l: float  # ROUGE-L F(rejected, chosen) by steering.pairs.rouge_impl
+    score: float  # what the task judged the pair by (text: ROUGE-L F(rejected, chosen))
     attempt: int
 
 
@@ -149,23 +149,24 @@ def extract_answer(generation: str, dataset: DatasetConfig, layout: str = "compa
 
 
 def _draw_others(
-    rng: random.Random, others: Sequence[str], history: dict[str, list[HistoryItem]], k: int
+    rng: random.Random, others: Sequence[str], history: Mapping[str, Sequence[HistoryItem]], k: int
 ) -> list[HistoryItem]:
     """k items of other users, with replacement: a random user, then a random item of theirs."""
     return [rng.choice(history[rng.choice(others)]) for _ in range(k)]
 
 
 def _plan_attempts(
-    history: dict[str, list[HistoryItem]], users: Sequence[str], dataset: DatasetConfig, k: int,
-    attempts: int, seed: int, layout: str,
+    history: dict[str, list[HistoryItem]], users: Sequence[str], k: int, attempts: int,
+    seed: int, layout: str, task: "Task", pool: Mapping[str, Sequence[HistoryItem]],
 ) -> list[_Attempt]:
-    """Attempts for the items of ``users``; other users' items come from all of ``history``."""
-    with_history = [u for u, items in history.items() if items]
+    """Attempts for the items of ``users``; other users' items are drawn from ``pool``
+    (the task's ``pair_pool``: by default ``history`` itself)."""
+    with_pool = [u for u, items in pool.items() if items]
     plan: list[_Attempt] = []
     stranded = []
     for user in users:
         items = history[user]
-        others = [u for u in with_history if u != user]
+        others = [u for u in with_pool if u != user]
         if items and not others:
             stranded.append(user)
             continue
@@ -174,8 +175,7 @@ def _plan_attempts(
                 continue
             for a in range(attempts):
                 rng = random.Random(f"{seed}|{user}|{item.id}|{a}")
-                prompt = generator_prompt(_draw_others(rng, others, history, k), item, dataset,
-                                          layout)
+                prompt = task.pair_prompt(_draw_others(rng, others, pool, k), item, layout)
                 plan.append(_Attempt(user, item, a, prompt))
     if stranded:
         log.warning("pairs: no other user has history for %d user(s) (%s): they get no pairs",
@@ -248,7 +248,13 @@ def build_pairs(
     else:
         history = {u: list(items_by_user.get(u, ())) for u in sorted(set(items_by_user) | set(users))}
     layout = cfg.prompt_layout
-    plan = _plan_attempts(history, users, dataset, k, cfg.attempts, seed, layout)
+    if task is None:
+        from fints_repro.config import EvalConfig, GenerationConfig
+        from fints_repro.tasks import build_task
+
+        task = build_task(dataset, GenerationConfig(), EvalConfig(), seed)
+    plan = _plan_attempts(history, users, k, cfg.attempts, seed, layout, task,
+                          task.pair_pool(history))
     out: dict[str, list[Pair]] = {u: [] for u in users}
     if not plan:
         return out
@@ -279,31 +285,29 @@ def build_pairs(
     generation = dict(zip(prompts, _generate_cached(lm, texts, params, cfg.batch_size,
                                                     cache_dir, progress)))
 
-    if task is None:
-        from fints_repro.config import EvalConfig, GenerationConfig
-        from fints_repro.tasks import build_task
-
-        task = build_task(dataset, GenerationConfig(), EvalConfig())
+    kept = []
     for p in plan:
-        rejected = extract_answer(generation[p.prompt], dataset, layout)
-        if not rejected.strip():
-            continue
-        chosen = p.item.output
-        verdict = task.accept_pair(chosen, rejected, cfg)
-        score = verdict.score
+        rejected = task.pair_answer(generation[p.prompt], layout)
+        if rejected.strip():
+            kept.append((p, rejected))
+    verdicts = task.accept_pairs([(p.item.output, r, p.item) for p, r in kept], cfg)
+    for (p, rejected), verdict in zip(kept, verdicts):
         if verdict.keep:
             question = (item_question(p.item, dataset, layout)
                         if cfg.question == "task" else p.prompt)
-            out[p.user].append(Pair(p.user, p.item.id, question, chosen, rejected, score, p.attempt))
+            chosen, rejected = task.pair_sides(p.item.output, rejected, cfg)
+            out[p.user].append(Pair(p.user, p.item.id, question, chosen, rejected,
+                                    verdict.score, p.attempt))
     return out
 
 
 def pair_stats(pairs: dict[str, list[Pair]]) -> dict[str, Any]:
-    """Counts for logging: users, pairs, users left without pairs, mean ROUGE-L of the kept."""
-    scores = [p.rouge_l for ps in pairs.values() for p in ps]
+    """Counts for logging: users, pairs, users left without pairs, the mean score of the kept
+    (text tasks: ROUGE-L F)."""
+    scores = [p.score for ps in pairs.values() for p in ps]
     return {
         "n_users": len(pairs),
         "n_pairs": len(scores),
         "n_users_without_pairs": sum(1 for ps in pairs.values() if not ps),
-        "mean_rouge_l": sum(scores) / len(scores) if scores else None,
+        "mean_score": sum(scores) / len(scores) if scores else None,
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
@@ -54,8 +54,11 @@ class Task:
     metric_names: tuple[str, ...] = ()
     primary_metric: str = ""
 
-    def __init__(self, dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig):
+    def __init__(self, dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig,
+                 seed: int = 0):
+        # seed: the run's (a generated dataset, e.g. the demos, depends on it)
         self.dataset, self.generation, self.evaluation = dataset, generation, evaluation
+        self.seed = seed
 
     # ---- prompt pieces -------------------------------------------------------------
     def question(self, item_input: str) -> str:
@@ -104,21 +107,51 @@ class Task:
         the run's ``steering.pairs`` (e.g. which ROUGE implementation judges it)."""
         raise NotImplementedError
 
+    def accept_pairs(self, triples: Sequence[tuple[str, str, HistoryItem]],
+                     pairs: PairsConfig | None = None) -> list[PairVerdict]:
+        """``accept_pair`` for many (chosen, rejected, item) at once (a task that executes
+        calls batches them)."""
+        return [self.accept_pair(c, r, pairs) for c, r, _ in triples]
+
+    # ---- how the pair generator is prompted (steering/pairs.py) ------------------------
+    def pair_pool(self, items: Mapping[str, Sequence[HistoryItem]]) -> Mapping[str, Sequence[HistoryItem]]:
+        """Per user, the items a generator prompt draws *other* users' items from
+        (default: the items pairs are made from)."""
+        return items
+
+    def pair_prompt(self, others: Sequence[HistoryItem], item: HistoryItem, layout: str) -> str:
+        """The generator's user turn for ``item`` with ``others`` (other users' items)."""
+        from fints_repro.steering.pairs import generator_prompt
+
+        return generator_prompt(others, item, self.dataset, layout)
+
+    def pair_answer(self, generation: str, layout: str) -> str:
+        """What a generation contributes as the rejected side ("" = no pair)."""
+        from fints_repro.steering.pairs import extract_answer
+
+        return extract_answer(generation, self.dataset, layout)
+
+    def pair_sides(self, chosen: str, rejected: str, pairs: PairsConfig | None = None
+                   ) -> tuple[str, str]:
+        """The two sides as extraction reads them (default: as they are)."""
+        return chosen, rejected
+
     def describe(self) -> dict[str, Any]:
         """What reports need to know (written into every run's metrics.json)."""
         return {"name": self.name, "metrics": list(self.metric_names),
                 "primary": self.primary_metric}
 
 
-TaskFactory = Callable[[DatasetConfig, GenerationConfig, EvalConfig], Task]
+TaskFactory = Callable[..., Task]
 TASKS: Registry[TaskFactory] = Registry("task")
 
 
 def load_tasks() -> None:
     """Import the task modules so they register themselves."""
-    from fints_repro.tasks import text_gen  # noqa: F401
+    from fints_repro.tasks import function_calling, text_gen  # noqa: F401
 
 
-def build_task(dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig) -> Task:
+def build_task(dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig,
+               seed: int = 0) -> Task:
     load_tasks()
-    return TASKS.get(dataset.task_type, "dataset.task_type")(dataset, generation, evaluation)
+    return TASKS.get(dataset.task_type, "dataset.task_type")(dataset, generation, evaluation, seed)

@@ -23,9 +23,10 @@ _METRIC_SCORES = {"rouge": ("rouge1", "rougeL"), "meteor": ("meteor",)}
 class TextGenTask(Task):
     name = "text_gen"
     target_type = str
+    scores_with_metric_functions = True  # dataset.metrics names functions of eval/metrics.py
 
-    def __init__(self, dataset, generation, evaluation):
-        super().__init__(dataset, generation, evaluation)
+    def __init__(self, dataset, generation, evaluation, seed=0):
+        super().__init__(dataset, generation, evaluation, seed)
         self.metric_names = tuple(n for m in dataset.metrics for n in _METRIC_SCORES.get(m, (m,)))
         self.primary_metric = "rougeL" if "rougeL" in self.metric_names else self.metric_names[0]
         self._post = POSTPROCESS.get(generation.postprocess, "generation.postprocess")
