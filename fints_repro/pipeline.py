@@ -83,7 +83,8 @@ class Resources:
             return self.lm
         if name not in self._models:
             mcfg: ModelConfig = compose_group(self.overrides, "model", name)
-            self._models[name] = load_model(mcfg, self.cfg.cache_dir)
+            self._models[name] = with_task_system_prompt(load_model(mcfg, self.cfg.cache_dir),
+                                                         self.cfg.dataset.system_prompt)
         return self._models[name]
 
     def train_items(self) -> dict[str, list[HistoryItem]]:
@@ -98,8 +99,9 @@ class Resources:
             items: dict[str, dict[str, HistoryItem]] = {}
             for s in load_samples(whole, seed=self.cfg.seed):
                 mine = items.setdefault(s.user, {})
-                if s.target is not None:
-                    mine.setdefault(s.id, HistoryItem(s.id, s.input, s.target, s.timestamp))
+                if s.target is not None:  # meta: the task behind the item (function calling)
+                    mine.setdefault(s.id, HistoryItem(s.id, s.input, s.target, s.timestamp,
+                                                      meta={"sample": s}))
                 if d.train_items_with_profile:
                     for h in s.history:
                         mine.setdefault(h.id, h)
@@ -116,6 +118,15 @@ class Resources:
             layers_path=self.cfg.model.layers_path, progress=self.cfg.progress,
             pair_items=self.train_items, overlength=self.cfg.generation.overlength,
         )
+
+
+def with_task_system_prompt(lm: LoadedModel, system_prompt: str | None) -> LoadedModel:
+    """``lm`` whose chat prompts start with the task's system prompt (``dataset.
+    system_prompt``: function calling's rules and tools), then the model's own."""
+    if not system_prompt:
+        return lm
+    both = system_prompt if not lm.system_prompt else f"{system_prompt}\n\n{lm.system_prompt}"
+    return dataclasses.replace(lm, system_prompt=both)
 
 
 def _row_key(store_key: str, text: str, digest: str, identity: str, candidate: int | None) -> str:
@@ -191,7 +202,7 @@ def _run_method(
     run_dir: Path, resources: Resources, backbone: Backbone,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     task = resources.task
-    t0 = time.time()
+    t0 = t_method = time.time()
     backbone.fit(base_lm, samples, resources, method.steering)
     lm = backbone.model(base_lm)  # what generation and extraction run on
     t_fit = time.time() - t0
@@ -263,10 +274,12 @@ def _run_method(
     candidates = [done[i] for i in range(len(texts))]
     chosen, select_info = backbone.select(samples, candidates)
     raw = [c[j] for c, j in zip(candidates, chosen)]
+    t_score = time.time()
     preds = [task.parse(r) for r in raw]
     if any(s.target is None for s in samples):
         log.warning("[%s] the data has no gold outputs: predictions only, no metrics", method.name)
     scores = task.score(preds, samples, cfg.seed)
+    t_score = time.time() - t_score
     rows = []
     for i, (s, t, r, p, pr, sc) in enumerate(zip(samples, texts, raw, preds, prompts,
                                                   scores.per_sample)):
@@ -288,6 +301,10 @@ def _run_method(
         "seconds_prompts": round(t_prompts, 3),
         "seconds_steering_prep": round(t_steer, 3),
         "seconds_generation": round(t_gen, 3),
+        # parsing and scoring (function calling: executing every call), and its share of
+        # this method's time
+        "seconds_scoring": round(t_score, 3),
+        "scoring_share": round(t_score / max(time.time() - t_method, 1e-9), 4),
         "samples_per_second": round(n_generated / t_gen, 3) if n_generated and t_gen > 0 else None,
         **backbone.metrics(),
     }
@@ -304,7 +321,7 @@ def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
     """The score columns of a results table, in the order the task reports them (``n``, its
     metrics, the entries that extend them such as bootstrap medians, then per-type means);
     timings, counts and steering statistics are left out."""
-    skip = {"n_generated", "n_cached", "n_prompts_truncated", "samples_per_second"}
+    skip = {"n_generated", "n_cached", "n_prompts_truncated", "samples_per_second", "scoring_share"}
     keys: list[str] = []
     for m in results.values():
         keys += [k for k, v in m.items() if k not in keys and k not in skip
@@ -326,7 +343,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | Non
         for m in methods:
             if m.steering.name != "none":
                 check_layer(m.steering.layer, shape.n_layers)
-    task = build_task(cfg.dataset, cfg.generation, cfg.eval)
+    task = build_task(cfg.dataset, cfg.generation, cfg.eval, cfg.seed)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -341,7 +358,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | Non
     log.info("%d samples of %d users (%d with an empty history)", len(samples), n_users, n_empty)
 
     t0 = time.time()
-    lm = load_model(cfg.model, cfg.cache_dir)
+    lm = with_task_system_prompt(load_model(cfg.model, cfg.cache_dir), cfg.dataset.system_prompt)
     log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
 
     resources = Resources(cfg, lm, task, overrides or ())

@@ -96,6 +96,7 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     at_least(f"{prefix}.pairs.k_other", p.k_other, 1, optional=True)
     at_least(f"{prefix}.pairs.batch_size", p.batch_size, 1)
     positive(f"{prefix}.pairs.temperature", p.temperature)
+    one_of(f"{prefix}.pairs.call_serialisation", p.call_serialisation, ("same", "authors"))
 
 
 def check_train(t: "TrainConfig", prefix: str) -> None:
@@ -148,6 +149,26 @@ def check_reward_model(b: "BackboneConfig", prefix: str = "backbone.reward_model
     _placeholders(f"{prefix}.judge_template", r.judge_template, ["persona", "input", "a", "b"])
 
 
+def check_pwab(d: "DatasetConfig") -> None:
+    w, demo = d.pwab, d.demo_pwab
+    at_least("dataset.pwab.min_train_tasks", w.min_train_tasks, 1, optional=True)
+    one_of("dataset.pwab.parse", w.parse, ("lenient", "strict"))
+    one_of("dataset.pwab.recommender", w.recommender, ("cooccurrence", "sasrec"))
+    if w.recommender == "sasrec" and not (w.sasrec_checkpoint and w.sasrec_item_ids):
+        _fail("dataset.pwab.recommender", w.recommender,
+              "needs dataset.pwab.sasrec_checkpoint and dataset.pwab.sasrec_item_ids")
+    for key in ("search_k", "recommend_k", "max_sequence"):
+        at_least(f"dataset.pwab.{key}", getattr(w, key), 1)
+    positive("dataset.pwab.bm25_k1", w.bm25_k1)
+    in_range("dataset.pwab.bm25_b", w.bm25_b, 0, 1)
+    in_range("dataset.pwab.search_threshold", w.search_threshold, 0, 1)
+    in_range("dataset.pwab.review_threshold", w.review_threshold, -1, 1)
+    for key in ("n_users", "n_history", "n_test_tasks"):
+        at_least(f"dataset.demo_pwab.{key}", getattr(demo, key), 1)
+    for key in ("n_background_users", "n_train_tasks"):
+        at_least(f"dataset.demo_pwab.{key}", getattr(demo, key), 0)
+
+
 def check_run_config(cfg: "RunConfig") -> None:
     d, g, m = cfg.dataset, cfg.generation, cfg.model
     at_least("generation.batch_size", g.batch_size, 1)
@@ -168,6 +189,8 @@ def check_run_config(cfg: "RunConfig") -> None:
     if not d.metrics:
         _fail("dataset.metrics", [], "must name at least one metric")
     at_least("backbone.k", cfg.backbone.k, 0, optional=True)
+    one_of("backbone.memory", cfg.backbone.memory, ("retrieved", "last"))
+    check_pwab(d)
     check_lora(cfg.backbone)
     check_reward_model(cfg.backbone)
     at_least("eval.bootstrap", cfg.eval.bootstrap, 0)
@@ -197,8 +220,9 @@ def check_names(cfg: "RunConfig", methods: Iterable[Any] = ()) -> None:
     load_tasks()
     TASKS.get(cfg.dataset.task_type, "dataset.task_type")
     LOADERS.get(cfg.dataset.loader, "dataset.loader")
-    for name in cfg.dataset.metrics:
-        METRICS.get(name, "dataset.metrics")
+    if getattr(TASKS.get(cfg.dataset.task_type), "scores_with_metric_functions", False):
+        for name in cfg.dataset.metrics:
+            METRICS.get(name, "dataset.metrics")
     POSTPROCESS.get(cfg.generation.postprocess, "generation.postprocess")
     RETRIEVERS.get(cfg.retriever.name, "retriever.name")
     TRACKERS.get(cfg.logger.name, "logger.name")

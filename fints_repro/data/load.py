@@ -12,6 +12,7 @@ more ``@LOADERS.register("name")`` function.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,13 @@ _DOWNLOAD = {"lamp4": "lamp4", "lamp5": "lamp5", "longlamp_abstract": "longlamp_
 
 def _missing(cfg: DatasetConfig, looked_for: list[str | Path]) -> MissingDataError:
     names = "\n  ".join(str(p) for p in looked_for)
+    if cfg.task == "pwab":
+        from fints_repro.data.pwab import HINT
+
+        return MissingDataError(
+            f"dataset {cfg.name!r}: data files not found. Looked for:\n  {names}\n{HINT}; "
+            f"then point the run at them with data.root=<data root> (or FINTS_DATA_ROOT).\n"
+            f"To try the task without real data: python -m fints_repro.run +exp=demo_pwab")
     task = _DOWNLOAD.get(cfg.task, cfg.task)
     return MissingDataError(
         f"dataset {cfg.name!r}: data files not found. Looked for:\n  {names}\n"
@@ -78,39 +86,95 @@ def _read_longlamp(cfg: DatasetConfig, seed: int) -> list[Sample]:
     raise _missing(cfg, candidates)
 
 
+def _generate_once(out: Path, done: Path, write: Callable[[Path], int], what: str) -> None:
+    """Generated data written once into ``out``: into a temporary folder renamed into
+    place, so that parallel jobs (a joblib sweep) never read a half-written file: the
+    first rename wins, the others use it. ``done``: the file whose presence means ``out``
+    is complete; ``write(folder)`` writes the files and returns a count for the log."""
+    if done.exists():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        n = write(tmp)
+        for path in tmp.iterdir():
+            os.chmod(path, FILE_MODE)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
+        try:
+            os.replace(tmp, out)
+            log.info("wrote SYNTHETIC %s (%d records) to %s", what, n, out)
+        except OSError as e:
+            if not done.exists():  # not another job's finished copy: a real failure
+                raise CacheError(f"could not write the demo data into {out} ({e}); delete it "
+                                 f"(rm -r {out}) and run again", path=str(out)) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spec_dir(cfg: DatasetConfig, spec: dict) -> Path:
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.path) / key
+
+
 @LOADERS.register("demo")
 def _read_demo(cfg: DatasetConfig, seed: int) -> list[Sample]:
-    """The synthetic demo data, generated once per spec into ``dataset.path/<spec hash>``.
-
-    Generated into a temporary folder renamed into place, so that parallel jobs (a joblib
-    sweep) never read a half-written file: the first rename wins, the others use it.
-    """
+    """The synthetic demo data, generated once per spec into ``dataset.path/<spec hash>``."""
     from fints_repro.data.demo import generate_demo_news, write_lamp_format
     from fints_repro.data.lamp import lamp_paths, load_lamp
 
     spec = {**asdict(cfg.demo), "seed": seed}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cfg.path) / key
+    out = _spec_dir(cfg, spec)
     questions, outputs = lamp_paths(out, "dev")
-    if not questions.exists():
+
+    def write(folder: Path) -> int:
         samples = generate_demo_news(**spec)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{key}-"))
-        try:
-            write_lamp_format(samples, tmp)
-            for path in tmp.iterdir():
-                os.chmod(path, FILE_MODE)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
-            try:
-                os.replace(tmp, out)
-                log.info("wrote SYNTHETIC demo data (%d samples) to %s", len(samples), out)
-            except OSError as e:
-                if not questions.exists():  # not another job's finished copy: a real failure
-                    raise CacheError(f"could not write the demo data into {out} ({e}); delete it "
-                                     f"(rm -r {out}) and run again", path=str(out)) from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_lamp_format(samples, folder)
+        return len(samples)
+
+    _generate_once(out, questions, write, "demo data")
     return load_lamp(questions, outputs, task="lamp4")
+
+
+def pwab_root(cfg: DatasetConfig, seed: int) -> Path:
+    """The folder with the PersonalWAB-format files: ``dataset.path`` (``pwab``), or the
+    SYNTHETIC demo generated once per spec into ``dataset.path/<spec hash>`` (``demo_pwab``)."""
+    if cfg.loader != "demo_pwab":
+        return Path(cfg.path)
+    from fints_repro.data.demo_pwab import write_demo_pwab
+
+    spec = {**asdict(cfg.demo_pwab), "seed": seed}
+    out = _spec_dir(cfg, spec)
+    _generate_once(out, out / cfg.pwab.instructions_file,
+                   lambda folder: write_demo_pwab(folder, **spec), "PersonalWAB-format demo data")
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _read_pwab_cached(root: str, instructions: str, history: str, products: str):
+    from fints_repro.data.pwab import read_pwab
+
+    return read_pwab(root, instructions, history, products)
+
+
+def pwab_files(cfg: DatasetConfig, seed: int):
+    """The validated PersonalWAB files of the dataset (read once per process)."""
+    root = pwab_root(cfg, seed)
+    if not (root / cfg.pwab.instructions_file).is_file():
+        raise _missing(cfg, [root / cfg.pwab.instructions_file, root / cfg.pwab.history_glob,
+                             root / cfg.pwab.products_glob])
+    w = cfg.pwab
+    return _read_pwab_cached(str(root), w.instructions_file, w.history_glob, w.products_glob)
+
+
+@LOADERS.register("pwab")
+@LOADERS.register("demo_pwab")
+def _read_pwab(cfg: DatasetConfig, seed: int) -> list[Sample]:
+    """PersonalWAB single-turn tasks of ``dataset.split`` (fints_repro/data/pwab.py)."""
+    from fints_repro.data.pwab import pwab_samples
+
+    w = cfg.pwab
+    return pwab_samples(pwab_files(cfg, seed), cfg.split, product_info_template=w.product_info_template,
+                        min_train_tasks=w.min_train_tasks, max_sequence=w.max_sequence)
 
 
 def _read_raw(cfg: DatasetConfig, seed: int) -> list[Sample]:

