@@ -247,6 +247,10 @@ def write_report(root: Path) -> dict[str, Path]:
     out["md"].write_text(header + "\n\n" + markdown(rows, columns))
     if "seed" in over_keys:
         others = [k for k in over_keys if k != "seed"]
+        # the task's scores, then their per-type means (function calling: search, ...)
+        per_type = sorted({k for r in rows for k in r if any(k.endswith(f"/{m}") for m in scores)},
+                          key=lambda k: (k.split("/")[0], scores.index(k.split("/", 1)[1])))
+        scores = [*scores, *per_type]
         table = seed_table(rows, others, scores)
         out["seeds"] = root / "seeds.md"
         table, cols = seed_columns(table, others, scores)

@@ -474,3 +474,65 @@ def test_memory_last_takes_the_most_recent_items_first() -> None:
     p = bb.build_prompts(_samples())[0]
     assert p.history_ids == [f"{U1}:B0AAAAAAA5:3000", f"{U1}:B0AAAAAAA3:2000"]
     assert p.text.index("MEMORY 0:") < p.text.index("Orbitek Headphones") < p.text.index("MEMORY 1:")
+
+
+def test_sasrec_recommender_equals_a_hand_written_forward(tmp_path) -> None:
+    """The checkpoint layout loads as it is, and the recommendation equals a forward pass
+    written out with plain tensor operations (embedding x sqrt(H) + positions of the
+    non-padding items, per block Q = LN(x), x = Q + causal attention(Q, x, x), x = FF(LN(x))
+    + residual, final LN; scores = last position . item embeddings of the mapped items)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fints_repro.tasks.sasrec import SASRec, SASRecRecommender
+
+    torch.manual_seed(0)
+    model = SASRec(n_items=20, hidden=8, blocks=2, heads=2, maxlen=5).eval()
+    torch.save(model.state_dict(), tmp_path / "sasrec.pth")
+    ids = {f"B{i:02d}": i for i in range(3, 15)}  # 12 mapped items of the 20
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    rec = SASRecRecommender(tmp_path / "sasrec.pth", tmp_path / "ids.json", maxlen=5)
+    seqs = [["B03", "B07", "NOPE", "B05"], ["B04", "B05", "B06", "B07", "B08", "B09", "B10"],
+            ["NOPE"], []]
+    got = rec.recommend_many(seqs, k=4)
+    assert got[2] == [] and got[3] == []
+
+    sd = model.state_dict()
+
+    def forward(item_ids: list[int]) -> torch.Tensor:
+        seq = torch.tensor([0] * (5 - len(item_ids)) + item_ids)
+        x = sd["item_emb.weight"][seq] * 8 ** 0.5
+        pos = torch.arange(1, 6) * (seq != 0)
+        x = x + sd["pos_emb.weight"][pos]
+        causal = torch.triu(torch.full((5, 5), float("-inf")), diagonal=1)
+        for b in range(2):
+            p = f"attention_layers.{b}."
+            q = F.layer_norm(x, (8,), sd[f"attention_layernorms.{b}.weight"], sd[f"attention_layernorms.{b}.bias"], 1e-8)
+            wq, wk, wv = sd[p + "in_proj_weight"].chunk(3)
+            bq, bk, bv = sd[p + "in_proj_bias"].chunk(3)
+            Q, K, V = q @ wq.T + bq, x @ wk.T + bk, x @ wv.T + bv
+            heads = []
+            for h in range(2):
+                s = slice(4 * h, 4 * h + 4)
+                att = torch.softmax(Q[:, s] @ K[:, s].T / 2.0 + causal, dim=-1)
+                heads.append(att @ V[:, s])
+            out = torch.cat(heads, -1) @ sd[p + "out_proj.weight"].T + sd[p + "out_proj.bias"]
+            x = q + out
+            x = F.layer_norm(x, (8,), sd[f"forward_layernorms.{b}.weight"], sd[f"forward_layernorms.{b}.bias"], 1e-8)
+            f = f"forward_layers.{b}."
+            hdn = torch.relu(x @ sd[f + "conv1.weight"][:, :, 0].T + sd[f + "conv1.bias"])
+            x = hdn @ sd[f + "conv2.weight"][:, :, 0].T + sd[f + "conv2.bias"] + x
+        x = F.layer_norm(x, (8,), sd["last_layernorm.weight"], sd["last_layernorm.bias"], 1e-8)
+        cands = torch.tensor(sorted(ids.values()))
+        scores = sd["item_emb.weight"][cands] @ x[-1]
+        return [f"B{int(cands[j]):02d}" for j in torch.argsort(-scores)[:4]]
+
+    assert got[0] == forward([3, 7, 5])  # the unknown ASIN dropped
+    assert got[1] == forward([6, 7, 8, 9, 10])  # the last 5 kept
+    # dataset.pwab.recommender=sasrec: the environment's recommend tool is that model
+    env = ToolEnvironment({}, {}, PwabDataConfig(recommender="sasrec", recommend_k=4, max_sequence=5,
+                                                 sasrec_checkpoint=str(tmp_path / "sasrec.pth"),
+                                                 sasrec_item_ids=str(tmp_path / "ids.json")))
+    assert env.recommend(seqs) == got
+    with pytest.raises(ConfigError, match="sasrec_checkpoint"):
+        SASRecRecommender(tmp_path / "missing.pth", tmp_path / "ids.json")

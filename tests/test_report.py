@@ -70,3 +70,41 @@ def test_seed_table_means_and_paired_differences_as_computed_by_hand() -> None:
     printed, cols = seed_columns(one, [], ["rougeL"])
     assert cols == ["method", "seeds", "rougeL", "ΔrougeL vs rag"]
     assert printed[1]["ΔrougeL vs rag"] == table["rag+caa"]["ΔrougeL"] and "Δ vs" not in printed[1]
+
+
+def test_report_of_a_function_calling_sweep_has_per_type_columns_and_a_result_heatmap(tmp_path: Path) -> None:
+    """Metric names come from the task: a seed sweep of function calling tabulates function
+    and result accuracy and their per-type means; a layer x strength sweep draws the
+    heatmap of the primary metric (overall result accuracy)."""
+    import json
+
+    task = {"name": "function_calling", "metrics": ["function_accuracy", "result_accuracy"],
+            "primary": "result_accuracy"}
+
+    def job(root: Path, i: int, over: list[str], methods: dict) -> None:
+        d = root / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in over))
+        (d / "metrics.json").write_text(json.dumps({"task": task, "methods": methods}))
+
+    def m(f, r, rs):
+        return {"n": 2, "function_accuracy": f, "result_accuracy": r, "search/n": 1,
+                "search/function_accuracy": f, "search/result_accuracy": rs}
+
+    seeds = tmp_path / "seeds"
+    job(seeds, 0, ["seed=0"], {"rag": m(0.5, 0.2, 0.4), "rag+caa": m(1.0, 0.3, 0.5)})
+    job(seeds, 1, ["seed=1"], {"rag": m(0.5, 0.4, 0.6), "rag+caa": m(0.5, 0.4, 0.8)})
+    text = write_report(seeds)["seeds"].read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert header.split(" | ")[2:5] == ["function_accuracy", "result_accuracy", "search/function_accuracy"]
+    assert "Δsearch/result_accuracy vs rag" in header
+    row = next(line for line in text.splitlines() if line.startswith("| rag+caa"))
+    # the last column, Δsearch/result_accuracy: (0.5 - 0.4, 0.8 - 0.6) paired per seed
+    assert row.split(" | ")[-1] == "0.1500 ± 0.0707 |"
+
+    grid = tmp_path / "grid"
+    for i, (layer, scale) in enumerate([(1, 0.5), (1, 1), (2, 0.5), (2, 1)]):
+        job(grid, i, [f"steering.layer={layer}", f"steering.scale={scale}"],
+            {"rag": m(0.5, 0.2, 0.4), "rag+fine_grained": m(0.5, 0.1 * i, 0.4)})
+    out = write_report(grid)
+    assert out["heatmap"].name == "heatmap_result_accuracy.png" and out["heatmap"].stat().st_size > 0

@@ -162,9 +162,11 @@ class ToolEnvironment:
         self.cfg = cfg  # dataset.pwab
         self.asins = list(products)
         self.texts = [product_text(products[a]) for a in self.asins]
-        if cfg.recommender != "cooccurrence":
-            raise ConfigError(f"dataset.pwab.recommender={cfg.recommender!r}: only "
-                              "'cooccurrence' is built (a SASRec checkpoint reader is not)")
+        self.sasrec = None
+        if cfg.recommender == "sasrec":
+            from fints_repro.tasks.sasrec import SASRecRecommender
+
+            self.sasrec = SASRecRecommender(cfg.sasrec_checkpoint, cfg.sasrec_item_ids, cfg.max_sequence)
         train = [[it["product_info"]["parent_asin"] for it in
                   sorted(items, key=lambda it: it["review"]["timestamp"])
                   if it.get("split", "train") == "train"] for items in history.values()]
@@ -186,6 +188,8 @@ class ToolEnvironment:
 
     def recommend(self, sequences: Sequence[Sequence[str]]) -> list[list[str]]:
         n = self.cfg.max_sequence
+        if self.sasrec is not None:
+            return self.sasrec.recommend_many(sequences, self.cfg.recommend_k)
         return [self.recommender.recommend(list(s)[-n:], self.cfg.recommend_k) for s in sequences]
 
     @functools.cached_property
