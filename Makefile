@@ -10,8 +10,8 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-drift test test-fast bench bench-steering bench-backbones repro-demo \
-	repro-demo-backbones sweep-demo \
+.PHONY: install demo demo-drift demo-pwab test test-fast bench bench-steering bench-backbones repro-demo \
+	repro-demo-backbones repro-demo-pwab sweep-demo sweep-demo-pwab \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
 install: $(VENV)/.installed
@@ -30,6 +30,9 @@ demo: install
 
 demo-drift: install
 	$(BIN)/python -m fints_repro.run +exp=demo_drift
+
+demo-pwab: install  ## web function calling on the SYNTHETIC PersonalWAB-format demo
+	$(BIN)/python -m fints_repro.run +exp=demo_pwab
 
 test: install  ## everything, the end-to-end checks on the embedded model included (~10 min)
 	$(BIN)/python -m pytest -q
@@ -55,7 +58,7 @@ define publish
 	for f in outputs/$(1)/*.png; do if [ -e "$$f" ]; then cp "$$f" results/$(1)/; fi; done
 endef
 
-repro-demo: install repro-demo-backbones  ## all methods and backbones on the embedded data, 3 seeds (and the drift setting)
+repro-demo: install repro-demo-backbones repro-demo-pwab  ## all methods and backbones on the embedded data, 3 seeds (and the drift setting)
 	$(RUN) -m +exp=demo logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo
 	$(call publish,repro-demo)
 	$(RUN) -m +exp=demo_drift logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-drift
@@ -64,6 +67,14 @@ repro-demo: install repro-demo-backbones  ## all methods and backbones on the em
 repro-demo-backbones: install  ## LoRA and reward-model backbones (+ steering), 3 seeds
 	$(RUN) -m +exp=demo_backbones logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-backbones
 	$(call publish,repro-demo-backbones)
+
+repro-demo-pwab: install  ## function calling on the embedded shopping data, 3 seeds
+	$(RUN) -m +exp=demo_pwab logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-pwab
+	$(call publish,repro-demo-pwab)
+
+sweep-demo-pwab: install  ## layers x strengths of fine-grained steering on the function-calling demo
+	$(RUN) -m +exp=demo_pwab_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-pwab
+	$(call publish,sweep-demo-pwab)
 
 sweep-demo: install  ## layers x strengths of fine-grained steering on the embedded data
 	$(RUN) -m +exp=demo_sweep logger=none hydra.sweep.dir=outputs/sweep-demo
