@@ -42,6 +42,9 @@ class PwabDataConfig:
     min_train_tasks: Optional[int] = None
     # The review task's user turn adds the target product's information.
     product_info_template: str = "\nHere is the product information: {product}"
+    # Appended to every user turn (the demo reminds a 135M model of the output rule; the
+    # benchmark has none).
+    user_turn_suffix: str = ""
     # How a call is found in the generation: `lenient` = the first JSON object with a tool
     # call, also inside code fences or with text around it (ours); `strict` = json.loads of
     # the whole generation, {"tool_call": ...} required (the authors' evaluation).

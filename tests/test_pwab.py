@@ -63,6 +63,8 @@ def test_loader_reads_the_official_format_with_memory_older_than_the_task() -> N
     # review tasks add the product information
     assert "Here is the product information: Product:\n- Title: Orbitek Earbuds" in s[1].input
     assert s[1].meta["target_review"] == "Fits well."
+    assert [_task().retrieval_query(x) for x in s[:2]] == ["I want a small backpack.",
+                                                           "Please review these earbuds."]
     # a task older than every history item: empty memory, no crash
     assert s[3].history == ()
     # gold calls
@@ -421,6 +423,15 @@ def test_demo_runs_through_the_official_loader_and_the_tools(tmp_path) -> None:
     samples = load_samples(d, seed=0)
     assert (Path(d.path).iterdir().__next__() / "SYNTHETIC.txt").exists()
     task = _task(d)
+    # the retrieval query is the task text alone, without the user id, the review's
+    # product information or the demo's reminder
+    d.pwab.user_turn_suffix = "\n\nAnswer with one JSON tool call and nothing else."
+    from fints_repro.compose import compose_run
+
+    d.query_regex = compose_run(["dataset=demo_pwab"]).dataset.query_regex
+    reminded = load_samples(d, seed=0)
+    assert all(s.input.endswith(d.pwab.user_turn_suffix) for s in reminded)
+    assert [task.retrieval_query(s) for s in reminded] == [s.meta["task"] for s in reminded]
     search = [s for s in samples if s.type == "search"]
     gold = [json.loads(s.target)["tool_call"] for s in search]
     titles = [g["arguments"]["query"].split() for g in gold]

@@ -174,7 +174,8 @@ def _read_pwab(cfg: DatasetConfig, seed: int) -> list[Sample]:
 
     w = cfg.pwab
     return pwab_samples(pwab_files(cfg, seed), cfg.split, product_info_template=w.product_info_template,
-                        min_train_tasks=w.min_train_tasks, max_sequence=w.max_sequence)
+                        min_train_tasks=w.min_train_tasks, max_sequence=w.max_sequence,
+                        user_turn_suffix=w.user_turn_suffix)
 
 
 def _read_raw(cfg: DatasetConfig, seed: int) -> list[Sample]:

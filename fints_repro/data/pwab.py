@@ -232,7 +232,8 @@ def history_items(user: str, items: Iterable[dict]) -> list[HistoryItem]:
 
 
 def pwab_samples(data: PwabFiles, split: str, *, product_info_template: str,
-                 min_train_tasks: int | None = None, max_sequence: int = 30) -> list[Sample]:
+                 min_train_tasks: int | None = None, max_sequence: int = 30,
+                 user_turn_suffix: str = "") -> list[Sample]:
     """The split's tasks as samples (see the module docstring), in file order."""
     if split not in data.tasks:
         raise DataError(f"no split {split!r} (the file has {sorted(data.tasks)})",
@@ -255,6 +256,7 @@ def pwab_samples(data: PwabFiles, split: str, *, product_info_template: str,
         text = f"USER {user}: {t['task']}"
         if t["type"] == "review":
             text += product_info_template.format(product=product_text(info))
+        text += user_turn_suffix
         review = (t["target"].get("review") or {}).get("text", "")
         samples.append(Sample(
             id=f"{split}-{i}", user=user, input=text,
