@@ -547,3 +547,18 @@ def test_sasrec_recommender_equals_a_hand_written_forward(tmp_path) -> None:
     assert env.recommend(seqs) == got
     with pytest.raises(ConfigError, match="sasrec_checkpoint"):
         SASRecRecommender(tmp_path / "missing.pth", tmp_path / "ids.json")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dataset.pwab.parse=fuzzy", "dataset.pwab.parse"),
+    ("dataset.pwab.recommender=sasrec", "dataset.pwab.recommender"),  # no checkpoint given
+    ("dataset.pwab.search_k=0", "dataset.pwab.search_k"),
+    ("dataset.pwab.search_threshold=1.5", "dataset.pwab.search_threshold"),
+    ("steering.pairs.call_serialisation=bare", "steering.pairs.call_serialisation"),
+    ("backbone.memory=oldest", "backbone.memory"),
+])
+def test_bad_function_calling_config_fails_at_start_naming_the_key(override, key) -> None:
+    from fints_repro.compose import compose_run
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_run(["+exp=demo_pwab", override])
