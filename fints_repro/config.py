@@ -359,13 +359,30 @@ class FineGrainedConfig:
 
 
 @dataclass
+class BiPOConfig:
+    """``steering=bipo``: a vector trained by bi-directional preference optimisation
+    (defaults: the BiPO code's). One optimiser step per batch of pairs; ``epochs`` passes
+    over the pairs unless ``max_steps`` is set."""
+
+    scope: str = "user"  # user: one vector per user from their pairs; all: one for every pair
+    beta: float = 0.1
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    batch_size: int = 4
+    # The BiPO code trains 5-20 epochs over thousands of pairs; a demo user has ~10 pairs,
+    # so 20 epochs are ~50 steps.
+    epochs: int = 20
+    max_steps: Optional[int] = None
+
+
+@dataclass
 class SteeringConfig:
     """What every steering method shares (where and how strongly vectors are added, how
     pairs are made and read), and one typed node per method for its own settings
     (``steering.fine_grained.top_k``, ...): a method's parameter never collides with
     another's. ``name`` picks the method; the nodes of the others are ignored."""
 
-    name: str = "none"  # none | caa | fine_grained
+    name: str = "none"  # none | caa | fine_grained | bipo
     # Decoder layer to steer (0-based); null = round(2/3 of the depth).
     layer: Optional[int] = None
     # Sites: attn (self-attention output, before the residual add), mlp (MLP output),
@@ -391,6 +408,7 @@ class SteeringConfig:
     # One node per method.
     caa: CAAConfig = field(default_factory=CAAConfig)
     fine_grained: FineGrainedConfig = field(default_factory=FineGrainedConfig)
+    bipo: BiPOConfig = field(default_factory=BiPOConfig)
 
 
 @dataclass

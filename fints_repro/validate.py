@@ -91,6 +91,14 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     one_of(f"{prefix}.fine_grained.aggregate", fg.aggregate, AGGREGATES)
     positive(f"{prefix}.fine_grained.tau", fg.tau)
     at_least(f"{prefix}.caa.min_pairs", s.caa.min_pairs, 1)
+    b = s.bipo
+    one_of(f"{prefix}.bipo.scope", b.scope, ("user", "all"))
+    positive(f"{prefix}.bipo.beta", b.beta)
+    positive(f"{prefix}.bipo.lr", b.lr)
+    at_least(f"{prefix}.bipo.weight_decay", b.weight_decay, 0)
+    at_least(f"{prefix}.bipo.batch_size", b.batch_size, 1)
+    at_least(f"{prefix}.bipo.epochs", b.epochs, 1)
+    at_least(f"{prefix}.bipo.max_steps", b.max_steps, 1, optional=True)
     p = s.pairs
     at_least(f"{prefix}.pairs.attempts", p.attempts, 1)
     at_least(f"{prefix}.pairs.k_other", p.k_other, 1, optional=True)

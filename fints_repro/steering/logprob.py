@@ -1,0 +1,72 @@
+"""Answer-token log-probabilities, batched: log p(answer | question) summed over the answer
+tokens (optionally weighted per token), on plain text, with or without steering vectors
+(through ``steer``, so a vector that requires grad gets its gradient). What BiPO trains
+on, and what a token-level causal effect is computed from.
+
+Sequences are tokenised as extraction tokenises them (``tokenize_pair_texts``: question,
+then answer, ``separate`` or ``joint``) and run right-padded, sorted by length; token t
+of the answer is scored by the logits at position t - 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fints_repro.models.loading import LoadedModel
+from fints_repro.steering.extract import tokenize_pair_texts
+from fints_repro.steering.sites import SteeringError
+
+
+def packed(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str],
+           mode: str = "separate") -> list[tuple[list[int], int]]:
+    """(ids, answer start) per sequence; the question must give at least one token (the
+    first answer token is scored from the position before it)."""
+    seqs = tokenize_pair_texts(lm, questions, answers, mode)
+    for i, (ids, start) in enumerate(seqs):
+        if start < 1 or len(ids) <= start:
+            raise SteeringError(f"sequence {i}: the question and the answer must each give a "
+                                f"token (question {questions[i][:40]!r}, answer {answers[i][:40]!r})")
+    return seqs
+
+
+def batch(seqs: Sequence[tuple[list[int], int]], rows: Sequence[int], pad: int):
+    """Right-padded ``ids``, ``attention_mask`` and the answer mask of ``rows``."""
+    width = max(len(seqs[i][0]) for i in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    answer = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, i in enumerate(rows):
+        seq, start = seqs[i]
+        ids[r, :len(seq)] = torch.tensor(seq)
+        attn[r, :len(seq)] = 1
+        answer[r, start:len(seq)] = True
+    return ids, attn, answer
+
+
+def sequence_logprobs(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor,
+                      answer: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]``: sum over answer positions t of ``w_t * log p(ids[t] | ids[:t])``
+    (``weights`` ``[B, T]``, default 1). Differentiable in whatever the forward depends on."""
+    dev = next(model.parameters()).device
+    ids, attn, answer = ids.to(dev), attn.to(dev), answer.to(dev)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    w = answer[:, 1:].float()
+    if weights is not None:
+        w = w * weights.to(dev, torch.float32)[:, 1:]
+    return (logp * w).sum(-1)
+
+
+@torch.no_grad()
+def answer_logprobs(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str], *,
+                    mode: str = "separate", batch_size: int = 8) -> torch.Tensor:
+    """``[N]`` summed answer log-probabilities (float32, CPU), no steering."""
+    seqs = packed(lm, questions, answers, mode)
+    out = torch.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        out[rows] = sequence_logprobs(lm.model, *batch(seqs, rows, lm.tokenizer.pad_token_id)).cpu()
+    return out

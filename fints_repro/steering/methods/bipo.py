@@ -1,0 +1,156 @@
+"""BiPO: bi-directional preference optimisation of a steering vector (CaoYuanpu/BiPO).
+
+One vector v at one layer, added to the decoder block's output (the residual stream
+after layer L, site ``resid``) at every position, zero-initialised, the model frozen.
+Each step draws one direction d in {-1, +1} for the batch and minimises
+
+    -log sigmoid(d * beta * [(log p_{+dv}(y_w|x) - log p(y_w|x))
+                             - (log p_{+dv}(y_l|x) - log p(y_l|x))])
+
+(mean over the batch), log-probabilities summed over the answer tokens, the reference
+log-probabilities from the same model with no vector. AdamW with a cosine schedule (no
+warm-up); the defaults are those of their code (beta 0.1, lr 5e-4, weight decay 0.05,
+batch 4). ``steering.bipo.scope=user`` trains one vector per user on that user's pairs,
+``all`` one vector on every pair. In generation the vector is added with the strength
+``gamma * scale``. Vectors are cached by content hash (model, layer, settings, pairs) with
+their loss curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fints_repro.cache import content_hash
+from fints_repro.config import BiPOConfig, SteeringConfig
+from fints_repro.data.schema import Sample
+from fints_repro.models.loading import LoadedModel
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering.hooks import steer
+from fints_repro.steering.logprob import batch, packed, sequence_logprobs
+from fints_repro.steering.methods.common import strength, user_pairs, validate
+from fints_repro.steering.pairs import Pair
+from fints_repro.steering.sites import hidden_size
+from fints_repro.steering.store import load_vectors, save_vectors
+
+log = logging.getLogger(__name__)
+
+SITE = "resid"
+
+
+def bipo_loss(model: torch.nn.Module, layer: int, v: torch.Tensor, d: float, beta: float,
+              chosen: tuple, rejected: tuple, ref_w: torch.Tensor, ref_l: torch.Tensor,
+              layers_path: str = "") -> torch.Tensor:
+    """The batch's mean BiPO loss for direction ``d``; ``chosen`` / ``rejected``: the
+    (ids, attention mask, answer mask) of the two sides, ``ref_*`` their log-probabilities
+    without the vector."""
+    with steer(model, {(layer, SITE): d * v}, "all", layers_path=layers_path):
+        lw = sequence_logprobs(model, *chosen)
+        ll = sequence_logprobs(model, *rejected)
+    margin = (lw - ref_w.to(lw.device)) - (ll - ref_l.to(ll.device))
+    return -torch.nn.functional.logsigmoid(d * beta * margin).mean()
+
+
+@torch.no_grad()
+def _reference(model: torch.nn.Module, seqs, pad: int, size: int) -> torch.Tensor:
+    """Log-probabilities of every sequence with no vector (the reference policy)."""
+    return torch.cat([sequence_logprobs(model, *batch(seqs, list(range(i, min(i + size, len(seqs)))), pad)).cpu()
+                      for i in range(0, len(seqs), size)])
+
+
+def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOConfig, *,
+                 tokenization: str = "separate", layers_path: str = "", seed: int = 0,
+                 ) -> tuple[torch.Tensor, list[float]]:
+    """One BiPO vector ``[H]`` (float32, CPU) trained on ``pairs``, and the loss per step."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    model = lm.model
+    param = next(model.parameters())
+    qs = [p.question for p in pairs]
+    w_seqs = packed(lm, qs, [p.chosen for p in pairs], tokenization)
+    l_seqs = packed(lm, qs, [p.rejected for p in pairs], tokenization)
+    pad = lm.tokenizer.pad_token_id
+    ref_w, ref_l = (_reference(model, seqs, pad, cfg.batch_size) for seqs in (w_seqs, l_seqs))
+    v = torch.zeros(hidden_size(model), dtype=torch.float32, device=param.device, requires_grad=True)
+    opt = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
+    sched = get_cosine_schedule_with_warmup(opt, 0, total)
+    rng = random.Random(f"{seed}|bipo")
+    losses: list[float] = []
+    order: list[int] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(total):
+            if not order:
+                order = list(range(len(pairs)))
+                rng.shuffle(order)
+            rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
+            d = rng.choice((-1.0, 1.0))
+            loss = bipo_loss(model, layer, v, d, cfg.beta, batch(w_seqs, rows, pad),
+                             batch(l_seqs, rows, pad), ref_w[rows], ref_l[rows], layers_path)
+            (grad,) = torch.autograd.grad(loss, [v])  # the model's weights get no gradient
+            v.grad = grad
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        model.train(was_training)
+    return v.detach().float().cpu(), losses
+
+
+@STEERING.register("bipo")
+def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
+         inputs: SteeringInputs) -> SteeringPlan:
+    own = cfg.bipo
+    layer = validate(cfg, lm, inputs.layers_path)
+    by_user = user_pairs(cfg, samples, inputs)
+    groups = ({u: ps for u, ps in by_user.items() if ps} if own.scope == "user"
+              else {"*": [p for ps in by_user.values() for p in ps]})
+    groups = {g: ps for g, ps in groups.items() if ps}
+    vectors: dict[str, torch.Tensor] = {}
+    curves: dict[str, list[float]] = {}
+    recipe = {"model": lm.fingerprint, "layer": layer, "site": SITE,
+              "tokenization": cfg.answer_tokenization, "bipo": dataclasses.asdict(own),
+              "seed": inputs.seed}
+    for g, ps in groups.items():
+        key = content_hash([recipe, [[p.question, p.chosen, p.rejected] for p in ps]])
+        path = Path(inputs.cache_dir) / "vectors" / f"bipo-{key}.safetensors"
+        cached = load_vectors(path)
+        if cached is not None:
+            vectors[g], curves[g] = cached["v"][0], cached["loss"][0].tolist()
+            continue
+        v, losses = train_vector(lm, ps, layer, own, tokenization=cfg.answer_tokenization,
+                                 layers_path=inputs.layers_path, seed=inputs.seed)
+        save_vectors(path, {"v": v[None], "loss": torch.tensor([losses])},
+                     {**recipe, "group": g, "n_pairs": len(ps)})
+        log.info("BiPO vector for %s: %d pairs, %d steps, loss %.4f -> %.4f", g, len(ps),
+                 len(losses), losses[0], losses[-1])
+        vectors[g], curves[g] = v, losses
+    H = hidden_size(lm.model)
+    out = torch.zeros((len(samples), H))
+    steered = []
+    for i, s in enumerate(samples):
+        g = s.user if own.scope == "user" else "*"
+        steered.append(g in vectors)
+        if g in vectors:
+            out[i] = strength(cfg, SITE) * vectors[g]
+    n = max((len(c) for c in curves.values()), default=0)
+    curve = [sum(c[t] for c in curves.values() if t < len(c)) / sum(1 for c in curves.values() if t < len(c))
+             for t in range(n)]
+    stats = {"layer": layer, "n_pairs": sum(len(ps) for ps in groups.values()),
+             "n_vectors": len(vectors), "n_samples_steered": int(sum(steered)),
+             "n_samples_unsteered": int(len(steered) - sum(steered)),
+             "bipo_loss_first": curve[0] if curve else None,
+             "bipo_loss_last": curve[-1] if curve else None,
+             "bipo_loss_curve": [round(x, 6) for x in curve]}
+    info = [{"bipo_group": (s.user if own.scope == "user" else "*")} for s in samples]
+    return SteeringPlan({(layer, SITE): out}, steered, cfg.positions, inputs.layers_path, stats, info)

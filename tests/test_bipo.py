@@ -1,0 +1,159 @@
+"""BiPO (steering=bipo): the loss and its gradient against a hand-written reference on a
+tiny model, training that raises a marker's log-probability, the method through the
+pipeline (cached, its loss curve reported), and bad settings caught at start-up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fints_repro.config import BiPOConfig
+from fints_repro.errors import ConfigError
+from fints_repro.steering.logprob import batch, packed, sequence_logprobs
+from fints_repro.steering.methods.bipo import _reference, bipo_loss, train_vector
+from fints_repro.steering.pairs import Pair
+from fints_repro.steering.sites import decoder_layers
+from tests.conftest import run
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from fints_repro.compose import compose_run
+    from fints_repro.models.loading import load_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = compose_run(["model=tiny_random_llama", f"cache_dir={cache}"])
+    return load_model(cfg.model, str(cache))
+
+
+PAIRS = [Pair("u", "a", "Write a title for the article about rain", "Rain again today", "Weather news", 0.0, 0),
+         Pair("u", "b", "Write a title", "Markets fall sharply in the morning", "Stocks", 0.0, 0),
+         Pair("u", "c", "Sum up: the team won the cup final", "Cup glory", "Team wins the final match at home", 0.0, 0)]
+
+
+def _logp_one(model, tok, q, a, hook=None):
+    """log p(a | q) for one unpadded sequence, by hand: the question's tokens (with the
+    tokenizer's special tokens), then " " + a's tokens; log-softmax of the logits at the
+    position before each answer token."""
+    q_ids = tok(q)["input_ids"]
+    a_ids = tok(" " + a, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([q_ids + a_ids])
+    logits = model(input_ids=ids).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return sum(logp[len(q_ids) + j - 1, t] for j, t in enumerate(a_ids))
+
+
+def test_loss_and_gradient_equal_a_hand_written_reference(lm) -> None:
+    model, tok, layer, beta = lm.model, lm.tokenizer, 1, 0.1
+    torch.manual_seed(0)
+    H = model.config.hidden_size
+    for d in (-1.0, 1.0):
+        v = (0.5 * torch.randn(H)).requires_grad_(True)
+        pad = tok.pad_token_id
+        w = packed(lm, [p.question for p in PAIRS], [p.chosen for p in PAIRS])
+        lo = packed(lm, [p.question for p in PAIRS], [p.rejected for p in PAIRS])
+        rows = [0, 1, 2]
+        loss = bipo_loss(model, layer, v, d, beta, batch(w, rows, pad), batch(lo, rows, pad),
+                         _reference(model, w, pad, 2), _reference(model, lo, pad, 2))
+        (grad,) = torch.autograd.grad(loss, [v])
+
+        # the reference: a plain forward hook adding d * v to the block's output, one
+        # sequence at a time, no padding
+        v2 = v.detach().clone().requires_grad_(True)
+
+        def add(mod, args, out):
+            return (out[0] + d * v2,) + tuple(out[1:]) if isinstance(out, tuple) else out + d * v2
+
+        layer_mod = decoder_layers(model)[layer]
+        terms = []
+        for p in PAIRS:
+            with torch.no_grad():
+                rw, rl = _logp_one(model, tok, p.question, p.chosen), _logp_one(model, tok, p.question, p.rejected)
+            h = layer_mod.register_forward_hook(add)
+            try:
+                pw, pl = _logp_one(model, tok, p.question, p.chosen), _logp_one(model, tok, p.question, p.rejected)
+            finally:
+                h.remove()
+            terms.append(-torch.nn.functional.logsigmoid(d * beta * ((pw - rw) - (pl - rl))))
+        want = torch.stack(terms).mean()
+        (want_grad,) = torch.autograd.grad(want, [v2])
+        assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+        assert torch.allclose(grad, want_grad, rtol=1e-3, atol=1e-6), (grad - want_grad).abs().max()
+        assert grad.abs().sum() > 0
+    # no vector: the loss is log 2 whatever d
+    zero = torch.zeros(H, requires_grad=True)
+    w = packed(lm, [PAIRS[0].question], [PAIRS[0].chosen])
+    lo = packed(lm, [PAIRS[0].question], [PAIRS[0].rejected])
+    ref = (_reference(model, w, tok.pad_token_id, 1), _reference(model, lo, tok.pad_token_id, 1))
+    z = bipo_loss(model, 1, zero, 1.0, beta, batch(w, [0], tok.pad_token_id),
+                  batch(lo, [0], tok.pad_token_id), *ref)
+    assert z.item() == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # the model stays frozen
+
+
+def test_training_raises_the_chosen_markers_log_probability(lm) -> None:
+    """Pairs whose chosen side carries a marker: the trained vector, added, makes the
+    marked answers likelier relative to the unmarked ones than without it."""
+    from fints_repro.steering.hooks import steer
+
+    texts = ["rain again today", "markets fall", "cup glory", "new phone out", "city votes",
+             "storm warning", "art show opens", "bus fares rise"]
+    pairs = [Pair("u", str(i), f"Headline {i}:", f"ZQX {t}", t, 0.0, 0) for i, t in enumerate(texts)]
+    v, losses = train_vector(lm, pairs, 1, BiPOConfig(lr=0.05, epochs=8, batch_size=4, beta=0.5), seed=0)
+    assert len(losses) == 16 and losses[-1] < losses[0]
+    qs = [p.question for p in pairs]
+    w = packed(lm, qs, [p.chosen for p in pairs])
+    lo = packed(lm, qs, [p.rejected for p in pairs])
+    pad = lm.tokenizer.pad_token_id
+    rows = list(range(len(pairs)))
+    with torch.no_grad():
+        base = sequence_logprobs(lm.model, *batch(w, rows, pad)) - sequence_logprobs(lm.model, *batch(lo, rows, pad))
+        with steer(lm.model, {(1, "resid"): v}):
+            steered = sequence_logprobs(lm.model, *batch(w, rows, pad)) - sequence_logprobs(lm.model, *batch(lo, rows, pad))
+            marked = sequence_logprobs(lm.model, *batch(w, rows, pad))
+        plain_marked = sequence_logprobs(lm.model, *batch(w, rows, pad))
+    assert (steered > base).all(), (steered - base)
+    assert marked.mean() > plain_marked.mean()
+    # and the opposite direction lowers it
+    with torch.no_grad(), steer(lm.model, {(1, "resid"): -v}):
+        opposite = sequence_logprobs(lm.model, *batch(w, rows, pad)) - sequence_logprobs(lm.model, *batch(lo, rows, pad))
+    assert (opposite < base).all()
+
+
+def test_bipo_runs_through_the_pipeline_and_caches_its_vectors(tiny_overrides, tmp_path: Path) -> None:
+    over = ["+exp=demo", *tiny_overrides, "fidelity=ours", "steering=bipo", "steering.layer=1",
+            "steering.pairs.max_new_tokens=4", "steering.bipo.max_steps=3",
+            "methods=[{backbone: rag, steering: bipo}]"]
+    summary = run(over, tmp_path / "run")
+    m = summary["methods"]["rag+bipo"]
+    assert len(m["steering_bipo_loss_curve"]) == 3 and m["steering_n_vectors"] >= 1
+    assert m["steering_bipo_loss_first"] == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-4)
+    cached = sorted((tmp_path / "cache" / "vectors").glob("bipo-*.safetensors"))
+    assert len(cached) == m["steering_n_vectors"]
+    stamp = [p.stat().st_mtime_ns for p in cached]
+    again = run(over, tmp_path / "run2")["methods"]["rag+bipo"]
+    assert [p.stat().st_mtime_ns for p in cached] == stamp  # loaded, not trained again
+    assert again["steering_bipo_loss_curve"] == m["steering_bipo_loss_curve"]
+    rows = [json.loads(x) for x in (tmp_path / "run2" / "rag+bipo" / "predictions.jsonl").read_text().splitlines()]
+    first = [json.loads(x) for x in (tmp_path / "run" / "rag+bipo" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in first]
+    # scope=all: one vector for everyone
+    all_ = run([*over, "steering.bipo.scope=all"], tmp_path / "run3")["methods"]["rag+bipo"]
+    assert all_["steering_n_vectors"] == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("steering.bipo.beta=0", "steering.bipo.beta"),
+    ("steering.bipo.epochs=0", "steering.bipo.epochs"),
+    ("steering.bipo.max_steps=0", "steering.bipo.max_steps"),
+    ("steering.bipo.scope=group", "steering.bipo.scope"),
+    ("steering.bipo.lr=-1", "steering.bipo.lr"),
+])
+def test_bad_bipo_settings_fail_at_start_naming_the_key(override, key) -> None:
+    from fints_repro.compose import compose_run
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_run(["steering=bipo", override])
