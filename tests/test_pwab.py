@@ -562,3 +562,18 @@ def test_bad_function_calling_config_fails_at_start_naming_the_key(override, key
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_run(["+exp=demo_pwab", override])
+
+
+@pytest.mark.slow
+def test_parametric_backbones_run_on_function_calling(tiny_overrides, tmp_path) -> None:
+    """LoRA (+ steering) and the trained reward model (on the users' tool-call pairs)
+    run on the task and are scored like the others."""
+    over = ["+exp=demo_pwab", *tiny_overrides, "dataset.demo_pwab.n_users=2",
+            "dataset.demo_pwab.n_background_users=4", "steering.layer=1",
+            "methods=[{backbone: lora, overrides: {backbone.k: 5}}, "
+            "{backbone: lora, steering: fine_grained, overrides: {backbone.k: 5}}, "
+            "{backbone: reward_model, overrides: {backbone.reward_model.n: 2}}]"]
+    summary = run(over, tmp_path / "run")
+    assert set(summary["methods"]) == {"lora", "lora+fine_grained", "reward_model"}
+    for m in summary["methods"].values():
+        assert m["n"] == 6 and 0 <= m["result_accuracy"] <= 1
