@@ -376,13 +376,32 @@ class BiPOConfig:
 
 
 @dataclass
+class SteerXConfig:
+    """``steering=steerx`` (our reading of SteerX, arXiv 2510.22256): vectors of the
+    ``backbone`` method built from the preference-driven tokens of each user's outputs
+    only, the tokens whose log-probability the user's own history raises by more than
+    ``tau`` (README: "SteerX")."""
+
+    backbone: str = "caa"  # caa | bipo | fine_grained
+    # logprob: delta_t = log p(y_t | x, H) - log p(y_t | x, no history); prob: the
+    # difference of probabilities (NextQuill's, with tau 0.05)
+    effect: str = "logprob"
+    tau: float = 0.0
+    # an output with no token above tau keeps its top ceil(top_q * n) tokens by delta
+    top_q: float = 0.2
+    # history items of the user in H (the item's RAG prompt; null = dataset.rag_k)
+    k: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
 class SteeringConfig:
     """What every steering method shares (where and how strongly vectors are added, how
     pairs are made and read), and one typed node per method for its own settings
     (``steering.fine_grained.top_k``, ...): a method's parameter never collides with
     another's. ``name`` picks the method; the nodes of the others are ignored."""
 
-    name: str = "none"  # none | caa | fine_grained | bipo
+    name: str = "none"  # none | caa | fine_grained | bipo | steerx
     # Decoder layer to steer (0-based); null = round(2/3 of the depth).
     layer: Optional[int] = None
     # Sites: attn (self-attention output, before the residual add), mlp (MLP output),
@@ -409,6 +428,7 @@ class SteeringConfig:
     caa: CAAConfig = field(default_factory=CAAConfig)
     fine_grained: FineGrainedConfig = field(default_factory=FineGrainedConfig)
     bipo: BiPOConfig = field(default_factory=BiPOConfig)
+    steerx: SteerXConfig = field(default_factory=SteerXConfig)
 
 
 @dataclass

@@ -99,6 +99,17 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     at_least(f"{prefix}.bipo.batch_size", b.batch_size, 1)
     at_least(f"{prefix}.bipo.epochs", b.epochs, 1)
     at_least(f"{prefix}.bipo.max_steps", b.max_steps, 1, optional=True)
+    x = s.steerx
+    one_of(f"{prefix}.steerx.backbone", x.backbone, ("caa", "bipo", "fine_grained"))
+    one_of(f"{prefix}.steerx.effect", x.effect, ("logprob", "prob"))
+    if not (isinstance(x.tau, (int, float)) and (math.isfinite(x.tau) or x.tau == -math.inf)):
+        _fail(f"{prefix}.steerx.tau", x.tau, "must be a finite number (or -inf: every token)")
+    in_range(f"{prefix}.steerx.top_q", x.top_q, 0, 1, low_open=True)
+    at_least(f"{prefix}.steerx.k", x.k, 1, optional=True)
+    at_least(f"{prefix}.steerx.batch_size", x.batch_size, 1)
+    if s.name == "steerx" and s.answer_tokenization != "separate":
+        _fail(f"{prefix}.answer_tokenization", s.answer_tokenization,
+              "steering=steerx selects answer tokens as tokenised apart: set it to separate")
     p = s.pairs
     at_least(f"{prefix}.pairs.attempts", p.attempts, 1)
     at_least(f"{prefix}.pairs.k_other", p.k_other, 1, optional=True)

@@ -97,4 +97,4 @@ def _no_steering(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
 
 def load_methods() -> None:
     """Import the method modules so they register themselves."""
-    from fints_repro.steering.methods import bipo, caa, fine_grained  # noqa: F401
+    from fints_repro.steering.methods import bipo, caa, fine_grained, steerx  # noqa: F401

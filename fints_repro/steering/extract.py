@@ -73,8 +73,11 @@ def answer_means(
     batch_size: int = 8, layers_path: str = "", progress: bool = True, desc: str = "extract",
     stop_early: bool = True, overlength: str = "error", names: Sequence[str] | None = None,
     row_context: Callable[[list[int]], ContextManager] | None = None,
+    token_weights: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU).
+    """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU); with
+    ``token_weights[i]`` (one weight per answer token of sequence i) the weighted mean
+    (SteerX: 1 on the selected tokens, 0 elsewhere; all ones = the plain mean, bit for bit).
     ``stop_early=False`` runs the whole model (only the benchmark's baseline wants that).
     A sequence longer than the model's context stops with an error naming it (``names[i]``)
     or, with ``overlength="truncate"``, loses question tokens from its middle (the answer
@@ -85,6 +88,11 @@ def answer_means(
     if any(len(ids) <= start for ids, start in seqs):
         bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) <= start)
         raise SteeringError(f"answer {bad} has no tokens: {answers[bad]!r}")
+    if token_weights is not None:
+        for i, ((ids, start), w) in enumerate(zip(seqs, token_weights)):
+            if len(w) != len(ids) - start or sum(w) <= 0:
+                raise SteeringError(f"token weights of sequence {i}: {len(w)} weights (sum "
+                                    f"{sum(w)}) for {len(ids) - start} answer tokens")
     seqs = _fit_context(seqs, shape_of(lm.model).max_positions, overlength,
                         names or [f"sequence {i}" for i in range(len(seqs))])
     reads = {s: read_site(s, attn_read) for s in sites}
@@ -98,18 +106,19 @@ def answer_means(
         width = max(len(seqs[i][0]) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
-        answer = torch.zeros((len(rows), width), dtype=torch.bool)
+        answer = torch.zeros((len(rows), width), dtype=torch.float32)
         for r, i in enumerate(rows):
             seq, start = seqs[i]
             ids[r, :len(seq)] = torch.tensor(seq)
             attn[r, :len(seq)] = 1
-            answer[r, start:len(seq)] = True
+            answer[r, start:len(seq)] = 1.0 if token_weights is None else torch.tensor(
+                list(token_weights[i]), dtype=torch.float32)
         ctx = row_context(rows) if row_context else contextlib.nullcontext()
         with ctx as extra, capture(lm.model, keys, layers_path=layers_path,
                                    stop_early=stop_early) as acts:
             lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), use_cache=False,
                      **(extra or {}))
-        w = answer.to(lm.device, torch.float32)[..., None]
+        w = answer.to(lm.device)[..., None]
         for site, r in reads.items():
             a = acts[(layer, r)].float()
             mean = (a * w).sum(1) / w.sum(1)
@@ -149,6 +158,7 @@ def pair_vectors(
     cache_dir: str | Path, layers_path: str = "", progress: bool = True,
     overlength: str = "error", row_context: Callable[[list[int]], ContextManager] | None = None,
     identities: Sequence[str] | None = None,
+    chosen_weights: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{site: [len(pairs), H]}``, chosen minus rejected, loaded from the cache when the
     same model, layer, read mode, answer tokenization and pairs were extracted before.
@@ -173,6 +183,8 @@ def pair_vectors(
         if len(identities) != len(pairs):
             raise SteeringError(f"{len(identities)} identities for {len(pairs)} pairs")
         recipe["identities"] = content_hash(list(identities))
+    if chosen_weights is not None:  # SteerX: the chosen side's mean over selected tokens
+        recipe["chosen_weights"] = content_hash([list(map(float, w)) for w in chosen_weights])
     path = Path(cache_dir) / "vectors" / f"{content_hash([recipe, data_hash])}.safetensors"
     cached = load_vectors(path)
     if cached is not None:
@@ -186,7 +198,8 @@ def pair_vectors(
                   overlength=overlength, row_context=row_context)
     chosen = answer_means(lm, qs, [p.chosen for p in pairs], layer, sites, desc="extract chosen",
                           names=[f"the chosen side of the pair for item {p.item_id!r} of user "
-                                 f"{p.user!r}" for p in pairs], **common)
+                                 f"{p.user!r}" for p in pairs], token_weights=chosen_weights,
+                          **common)
     rejected = answer_means(lm, qs, [p.rejected for p in pairs], layer, sites,
                             desc="extract rejected",
                             names=[f"the rejected side of the pair for item {p.item_id!r} of "

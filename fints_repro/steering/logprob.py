@@ -45,6 +45,18 @@ def batch(seqs: Sequence[tuple[list[int], int]], rows: Sequence[int], pad: int):
     return ids, attn, answer
 
 
+def weights_of(seqs: Sequence[tuple[list[int], int]], rows: Sequence[int],
+               token_weights: Sequence[Sequence[float]]) -> torch.Tensor:
+    """``[len(rows), width]`` weights over the answer positions of ``rows`` (as ``batch``
+    lays them out), from one weight per answer token."""
+    width = max(len(seqs[i][0]) for i in rows)
+    w = torch.zeros((len(rows), width))
+    for r, i in enumerate(rows):
+        seq, start = seqs[i]
+        w[r, start:len(seq)] = torch.tensor(list(token_weights[i]), dtype=torch.float32)
+    return w
+
+
 def sequence_logprobs(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor,
                       answer: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``[B]``: sum over answer positions t of ``w_t * log p(ids[t] | ids[:t])``
@@ -70,3 +82,24 @@ def answer_logprobs(lm: LoadedModel, questions: Sequence[str], answers: Sequence
         rows = order[b:b + batch_size]
         out[rows] = sequence_logprobs(lm.model, *batch(seqs, rows, lm.tokenizer.pad_token_id)).cpu()
     return out
+
+
+@torch.no_grad()
+def token_logprobs(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
+                   batch_size: int = 8) -> list[torch.Tensor]:
+    """Per sequence, ``log p(y_t | prompt, y_<t)`` of each answer token (float32, CPU),
+    prompt and ``" " + answer`` tokenised apart, so the answer's tokens are the same
+    whatever the prompt (what a token-level effect of the prompt compares)."""
+    seqs = packed(lm, prompts, answers, "separate")
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    dev = next(lm.model.parameters()).device
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        ids, attn, _ = batch(seqs, rows, lm.tokenizer.pad_token_id)
+        logits = lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids.to(dev)[:, 1:, None])[..., 0].cpu()
+        for r, i in enumerate(rows):
+            seq, start = seqs[i]
+            out[i] = logp[r, start - 1:len(seq) - 1]
+    return out  # type: ignore[return-value]

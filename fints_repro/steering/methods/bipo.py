@@ -33,7 +33,7 @@ from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.hooks import steer
-from fints_repro.steering.logprob import batch, packed, sequence_logprobs
+from fints_repro.steering.logprob import batch, packed, sequence_logprobs, weights_of
 from fints_repro.steering.methods.common import strength, user_pairs, validate
 from fints_repro.steering.pairs import Pair
 from fints_repro.steering.sites import hidden_size
@@ -46,28 +46,35 @@ SITE = "resid"
 
 def bipo_loss(model: torch.nn.Module, layer: int, v: torch.Tensor, d: float, beta: float,
               chosen: tuple, rejected: tuple, ref_w: torch.Tensor, ref_l: torch.Tensor,
-              layers_path: str = "") -> torch.Tensor:
+              layers_path: str = "", chosen_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The batch's mean BiPO loss for direction ``d``; ``chosen`` / ``rejected``: the
     (ids, attention mask, answer mask) of the two sides, ``ref_*`` their log-probabilities
-    without the vector."""
+    without the vector; ``chosen_weights`` ``[B, T]``: the chosen side's log-likelihood over
+    these token weights only (SteerX's selected tokens)."""
     with steer(model, {(layer, SITE): d * v}, "all", layers_path=layers_path):
-        lw = sequence_logprobs(model, *chosen)
+        lw = sequence_logprobs(model, *chosen, weights=chosen_weights)
         ll = sequence_logprobs(model, *rejected)
     margin = (lw - ref_w.to(lw.device)) - (ll - ref_l.to(ll.device))
     return -torch.nn.functional.logsigmoid(d * beta * margin).mean()
 
 
 @torch.no_grad()
-def _reference(model: torch.nn.Module, seqs, pad: int, size: int) -> torch.Tensor:
+def _reference(model: torch.nn.Module, seqs, pad: int, size: int, token_weights=None) -> torch.Tensor:
     """Log-probabilities of every sequence with no vector (the reference policy)."""
-    return torch.cat([sequence_logprobs(model, *batch(seqs, list(range(i, min(i + size, len(seqs)))), pad)).cpu()
-                      for i in range(0, len(seqs), size)])
+    out = []
+    for i in range(0, len(seqs), size):
+        rows = list(range(i, min(i + size, len(seqs))))
+        w = weights_of(seqs, rows, token_weights) if token_weights is not None else None
+        out.append(sequence_logprobs(model, *batch(seqs, rows, pad), weights=w).cpu())
+    return torch.cat(out)
 
 
 def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOConfig, *,
                  tokenization: str = "separate", layers_path: str = "", seed: int = 0,
+                 chosen_weights: Sequence[Sequence[float]] | None = None,
                  ) -> tuple[torch.Tensor, list[float]]:
-    """One BiPO vector ``[H]`` (float32, CPU) trained on ``pairs``, and the loss per step."""
+    """One BiPO vector ``[H]`` (float32, CPU) trained on ``pairs``, and the loss per step;
+    ``chosen_weights[i]``: weights over pair i's chosen answer tokens (SteerX)."""
     from transformers import get_cosine_schedule_with_warmup
 
     model = lm.model
@@ -76,7 +83,8 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
     w_seqs = packed(lm, qs, [p.chosen for p in pairs], tokenization)
     l_seqs = packed(lm, qs, [p.rejected for p in pairs], tokenization)
     pad = lm.tokenizer.pad_token_id
-    ref_w, ref_l = (_reference(model, seqs, pad, cfg.batch_size) for seqs in (w_seqs, l_seqs))
+    ref_w = _reference(model, w_seqs, pad, cfg.batch_size, chosen_weights)
+    ref_l = _reference(model, l_seqs, pad, cfg.batch_size)
     v = torch.zeros(hidden_size(model), dtype=torch.float32, device=param.device, requires_grad=True)
     opt = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
@@ -94,8 +102,9 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
                 rng.shuffle(order)
             rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
             d = rng.choice((-1.0, 1.0))
+            cw = weights_of(w_seqs, rows, chosen_weights) if chosen_weights is not None else None
             loss = bipo_loss(model, layer, v, d, cfg.beta, batch(w_seqs, rows, pad),
-                             batch(l_seqs, rows, pad), ref_w[rows], ref_l[rows], layers_path)
+                             batch(l_seqs, rows, pad), ref_w[rows], ref_l[rows], layers_path, cw)
             (grad,) = torch.autograd.grad(loss, [v])  # the model's weights get no gradient
             v.grad = grad
             opt.step()
@@ -109,7 +118,9 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
 
 @STEERING.register("bipo")
 def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-         inputs: SteeringInputs) -> SteeringPlan:
+         inputs: SteeringInputs, chosen_weights=None) -> SteeringPlan:
+    """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
+    (SteerX); None: every token."""
     own = cfg.bipo
     layer = validate(cfg, lm, inputs.layers_path)
     by_user = user_pairs(cfg, samples, inputs)
@@ -122,14 +133,19 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
               "tokenization": cfg.answer_tokenization, "bipo": dataclasses.asdict(own),
               "seed": inputs.seed}
     for g, ps in groups.items():
-        key = content_hash([recipe, [[p.question, p.chosen, p.rejected] for p in ps]])
+        cw = chosen_weights(ps) if chosen_weights is not None else None
+        parts = [recipe, [[p.question, p.chosen, p.rejected] for p in ps]]
+        if cw is not None:
+            parts.append([list(map(float, w)) for w in cw])
+        key = content_hash(parts)
         path = Path(inputs.cache_dir) / "vectors" / f"bipo-{key}.safetensors"
         cached = load_vectors(path)
         if cached is not None:
             vectors[g], curves[g] = cached["v"][0], cached["loss"][0].tolist()
             continue
         v, losses = train_vector(lm, ps, layer, own, tokenization=cfg.answer_tokenization,
-                                 layers_path=inputs.layers_path, seed=inputs.seed)
+                                 layers_path=inputs.layers_path, seed=inputs.seed,
+                                 chosen_weights=cw)
         save_vectors(path, {"v": v[None], "loss": torch.tensor([losses])},
                      {**recipe, "group": g, "n_pairs": len(ps)})
         log.info("BiPO vector for %s: %d pairs, %d steps, loss %.4f -> %.4f", g, len(ps),

@@ -12,14 +12,15 @@ from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
-from fints_repro.steering.methods.common import plan_stats, prepare, strength
+from fints_repro.steering.methods.common import PairVectors, plan_stats, prepare, strength
 from fints_repro.steering.sites import hidden_size
 
 
 @STEERING.register("caa")
 def caa(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-        inputs: SteeringInputs) -> SteeringPlan:
-    pv = prepare(cfg, lm, samples, inputs)
+        inputs: SteeringInputs, pv: PairVectors | None = None) -> SteeringPlan:
+    """``pv``: pairs and pair vectors made elsewhere (SteerX); None: made here."""
+    pv = pv if pv is not None else prepare(cfg, lm, samples, inputs)
     enough = {u for u, r in pv.rows.items() if r and len(r) >= cfg.caa.min_pairs}
     steered = [s.user in enough for s in samples]
     H = hidden_size(lm.model)

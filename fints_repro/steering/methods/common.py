@@ -62,7 +62,9 @@ def user_pairs(cfg: SteeringConfig, samples: Sequence[Sample],
 
 
 def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-            inputs: SteeringInputs) -> PairVectors:
+            inputs: SteeringInputs, chosen_weights=None) -> PairVectors:
+    """Pairs and one vector per pair. ``chosen_weights(pairs)``: per pair, weights over
+    the chosen side's answer tokens (SteerX's selected tokens); None: the plain mean."""
     layer = validate(cfg, lm, inputs.layers_path)
     by_user = user_pairs(cfg, samples, inputs)
     pairs: list[Pair] = []
@@ -74,7 +76,9 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                            answer_tokenization=cfg.answer_tokenization,
                            batch_size=cfg.extract_batch_size, cache_dir=inputs.cache_dir,
                            layers_path=inputs.layers_path, progress=inputs.progress,
-                           overlength=inputs.overlength, **_per_user(inputs, pairs))
+                           overlength=inputs.overlength,
+                           chosen_weights=chosen_weights(pairs) if chosen_weights and pairs else None,
+                           **_per_user(inputs, pairs))
     return PairVectors(layer, pairs, rows, vectors)
 
 

@@ -19,7 +19,7 @@ from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
-from fints_repro.steering.methods.common import plan_stats, prepare, strength
+from fints_repro.steering.methods.common import PairVectors, plan_stats, prepare, strength
 from fints_repro.steering.sites import hidden_size
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,10 @@ def pair_weights(scores: Sequence[float], aggregate: str, tau: float) -> torch.T
 
 @STEERING.register("fine_grained")
 def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-                 inputs: SteeringInputs) -> SteeringPlan:
+                 inputs: SteeringInputs, pv: PairVectors | None = None) -> SteeringPlan:
+    """``pv``: pairs and pair vectors made elsewhere (SteerX); None: made here."""
     own = cfg.fine_grained
-    pv = prepare(cfg, lm, samples, inputs)
+    pv = pv if pv is not None else prepare(cfg, lm, samples, inputs)
     rows = [i for i, s in enumerate(samples) if pv.rows.get(s.user)]
     retriever = inputs.retriever(own.retriever) if own.retriever else inputs.retriever()
     rankings = retriever.rank_many(

@@ -1,0 +1,93 @@
+"""SteerX: the token-level causal effect against a direct recomputation, the selection
+rule, and the reduction to its backbone, bit for bit, when every token is selected."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fints_repro.errors import ConfigError
+from fints_repro.steering.methods.steerx import causal_effects, select_tokens
+from fints_repro.steering.pairs import Pair
+from tests.conftest import run
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from fints_repro.compose import compose_run
+    from fints_repro.models.loading import load_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    return load_model(compose_run(["model=tiny_random_llama", f"cache_dir={cache}"]).model, str(cache))
+
+
+def test_causal_effect_equals_a_direct_recomputation(lm) -> None:
+    tok, model = lm.tokenizer, lm.model
+    pairs = [Pair("u", "a", "Write a headline:", "Rain again in town", "x", 0.0, 0),
+             Pair("u", "b", "Title this:", "Cup glory", "y", 0.0, 0)]
+    with_h = ["Past: Sun today. Storm ahead.\nWrite a headline:", "Past: Cup final.\nTitle this:"]
+    got = causal_effects(lm, pairs, with_h)
+    got_p = causal_effects(lm, pairs, with_h, effect="prob")
+
+    def per_token(prompt, answer):
+        q = tok(prompt)["input_ids"]
+        a = tok(" " + answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([q + a])).logits[0].float(), -1)
+        return torch.stack([logp[len(q) + j - 1, t] for j, t in enumerate(a)])
+
+    for p, h, d, dp in zip(pairs, with_h, got, got_p):
+        a, b = per_token(h, p.chosen), per_token(p.question, p.chosen)
+        assert torch.allclose(d, a - b, atol=1e-5)
+        assert torch.allclose(dp, a.exp() - b.exp(), atol=1e-6)
+
+
+def test_selection_keeps_tokens_above_tau_and_falls_back_to_the_top_q() -> None:
+    d = [torch.tensor([0.5, -0.2, 0.1, 0.0]), torch.tensor([-1.0, -0.5, -2.0, -0.1, -3.0])]
+    assert select_tokens(d, 0.05, 0.2) == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]
+    assert select_tokens(d, -math.inf, 0.2) == [[1.0] * 4, [1.0] * 5]
+    assert select_tokens(d[1:], 0.0, 0.5) == [[1.0, 1.0, 0.0, 1.0, 0.0]]  # ceil(2.5) = 3
+
+
+def _preds(run_dir: Path, method: str) -> list:
+    return [json.loads(x)["prediction"] for x in (run_dir / method / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backbone, extra", [
+    ("caa", []), ("fine_grained", []), ("bipo", ["steering.bipo.max_steps=2"])])
+def test_every_token_selected_reduces_to_the_backbone_bit_for_bit(backbone, extra, tiny_overrides,
+                                                                  tmp_path: Path) -> None:
+    """tau = -inf: the backbone's vectors exactly, so every SteerX row's generation key is
+    the backbone's (all rows come from the cache) and the predictions are the same."""
+    over = ["+exp=demo", *tiny_overrides, "fidelity=ours", "steering.layer=1",
+            "steering.pairs.max_new_tokens=4", *extra,
+            f"methods=[{{backbone: rag, steering: {backbone}}}, {{backbone: rag, steering: steerx, "
+            f"name: sx, overrides: {{steering.steerx.backbone: {backbone}, steering.steerx.tau: -inf}}}}]"]
+    summary = run(over, tmp_path / "run")
+    sx, base = summary["methods"]["sx"], summary["methods"][f"rag+{backbone}"]
+    assert sx["steering_steerx_token_share"] == 1.0
+    assert sx["n_cached"] == sx["n"] and sx["n_generated"] == 0
+    assert _preds(tmp_path / "run", "sx") == _preds(tmp_path / "run", f"rag+{backbone}")
+    assert base["steering_n_samples_steered"] > 0
+    if backbone == "caa":  # and a finite tau selects fewer tokens, which changes the vectors
+        over[-1] = over[-1].replace("-inf", "0.0")
+        sel = run(over, tmp_path / "run2")["methods"]["sx"]
+        assert sel["steering_steerx_token_share"] < 1.0 and sel["n_generated"] > 0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("steering.steerx.tau=nan", "steering.steerx.tau"),
+    ("steering.steerx.tau=inf", "steering.steerx.tau"),
+    ("steering.steerx.backbone=lora", "steering.steerx.backbone"),
+    ("steering.steerx.top_q=0", "steering.steerx.top_q"),
+    ("steering.answer_tokenization=joint", "steering.answer_tokenization"),
+])
+def test_bad_steerx_settings_fail_at_start_naming_the_key(override, key) -> None:
+    from fints_repro.compose import compose_run
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose_run(["steering=steerx", override])
