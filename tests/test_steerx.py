@@ -91,3 +91,26 @@ def test_bad_steerx_settings_fail_at_start_naming_the_key(override, key) -> None
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_run(["steering=steerx", override])
+
+
+def test_token_weighted_extraction_is_the_mean_over_the_selected_answer_positions(lm) -> None:
+    from fints_repro.steering.extract import answer_means
+    from fints_repro.steering.hooks import capture
+
+    q, a = ["Write a headline:", "Title:"], ["Rain again in town today", "Cup glory"]
+    a_ids = [lm.tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in a]
+    weights = [[1.0 if j % 2 == 0 else 0.0 for j in range(len(ids))] for ids in a_ids]
+    got = answer_means(lm, q, a, 1, ["mlp"], token_weights=weights, progress=False)["mlp"]
+    plain = answer_means(lm, q, a, 1, ["mlp"], progress=False)["mlp"]
+    ones = answer_means(lm, q, a, 1, ["mlp"], token_weights=[[1.0] * len(x) for x in a_ids],
+                        progress=False)["mlp"]
+    assert torch.equal(ones, plain)  # all ones: the plain mean, bit for bit
+    for i in range(2):
+        q_ids = lm.tokenizer(q[i])["input_ids"]
+        with torch.no_grad(), capture(lm.model, [(1, "mlp")]) as acts:
+            lm.model(input_ids=torch.tensor([q_ids + a_ids[i]]))
+        act = acts[(1, "mlp")][0, len(q_ids):].float()
+        w = torch.tensor(weights[i])
+        assert torch.allclose(got[i], (act * w[:, None]).sum(0) / w.sum(), atol=1e-5)
+    with pytest.raises(Exception, match="token weights"):
+        answer_means(lm, q, a, 1, ["mlp"], token_weights=[[1.0], [1.0]], progress=False)
