@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ def compose(overrides: list[str]):
     from fints_repro.compose import compose as compose_config
 
     return compose_config(overrides)
+
+
+def assert_config_error(overrides: list[str], key: str) -> None:
+    """Composing ``overrides`` fails at start-up with a ConfigError that names ``key``."""
+    from fints_repro.compose import compose_run
+    from fints_repro.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        compose_run(overrides)
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:

@@ -22,7 +22,7 @@ from fints_repro.tasks.function_calling import (
     parse_call,
     rank_score,
 )
-from tests.conftest import FIXTURES, ROOT, run
+from tests.conftest import FIXTURES, ROOT, assert_config_error, run
 
 PWAB = FIXTURES / "pwab"
 SHARED = ROOT.parent / "shared" / "data" / "personalwab"
@@ -400,7 +400,6 @@ def test_pairs_are_made_from_training_tasks_with_other_users_memory(tmp_path) ->
     first_u1 = next(t for t in prompts if f"USER {U1}: Find me a lamp" in t)
     assert "Your Memory of This User:" in first_u1
     assert "Great pack, roomy." not in first_u1 and "Bright lamp." not in first_u1
-    assert "shopping assistant" not in first_u1  # no system prompt: the lm here has none
 
 
 # ---- the demo ---------------------------------------------------------------------------
@@ -558,10 +557,7 @@ def test_sasrec_recommender_equals_a_hand_written_forward(tmp_path) -> None:
     ("backbone.memory=oldest", "backbone.memory"),
 ])
 def test_bad_function_calling_config_fails_at_start_naming_the_key(override, key) -> None:
-    from fints_repro.compose import compose_run
-
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        compose_run(["+exp=demo_pwab", override])
+    assert_config_error(["+exp=demo_pwab", override], key)
 
 
 @pytest.mark.slow

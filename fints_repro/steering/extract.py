@@ -66,6 +66,33 @@ def tokenize_pair_texts(lm: LoadedModel, questions: Sequence[str], answers: Sequ
     return [(q + a, len(q)) for q, a in zip(q_ids, a_ids)]
 
 
+def pad_batch(seqs: Sequence[tuple[list[int], int]], rows: Sequence[int], pad: int):
+    """Right-padded ``input_ids``, ``attention_mask`` and the bool answer mask of the
+    (ids, answer start) sequences ``rows``."""
+    width = max(len(seqs[i][0]) for i in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    answer = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, i in enumerate(rows):
+        seq, start = seqs[i]
+        ids[r, :len(seq)] = torch.tensor(seq)
+        attn[r, :len(seq)] = 1
+        answer[r, start:len(seq)] = True
+    return ids, attn, answer
+
+
+def answer_weights(seqs: Sequence[tuple[list[int], int]], rows: Sequence[int],
+                   token_weights: Sequence[Sequence[float]]) -> torch.Tensor:
+    """``[len(rows), width]`` float weights over the answer positions of ``rows`` (laid out
+    as ``pad_batch``), from one weight per answer token; 0 elsewhere."""
+    width = max(len(seqs[i][0]) for i in rows)
+    w = torch.zeros((len(rows), width))
+    for r, i in enumerate(rows):
+        seq, start = seqs[i]
+        w[r, start:len(seq)] = torch.tensor(list(token_weights[i]), dtype=torch.float32)
+    return w
+
+
 @torch.inference_mode()
 def answer_means(
     lm: LoadedModel, questions: Sequence[str], answers: Sequence[str], layer: int,
@@ -103,22 +130,14 @@ def answer_means(
     bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not progress, leave=False)
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
-        width = max(len(seqs[i][0]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        answer = torch.zeros((len(rows), width), dtype=torch.float32)
-        for r, i in enumerate(rows):
-            seq, start = seqs[i]
-            ids[r, :len(seq)] = torch.tensor(seq)
-            attn[r, :len(seq)] = 1
-            answer[r, start:len(seq)] = 1.0 if token_weights is None else torch.tensor(
-                list(token_weights[i]), dtype=torch.float32)
+        ids, attn, answer = pad_batch(seqs, rows, pad)
+        weights = answer.float() if token_weights is None else answer_weights(seqs, rows, token_weights)
         ctx = row_context(rows) if row_context else contextlib.nullcontext()
         with ctx as extra, capture(lm.model, keys, layers_path=layers_path,
                                    stop_early=stop_early) as acts:
             lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), use_cache=False,
                      **(extra or {}))
-        w = answer.to(lm.device)[..., None]
+        w = weights.to(lm.device)[..., None]
         for site, r in reads.items():
             a = acts[(layer, r)].float()
             mean = (a * w).sum(1) / w.sum(1)

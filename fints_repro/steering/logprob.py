@@ -3,9 +3,9 @@ tokens (optionally weighted per token), on plain text, with or without steering 
 (through ``steer``, so a vector that requires grad gets its gradient). What BiPO trains
 on, and what a token-level causal effect is computed from.
 
-Sequences are tokenised as extraction tokenises them (``tokenize_pair_texts``: question,
-then answer, ``separate`` or ``joint``) and run right-padded, sorted by length; token t
-of the answer is scored by the logits at position t - 1.
+Sequences are tokenised and laid out as extraction does it (``tokenize_pair_texts``:
+question, then answer, ``separate`` or ``joint``; ``pad_batch``: right-padded), sorted by
+length; token t of the answer is scored by the logits at position t - 1.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from fints_repro.models.loading import LoadedModel
-from fints_repro.steering.extract import tokenize_pair_texts
+from fints_repro.steering.extract import pad_batch, tokenize_pair_texts
 from fints_repro.steering.sites import SteeringError
 
 
@@ -31,30 +31,10 @@ def packed(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str],
     return seqs
 
 
-def batch(seqs: Sequence[tuple[list[int], int]], rows: Sequence[int], pad: int):
-    """Right-padded ``ids``, ``attention_mask`` and the answer mask of ``rows``."""
-    width = max(len(seqs[i][0]) for i in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    answer = torch.zeros((len(rows), width), dtype=torch.bool)
-    for r, i in enumerate(rows):
-        seq, start = seqs[i]
-        ids[r, :len(seq)] = torch.tensor(seq)
-        attn[r, :len(seq)] = 1
-        answer[r, start:len(seq)] = True
-    return ids, attn, answer
-
-
-def weights_of(seqs: Sequence[tuple[list[int], int]], rows: Sequence[int],
-               token_weights: Sequence[Sequence[float]]) -> torch.Tensor:
-    """``[len(rows), width]`` weights over the answer positions of ``rows`` (as ``batch``
-    lays them out), from one weight per answer token."""
-    width = max(len(seqs[i][0]) for i in rows)
-    w = torch.zeros((len(rows), width))
-    for r, i in enumerate(rows):
-        seq, start = seqs[i]
-        w[r, start:len(seq)] = torch.tensor(list(token_weights[i]), dtype=torch.float32)
-    return w
+def _token_logp(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """``[B, T-1]``: log p(ids[t] | ids[:t]) for t = 1 .. T-1, on the model's device."""
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+    return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
 
 
 def sequence_logprobs(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor,
@@ -63,25 +43,11 @@ def sequence_logprobs(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Ten
     (``weights`` ``[B, T]``, default 1). Differentiable in whatever the forward depends on."""
     dev = next(model.parameters()).device
     ids, attn, answer = ids.to(dev), attn.to(dev), answer.to(dev)
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    logp = _token_logp(model, ids, attn)
     w = answer[:, 1:].float()
     if weights is not None:
         w = w * weights.to(dev, torch.float32)[:, 1:]
     return (logp * w).sum(-1)
-
-
-@torch.no_grad()
-def answer_logprobs(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str], *,
-                    mode: str = "separate", batch_size: int = 8) -> torch.Tensor:
-    """``[N]`` summed answer log-probabilities (float32, CPU), no steering."""
-    seqs = packed(lm, questions, answers, mode)
-    out = torch.empty(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        out[rows] = sequence_logprobs(lm.model, *batch(seqs, rows, lm.tokenizer.pad_token_id)).cpu()
-    return out
 
 
 @torch.no_grad()
@@ -96,9 +62,8 @@ def token_logprobs(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[st
     dev = next(lm.model.parameters()).device
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
-        ids, attn, _ = batch(seqs, rows, lm.tokenizer.pad_token_id)
-        logits = lm.model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids.to(dev)[:, 1:, None])[..., 0].cpu()
+        ids, attn, _ = pad_batch(seqs, rows, lm.tokenizer.pad_token_id)
+        logp = _token_logp(lm.model, ids.to(dev), attn.to(dev)).cpu()
         for r, i in enumerate(rows):
             seq, start = seqs[i]
             out[i] = logp[r, start - 1:len(seq) - 1]

@@ -33,7 +33,8 @@ from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.hooks import steer
-from fints_repro.steering.logprob import batch, packed, sequence_logprobs, weights_of
+from fints_repro.steering.extract import answer_weights, pad_batch
+from fints_repro.steering.logprob import packed, sequence_logprobs
 from fints_repro.steering.methods.common import strength, user_pairs, validate
 from fints_repro.steering.pairs import Pair
 from fints_repro.steering.sites import hidden_size
@@ -64,8 +65,8 @@ def _reference(model: torch.nn.Module, seqs, pad: int, size: int, token_weights=
     out = []
     for i in range(0, len(seqs), size):
         rows = list(range(i, min(i + size, len(seqs))))
-        w = weights_of(seqs, rows, token_weights) if token_weights is not None else None
-        out.append(sequence_logprobs(model, *batch(seqs, rows, pad), weights=w).cpu())
+        w = answer_weights(seqs, rows, token_weights) if token_weights is not None else None
+        out.append(sequence_logprobs(model, *pad_batch(seqs, rows, pad), weights=w).cpu())
     return torch.cat(out)
 
 
@@ -102,9 +103,9 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
                 rng.shuffle(order)
             rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
             d = rng.choice((-1.0, 1.0))
-            cw = weights_of(w_seqs, rows, chosen_weights) if chosen_weights is not None else None
-            loss = bipo_loss(model, layer, v, d, cfg.beta, batch(w_seqs, rows, pad),
-                             batch(l_seqs, rows, pad), ref_w[rows], ref_l[rows], layers_path, cw)
+            cw = answer_weights(w_seqs, rows, chosen_weights) if chosen_weights is not None else None
+            loss = bipo_loss(model, layer, v, d, cfg.beta, pad_batch(w_seqs, rows, pad),
+                             pad_batch(l_seqs, rows, pad), ref_w[rows], ref_l[rows], layers_path, cw)
             (grad,) = torch.autograd.grad(loss, [v])  # the model's weights get no gradient
             v.grad = grad
             opt.step()
