@@ -369,8 +369,8 @@ class BiPOConfig:
     lr: float = 5e-4
     weight_decay: float = 0.05
     batch_size: int = 4
-    # The BiPO code trains 5-20 epochs over thousands of pairs; a demo user has ~10 pairs,
-    # so 20 epochs are ~50 steps.
+    # The BiPO code trains 5-20 epochs over thousands of pairs; a demo user has 10-14
+    # pairs, so 20 epochs are 20 * ceil(pairs / 4) = 60-80 steps.
     epochs: int = 20
     max_steps: Optional[int] = None
 
