@@ -217,8 +217,8 @@ class TrainConfig:
 
 @dataclass
 class LoraBackboneConfig:
-    """``backbone=lora``: one LoRA adapter per user (OPPU), trained on that user's history
-    items (question -> output, loss on the output tokens, EOS appended)."""
+    """``backbone=lora``: one LoRA adapter per user (OPPU), trained on that user's items
+    (``train_on``; question -> output, loss on the output tokens, EOS appended)."""
 
     r: int = 8
     lora_alpha: int = 8
@@ -228,6 +228,11 @@ class LoraBackboneConfig:
     # `chat`: training text in the chat template the run generates with (ours);
     # `raw`: dataset.lora_raw_template, no template (the authors' OPPU code).
     train_template: str = "chat"
+    # What each user's adapter learns from: `history` = the user's history items (OPPU on
+    # LaMP / LongLaMP); `train_samples` = the user's training-split samples and their gold
+    # outputs (function calling: the training tasks' gold calls); `auto` = the task's
+    # choice (text generation: history; function calling: train_samples).
+    train_on: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -263,6 +263,43 @@ def test_a_user_without_history_runs_the_base_model(tmp_path) -> None:
     backbone.close(lm)
 
 
+@pytest.mark.parametrize("train_on", ["auto", "history", "train_samples"])
+def test_train_on_picks_what_each_adapter_learns_from(tmp_path, monkeypatch, train_on) -> None:
+    """``history``: the user's history items; ``train_samples``: the user's training-split
+    items (``resources.train_items()``); ``auto`` on text generation: history. The texts
+    the Trainer gets are checked: their labelled tokens are those outputs + EOS."""
+    lm = _lm()
+    tok = lm.tokenizer
+    split = {"alice": [HistoryItem("alice-tr0", "Headline: a training story", "AAA! trained"),
+                       HistoryItem("alice-tr1", "Headline: another one", "AAA! again")]}
+    seen: dict[str, list[str]] = {}
+    real = lora_mod.train_adapter
+
+    def spy(model, tok_, examples, *a, **kw):
+        seen.setdefault("alice", []).extend(
+            tok.decode([t for t in ex["labels"] if t != -100]) for ex in examples)
+        return real(model, tok_, examples, *a, **kw)
+
+    monkeypatch.setattr(lora_mod, "train_adapter", spy)
+    backbone, res = _backbone(tmp_path, train_on=train_on)
+    res.train_items = lambda: split
+    backbone.fit(lm, _samples(("alice",), n_hist=3), res)
+    from_split = train_on == "train_samples"
+    want = [h.output for h in (split["alice"] if from_split else _items("alice", 3))]
+    assert seen["alice"] == [w + tok.eos_token for w in want]
+    assert backbone.metrics()["backbone_train_on"] == ("train_samples" if from_split else "history")
+    assert backbone.metrics()["backbone_train_items_per_user"] == len(want)
+    backbone.close(lm)
+
+
+def test_train_on_auto_is_the_tasks_choice_and_a_bad_value_is_named(tmp_path) -> None:
+    from fints_repro.tasks.function_calling import FunctionCallingTask
+
+    assert FunctionCallingTask.lora_train_on == "train_samples"  # calls, not review texts
+    with pytest.raises(ConfigError, match=r"backbone.lora.train_on='profile'"):
+        _backbone(tmp_path, train_on="profile")
+
+
 # ------------------------------------------------------------------ the whole pipeline
 
 

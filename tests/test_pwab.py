@@ -573,3 +573,6 @@ def test_parametric_backbones_run_on_function_calling(tiny_overrides, tmp_path) 
     assert set(summary["methods"]) == {"lora", "lora+fine_grained", "reward_model"}
     for m in summary["methods"].values():
         assert m["n"] == 6 and 0 <= m["result_accuracy"] <= 1
+    lora = summary["methods"]["lora"]  # adapters learn the training tasks' gold calls
+    assert lora["backbone_train_on"] == "train_samples"
+    assert lora["backbone_train_items_per_user"] == 4  # the demo's training tasks per user

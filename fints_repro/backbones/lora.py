@@ -1,6 +1,8 @@
 """``backbone=lora``: one LoRA adapter per user (OPPU), steering pluggable on top.
 
-- **Training** (``fit``): each user's history items become (question -> output) texts, in
+- **Training** (``fit``): each user's items (``backbone.lora.train_on``: the history items,
+  or the user's training-split samples with their gold outputs, which is what function
+  calling learns from) become (question -> output) texts, in
   the chat template the run generates with (``backbone.lora.train_template=chat``) or the
   dataset's raw OPPU template (``raw``, the authors'); the loss is on the output tokens
   and the EOS after them. One adapter at a time is injected into the run's model (PEFT's
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 TEMPLATES = ("chat", "raw")
+TRAIN_ON = ("auto", "history", "train_samples")
 
 
 def target_modules(model: Any, configured: Sequence[str] | None) -> list[str]:
@@ -169,6 +172,10 @@ class LoRA(Backbone):
         if self.lcfg.train_template not in TEMPLATES:
             raise ConfigError(f"backbone.lora.train_template={self.lcfg.train_template!r}; "
                               f"expected one of {list(TEMPLATES)}")
+        if self.lcfg.train_on not in TRAIN_ON:
+            raise ConfigError(f"backbone.lora.train_on={self.lcfg.train_on!r}; "
+                              f"expected one of {list(TRAIN_ON)}")
+        self.train_on = task.lora_train_on if self.lcfg.train_on == "auto" else self.lcfg.train_on
         k = cfg.k or 0
         base = dataclasses.replace(cfg, name="rag" if k > 0 else "zero_shot", k=k)
         self.prompting = build_backbone(base, task, retriever)
@@ -181,8 +188,8 @@ class LoRA(Backbone):
     # ------------------------------------------------------------------ fit
 
     def _examples(self, lm, items: Sequence[HistoryItem]) -> list[dict]:
-        """The user's training texts: each history item's task question (as pairs and
-        extraction phrase it) -> its output."""
+        """The user's training texts: each item's task question (as pairs and extraction
+        phrase it) -> its output."""
         from fints_repro.steering.pairs import item_question
 
         d = self.task.dataset
@@ -204,6 +211,9 @@ class LoRA(Backbone):
                   "seed": seed}
         self.samples = list(samples)
         history = user_history(samples)
+        if self.train_on == "train_samples":  # the user's training tasks, gold outputs
+            split = resources.train_items()
+            history = {u: split.get(u, []) for u in history}
         trained, loaded, seconds, losses = 0, 0, [], []
         from tqdm.auto import tqdm
 
@@ -229,10 +239,14 @@ class LoRA(Backbone):
         self._load(lm, cache_dir)
         n_without = sum(1 for u in users if not self.keys[u])
         if n_without:
-            log.warning("lora: %d user(s) have no history and are generated with the base model",
+            log.warning("lora: %d user(s) have no training items and are generated with the "
+                        "base model",
                         n_without)
         self.stats = {"backbone_n_adapters_trained": trained, "backbone_n_adapters_loaded": loaded,
                       "backbone_n_users_without_adapter": n_without,
+                      "backbone_train_on": self.train_on,
+                      "backbone_train_items_per_user": round(
+                          sum(map(len, history.values())) / max(len(history), 1), 2),
                       "seconds_train_per_user": round(sum(seconds) / len(seconds), 3) if seconds else None,
                       "backbone_train_loss_mean": round(sum(losses) / len(losses), 4) if losses else None}
 

@@ -53,6 +53,9 @@ class Task:
     # Scores each sample gets, and the one that ranks methods (reports, sweeps, plots).
     metric_names: tuple[str, ...] = ()
     primary_metric: str = ""
+    # What a per-user adapter learns from under backbone.lora.train_on=auto: `history`
+    # (the user's history items) or `train_samples` (the user's training tasks, gold outputs)
+    lora_train_on: str = "history"
 
     def __init__(self, dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig,
                  seed: int = 0):

@@ -255,6 +255,9 @@ class FunctionCallingTask(Task):
     target_type = str  # the gold call, JSON
     metric_names = ("function_accuracy", "result_accuracy")
     primary_metric = "result_accuracy"
+    # A per-user adapter learns to call tools: the user's training tasks -> gold calls
+    # (history items are product -> review texts, not calls)
+    lora_train_on = "train_samples"
 
     @functools.cached_property
     def environment(self) -> ToolEnvironment:
