@@ -397,6 +397,21 @@ class SteerXConfig:
     # history items of the user in H (the item's RAG prompt; null = dataset.rag_k)
     k: Optional[int] = None
     batch_size: int = 8
+    # 3. The user's preference in words, written greedily by the run's LLM (no task system
+    # prompt) from the user's selected tokens: the `description_tokens` distinct ones of
+    # largest summed delta; cached, in predictions.jsonl as `steerx_description`.
+    description: bool = True
+    description_tokens: int = 30
+    description_max_new_tokens: int = 48
+    description_prompt: str = (
+        "These words are the ones a user's own texts use because of who the user is:\n"
+        "{tokens}\n\nIn one sentence, describe what this user prefers (topics, style, "
+        "wording).")
+    # 4. use_description: add, at each steered site, the mean over the user's pairs of the
+    # chosen side's activations under "question + description" minus under the question
+    # (times the site's strength); off = SteerX is its backbone on the selected tokens.
+    use_description: bool = False
+    description_question_template: str = "{question}\n\nAbout this user: {description}"
 
 
 @dataclass

@@ -107,6 +107,16 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     in_range(f"{prefix}.steerx.top_q", x.top_q, 0, 1, low_open=True)
     at_least(f"{prefix}.steerx.k", x.k, 1, optional=True)
     at_least(f"{prefix}.steerx.batch_size", x.batch_size, 1)
+    at_least(f"{prefix}.steerx.description_tokens", x.description_tokens, 1)
+    at_least(f"{prefix}.steerx.description_max_new_tokens", x.description_max_new_tokens, 1)
+    if x.use_description and not x.description:
+        _fail(f"{prefix}.steerx.use_description", x.use_description,
+              "needs the description: set steering.steerx.description=true")
+    for key, text, field_ in (("description_prompt", x.description_prompt, "{tokens}"),
+                              ("description_question_template", x.description_question_template,
+                               "{description}")):
+        if field_ not in text:
+            _fail(f"{prefix}.steerx.{key}", text, f"must contain {field_}")
     if s.name == "steerx" and s.answer_tokenization != "separate":
         _fail(f"{prefix}.answer_tokenization", s.answer_tokenization,
               "steering=steerx selects answer tokens as tokenised apart: set it to separate")

@@ -1,5 +1,7 @@
-"""SteerX: the token-level causal effect against a direct recomputation, the selection
-rule, and the reduction to its backbone, bit for bit, when every token is selected."""
+"""SteerX: the token-level causal effect against a direct recomputation (and read back
+from its cache unchanged), the selection rule, the tokens a description is written from,
+the description's vector against a direct recomputation, and the reduction to its
+backbone, bit for bit, when every token is selected."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fints_repro.steering.methods.steerx import causal_effects, select_tokens
+import fints_repro.steering.methods.steerx as steerx_mod
+from fints_repro.steering.methods.steerx import causal_effects, preference_tokens, select_tokens
 from fints_repro.steering.pairs import Pair
 from tests.conftest import assert_config_error, run
 
@@ -45,6 +48,80 @@ def test_causal_effect_equals_a_direct_recomputation(lm) -> None:
         assert torch.allclose(dp, a.exp() - b.exp(), atol=1e-6)
 
 
+def test_causal_effects_are_cached_exactly_and_a_damaged_cache_is_recomputed(
+        lm, tmp_path, monkeypatch, caplog) -> None:
+    pairs = [Pair("u", "a", "Write a headline:", "Rain again in town", "x", 0.0, 0),
+             Pair("u", "b", "Title this:", "Cup glory", "y", 0.0, 0)]
+    with_h = ["Past: Sun today.\nWrite a headline:", "Past: Cup final.\nTitle this:"]
+    fresh = causal_effects(lm, pairs, with_h, cache_dir=tmp_path)
+    (path,) = (tmp_path / "steerx").glob("logprobs-*.json")
+    real = steerx_mod.token_logprobs
+    monkeypatch.setattr(steerx_mod, "token_logprobs", lambda *a, **k: pytest.fail("not cached"))
+    again = causal_effects(lm, pairs, with_h, cache_dir=tmp_path)
+    prob = causal_effects(lm, pairs, with_h, effect="prob", cache_dir=tmp_path)  # same passes
+    assert all(torch.equal(a, b) for a, b in zip(fresh, again))
+    assert all(torch.allclose(p, a.exp() - b.exp()) for p, a, b in
+               zip(prob, *steerx_mod._logprob_passes(lm, with_h, [q.question for q in pairs],
+                                                     [q.chosen for q in pairs], 8, tmp_path)))
+    path.write_text('{"with": [[0.1]]')  # cut short
+    monkeypatch.setattr(steerx_mod, "token_logprobs", real)
+    redone = causal_effects(lm, pairs, with_h, cache_dir=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, redone))
+    assert "do not read back" in caplog.text and str(path) in caplog.text
+
+
+def test_preference_tokens_rank_the_selected_tokens_by_summed_effect(lm) -> None:
+    tok = lm.tokenizer
+    pairs = [Pair("u", "a", "q", "rain rain town", "x", 0.0, 0),
+             Pair("u", "b", "q", "town cup", "y", 0.0, 0), Pair("v", "c", "q", "cup", "z", 0.0, 0)]
+    ids = [tok(" " + p.chosen, add_special_tokens=False)["input_ids"] for p in pairs]
+    deltas = [torch.linspace(1.0, 0.1, len(i)) for i in ids]
+    weights = [[1.0] * len(i) for i in ids]
+    weights[1][0] = 0.0  # the first token of "town cup" is not selected
+    want: dict = {}
+    for p, t_ids, d, w in zip(pairs, ids, deltas, weights):  # written out again, by hand
+        for t, x, keep in zip(t_ids, d.tolist(), w):
+            word = tok.decode([t]).strip()
+            if keep and word:
+                want.setdefault(p.user, {}).setdefault(word, 0.0)
+                want[p.user][word] += x
+    got = preference_tokens(lm, pairs, deltas, weights, 2)
+    assert set(got) == {"u", "v"} and len(got["u"]) <= 2
+    for u, ws in got.items():
+        best = sorted(want[u].values(), reverse=True)[:len(ws)]
+        assert [want[u][w] for w in ws] == best
+
+
+def test_the_description_vector_equals_a_direct_recomputation(lm, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from fints_repro.compose import compose_run
+    from fints_repro.steering.hooks import capture
+
+    cfg = compose_run(["steering=steerx", "steering.layer=1"]).steering
+    pairs = [Pair("u", "a", "Write a headline:", "Rain again", "x", 0.0, 0),
+             Pair("u", "b", "Title this:", "Cup glory", "y", 0.0, 0),
+             Pair("w", "c", "Title:", "No words", "z", 0.0, 0)]
+    inputs = SimpleNamespace(cache_dir=str(tmp_path), layers_path="", progress=False,
+                             overlength="error", user_context=None, user_identity=None)
+    got = steerx_mod.description_vectors(cfg, lm, pairs, {"u": "likes rain"}, 1, ["mlp"], inputs)
+    assert set(got) == {"u"}  # w has no description
+
+    def mean_act(q: str, a: str) -> torch.Tensor:
+        q_ids = lm.tokenizer(q)["input_ids"]
+        a_ids = lm.tokenizer(" " + a, add_special_tokens=False)["input_ids"]
+        with torch.no_grad(), capture(lm.model, [(1, "mlp")]) as acts:
+            lm.model(input_ids=torch.tensor([q_ids + a_ids]))
+        return acts[(1, "mlp")][0, len(q_ids):].float().mean(0)
+
+    t = cfg.steerx.description_question_template
+    want = torch.stack([mean_act(t.format(question=p.question, description="likes rain"), p.chosen)
+                        - mean_act(p.question, p.chosen) for p in pairs[:2]]).mean(0)
+    assert torch.allclose(got["u"]["mlp"], want, atol=1e-5)
+    again = steerx_mod.description_vectors(cfg, lm, pairs, {"u": "likes rain"}, 1, ["mlp"], inputs)
+    assert torch.equal(again["u"]["mlp"], got["u"]["mlp"])  # read back from its cache
+
+
 def test_selection_keeps_tokens_above_tau_and_falls_back_to_the_top_q() -> None:
     d = [torch.tensor([0.5, -0.2, 0.1, 0.0]), torch.tensor([-1.0, -0.5, -2.0, -0.1, -3.0])]
     assert select_tokens(d, 0.05, 0.2) == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]
@@ -72,10 +149,18 @@ def test_every_token_selected_reduces_to_the_backbone_bit_for_bit(backbone, extr
     assert sx["n_cached"] == sx["n"] and sx["n_generated"] == 0
     assert _preds(tmp_path / "run", "sx") == _preds(tmp_path / "run", f"rag+{backbone}")
     assert base["steering_n_samples_steered"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "sx" / "predictions.jsonl").read_text().splitlines()]
+    assert sx["steering_steerx_n_descriptions"] > 0  # written, shown, and not steered with
+    assert any(r["steering"]["steerx_description"] and r["steering"]["steerx_tokens"] for r in rows)
     if backbone == "caa":  # and a finite tau selects fewer tokens, which changes the vectors
         over[-1] = over[-1].replace("-inf", "0.0")
         sel = run(over, tmp_path / "run2")["methods"]["sx"]
         assert sel["steering_steerx_token_share"] < 1.0 and sel["n_generated"] > 0
+        # the description's vector on top changes them again
+        over[-1] = over[-1].replace("tau: 0.0", "tau: 0.0, steering.steerx.use_description: true")
+        desc = run(over, tmp_path / "run3")["methods"]["sx"]
+        assert desc["steering_steerx_n_users_with_description_vector"] > 0
+        assert desc["n_generated"] > 0  # new vectors: new generation keys
 
 
 @pytest.mark.parametrize("override, key", [
@@ -84,9 +169,13 @@ def test_every_token_selected_reduces_to_the_backbone_bit_for_bit(backbone, extr
     ("steering.steerx.backbone=lora", "steering.steerx.backbone"),
     ("steering.steerx.top_q=0", "steering.steerx.top_q"),
     ("steering.answer_tokenization=joint", "steering.answer_tokenization"),
+    ("steering.steerx.use_description=true steering.steerx.description=false",
+     "steering.steerx.use_description"),
+    ("steering.steerx.description_prompt=words", "steering.steerx.description_prompt"),
+    ("steering.steerx.description_tokens=0", "steering.steerx.description_tokens"),
 ])
 def test_bad_steerx_settings_fail_at_start_naming_the_key(override, key) -> None:
-    assert_config_error(["steering=steerx", override], key)
+    assert_config_error(["steering=steerx", *override.split()], key)
 
 
 def test_token_weighted_extraction_is_the_mean_over_the_selected_answer_positions(lm) -> None:

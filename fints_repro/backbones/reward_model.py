@@ -56,7 +56,7 @@ import torch
 
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
 from fints_repro.backbones.lora import _safe, save_adapter, target_modules, train_once
-from fints_repro.cache import GenerationStore, content_hash
+from fints_repro.cache import content_hash
 from fints_repro.config import BackboneConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
@@ -560,31 +560,14 @@ class RewardModel(Backbone):
                  describe: Callable[[int, int], Exception]) -> list[str]:
         """Greedy generations of the run's LLM for chat-rendered ``user_texts``, batched
         (``generation.batch_size``) and cached per prompt in ``<cache_dir>/judge/``."""
-        from fints_repro.generation import DecodingParams, generate_batches
-        from fints_repro.models.chat import fit_chat_prompts
-        from fints_repro.models.inspect import shape_of
+        from fints_repro.generation import greedy_cached
 
-        lm = self.lm
         cache_dir, seed, progress, batch_size, overlength = self._settings()
-        texts, over = fit_chat_prompts(lm.tokenizer, list(user_texts), lm.system_prompt,
-                                       shape_of(lm.model).max_positions, max_new_tokens,
-                                       overlength, describe)
-        if over:
-            log.warning("reward_model: %d %s prompt(s) longer than the context were cut in the "
-                        "middle", len(over), desc)
-        params = DecodingParams(max_new_tokens=max_new_tokens, do_sample=False, seed=seed)
-        key = content_hash([lm.fingerprint, dataclasses.asdict(params), batch_size])
-        store = GenerationStore(cache_dir / "judge" / f"{key}.jsonl")
-        keys = [store.key(t) for t in texts]
-        done = {i: store.items[k] for i, k in enumerate(keys) if k in store.items}
-        self.stats[f"backbone_{desc}_generated"] = (self.stats.get(f"backbone_{desc}_generated", 0)
-                                                    + len(texts) - len(done))
-        for idx, gens in generate_batches(lm, texts, params, batch_size=batch_size,
-                                          sort_by_length=True, skip=set(done),
-                                          progress=progress, desc=desc):
-            store.add([(keys[i], g) for i, g in zip(idx, gens)])
-            done.update(zip(idx, gens))
-        return [done[i] for i in range(len(texts))]
+        out, n_new = greedy_cached(self.lm, user_texts, max_new_tokens, store_dir=cache_dir / "judge",
+                                   seed=seed, batch_size=batch_size, overlength=overlength,
+                                   progress=progress, desc=desc, describe=describe)
+        self.stats[f"backbone_{desc}_generated"] = self.stats.get(f"backbone_{desc}_generated", 0) + n_new
+        return out
 
     def persona_prompt(self, pairs: Sequence) -> str:
         """Up to ``persona_max_pairs`` of the user's pairs (first attempts first, then in

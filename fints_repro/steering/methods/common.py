@@ -78,11 +78,11 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                            layers_path=inputs.layers_path, progress=inputs.progress,
                            overlength=inputs.overlength,
                            chosen_weights=chosen_weights(pairs) if chosen_weights and pairs else None,
-                           **_per_user(inputs, pairs))
+                           **extraction_context(inputs, pairs))
     return PairVectors(layer, pairs, rows, vectors)
 
 
-def _per_user(inputs: SteeringInputs, pairs: Sequence[Pair]) -> dict:
+def extraction_context(inputs: SteeringInputs, pairs: Sequence[Pair]) -> dict:
     """Extraction with each pair's user's model context (a backbone's adapter)."""
     if inputs.user_context is None:
         return {}

@@ -10,31 +10,45 @@ user's outputs their preference drives, found by a token-level causal effect.
    forward per variant; y is tokenised apart, so both variants score the same tokens.
 2. Preference-driven tokens: ``delta_t > tau``; an output with none keeps its top
    ``ceil(top_q * n)`` tokens by delta, so no pair is left without tokens.
-3. The backbone's vectors from those tokens only: CAA and fine-grained average the chosen
-   side's activations over the selected answer positions (the rejected side over all of
-   its tokens); BiPO restricts the chosen side's log-likelihood to them.
+   The two log-prob passes are cached by content (``<cache_dir>/steerx/``).
+3. The user's preference in words (``steering.steerx.description``): the run's LLM, with
+   no task system prompt, writes one sentence from the user's selected tokens (the
+   distinct ones of largest summed delta), greedily, cached per prompt.
+4. The backbone's vectors from the selected tokens only: CAA and fine-grained average the
+   chosen side's activations over the selected answer positions (the rejected side over
+   all of its tokens); BiPO restricts the chosen side's log-likelihood to them. With
+   ``use_description`` the contrast "question + description" vs "question" (the mean
+   over the user's pairs of the chosen side's activations under each, at every site the
+   backbone steers) is added, times the site's strength.
 
-With ``tau=-inf`` every token is selected and SteerX is its backbone, vectors and
-predictions bit for bit (tested). The selected share and per-row token counts are
-reported; the selected tokens of each user's outputs are in ``predictions.jsonl``.
+With ``tau=-inf`` and ``use_description`` off, every token is selected and SteerX is its
+backbone, vectors and predictions bit for bit (tested). The selected share is reported;
+each row's user's top tokens and description are in ``predictions.jsonl``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections import defaultdict
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from fints_repro.backbones.prompting import render_with_history
-from fints_repro.config import SteeringConfig
+from fints_repro.cache import atomic_file, content_hash
+from fints_repro.config import SteeringConfig, SteerXConfig
 from fints_repro.data.schema import HistoryItem, Sample
+from fints_repro.errors import DataError
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering.extract import answer_means
 from fints_repro.steering.logprob import token_logprobs
-from fints_repro.steering.methods.common import prepare
+from fints_repro.steering.methods.common import extraction_context, prepare, strength
 from fints_repro.steering.pairs import Pair, user_history
+from fints_repro.steering.store import load_vectors, save_vectors
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +70,45 @@ def history_prompts(pairs: Sequence[Pair], history: dict[str, list[HistoryItem]]
     return prompts
 
 
+def _logprob_passes(lm: LoadedModel, prompts_h: Sequence[str], questions: Sequence[str],
+                    answers: Sequence[str], batch_size: int, cache_dir: str | Path | None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per answer, its tokens' log-probs with the history prompt and with the question
+    alone; cached in ``<cache_dir>/steerx/logprobs-<hash>.json`` (float32 values, exact
+    through JSON). A file that does not read back is computed again."""
+    def compute():
+        return (token_logprobs(lm, list(prompts_h), list(answers), batch_size=batch_size),
+                token_logprobs(lm, list(questions), list(answers), batch_size=batch_size))
+
+    if cache_dir is None:
+        return compute()
+    key = content_hash([lm.fingerprint, list(prompts_h), list(questions), list(answers)])
+    path = Path(cache_dir) / "steerx" / f"logprobs-{key}.json"
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+            got = tuple([torch.tensor(x, dtype=torch.float32) for x in raw[side]]
+                        for side in ("with", "without"))
+            if all(len(g) == len(answers) for g in got):
+                return got  # type: ignore[return-value]
+            raise ValueError(f"{len(got[0])} rows for {len(answers)} answers")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("steerx: the cached log-probs %s do not read back (%s): computing them "
+                        "again", path, e)
+    with_h, without = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps({"with": [t.tolist() for t in with_h],
+                                   "without": [t.tolist() for t in without]}))
+    return with_h, without
+
+
 def causal_effects(lm: LoadedModel, pairs: Sequence[Pair], prompts_h: Sequence[str],
-                   effect: str = "logprob", batch_size: int = 8) -> list[torch.Tensor]:
+                   effect: str = "logprob", batch_size: int = 8,
+                   cache_dir: str | Path | None = None) -> list[torch.Tensor]:
     """Per pair, delta_t for each token of the chosen side (see the module docstring)."""
-    answers = [p.chosen for p in pairs]
-    with_h = token_logprobs(lm, list(prompts_h), answers, batch_size=batch_size)
-    without = token_logprobs(lm, [p.question for p in pairs], answers, batch_size=batch_size)
+    with_h, without = _logprob_passes(lm, prompts_h, [p.question for p in pairs],
+                                      [p.chosen for p in pairs], batch_size, cache_dir)
     if effect == "prob":
         return [a.exp() - b.exp() for a, b in zip(with_h, without)]
     return [a - b for a, b in zip(with_h, without)]
@@ -79,26 +126,101 @@ def select_tokens(deltas: Sequence[torch.Tensor], tau: float, top_q: float) -> l
     return out
 
 
+def preference_tokens(lm: LoadedModel, pairs: Sequence[Pair], deltas: Sequence[torch.Tensor],
+                      weights: Sequence[Sequence[float]], n: int) -> dict[str, list[str]]:
+    """Per user, the ``n`` distinct selected tokens (decoded, stripped; without a letter or
+    digit: left out) of largest summed delta over the user's outputs, ties in first-seen
+    order: what the description is written from."""
+    tok = lm.tokenizer
+    ids = tok([" " + p.chosen for p in pairs], add_special_tokens=False)["input_ids"]
+    total: dict[str, dict[str, float]] = defaultdict(dict)
+    for p, t_ids, d, w in zip(pairs, ids, deltas, weights):
+        mine = total[p.user]
+        for t, x, keep in zip(t_ids, d.tolist(), w):
+            word = tok.decode([t]).strip()
+            if keep and any(c.isalnum() for c in word):
+                mine[word] = mine.get(word, 0.0) + x
+    return {u: sorted(m, key=lambda w: -m[w])[:n] for u, m in total.items()}
+
+
+def describe_users(lm: LoadedModel, tokens: dict[str, list[str]], own: SteerXConfig,
+                   inputs: SteeringInputs) -> dict[str, str]:
+    """Per user with tokens, one sentence of the run's LLM about the user's preference
+    (greedy, no task system prompt, cached per prompt in ``<cache_dir>/steerx/``)."""
+    from fints_repro.generation import greedy_cached
+
+    users = [u for u in sorted(tokens) if tokens[u]]
+    prompts = [own.description_prompt.format(tokens=", ".join(tokens[u])) for u in users]
+
+    def too_long(i: int, n: int) -> Exception:
+        return DataError(f"steerx: the description prompt of user {users[i]!r} has {n} tokens, "
+                         "more than the model's context; lower steering.steerx.description_tokens",
+                         record=users[i])
+
+    written, _ = greedy_cached(lm, prompts, own.description_max_new_tokens,
+                               store_dir=Path(inputs.cache_dir) / "steerx", seed=inputs.seed,
+                               batch_size=own.batch_size, overlength=inputs.overlength,
+                               progress=inputs.progress, desc="steerx descriptions",
+                               describe=too_long, system_prompt=None)
+    return {u: w.strip() for u, w in zip(users, written) if w.strip()}
+
+
+def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pair],
+                        descriptions: dict[str, str], layer: int, sites: Sequence[str],
+                        inputs: SteeringInputs) -> dict[str, dict[str, torch.Tensor]]:
+    """Per user with a description, ``{site: [H]}``: the mean over the user's pairs of the
+    chosen side's mean activation (over its answer tokens) under
+    ``description_question_template`` minus under the question alone; read as extraction
+    reads (``steering.attn_read``, the user's adapter), cached like pair vectors."""
+    own = cfg.steerx
+    mine = [p for p in pairs if p.user in descriptions]
+    if not mine:
+        return {}
+    with_d = [own.description_question_template.format(question=p.question,
+                                                       description=descriptions[p.user])
+              for p in mine]
+    answers = [p.chosen for p in mine]
+    per_user = extraction_context(inputs, mine)
+    recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
+              "attn_read": cfg.attn_read, "tokenization": cfg.answer_tokenization,
+              "identities": content_hash(list(per_user.get("identities", [])))}
+    key = content_hash([recipe, [[q, p.question, p.chosen] for q, p in zip(with_d, mine)]])
+    path = Path(inputs.cache_dir) / "vectors" / f"steerx-description-{key}.safetensors"
+    diff = load_vectors(path)
+    if diff is None:
+        common = dict(attn_read=cfg.attn_read, answer_tokenization=cfg.answer_tokenization,
+                      batch_size=cfg.extract_batch_size, layers_path=inputs.layers_path,
+                      progress=inputs.progress, overlength=inputs.overlength,
+                      row_context=per_user.get("row_context"))
+        names = [f"the chosen side of the pair for item {p.item_id!r} of user {p.user!r}"
+                 for p in mine]
+        a = answer_means(lm, with_d, answers, layer, sites, desc="steerx description",
+                         names=[n + " with the description" for n in names], **common)
+        b = answer_means(lm, [p.question for p in mine], answers, layer, sites,
+                         desc="steerx no description", names=names, **common)
+        diff = {s: a[s] - b[s] for s in sites}
+        save_vectors(path, diff, {**recipe, "n_pairs": len(mine)})
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(mine):
+        rows[p.user].append(i)
+    return {u: {s: diff[s][r].mean(0) for s in sites} for u, r in rows.items()}
+
+
 @STEERING.register("steerx")
 def steerx(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
            inputs: SteeringInputs) -> SteeringPlan:
     own = cfg.steerx
     history = user_history(samples)
     k = own.k if own.k is not None else inputs.dataset.rag_k
-    info: dict[str, object] = {}
+    seen: list[tuple[Pair, torch.Tensor, list[float]]] = []  # every pair weighted, in order
 
     def weights(pairs: Sequence[Pair]) -> list[list[float]]:
         deltas = causal_effects(lm, pairs, history_prompts(pairs, history, inputs, k),
-                                own.effect, own.batch_size)
+                                own.effect, own.batch_size, inputs.cache_dir)
         w = select_tokens(deltas, own.tau, own.top_q)
-        n_sel, n_all = sum(map(sum, w)), sum(map(len, w))
-        info["share"] = n_sel / n_all if n_all else None
-        tok = lm.tokenizer
-        for p, ws in zip(pairs, w):
-            ids = tok(" " + p.chosen, add_special_tokens=False)["input_ids"]
-            picked = [tok.decode([t]).strip() for t, x in zip(ids, ws) if x]
-            info.setdefault("tokens", {}).setdefault(p.user, []).extend(picked)  # type: ignore[union-attr]
-        log.info("steerx: %d of %d answer tokens selected (tau %s, %s)", n_sel, n_all, own.tau, own.effect)
+        seen.extend(zip(pairs, deltas, w))
+        log.info("steerx: %d of %d answer tokens selected (tau %s, %s)", sum(map(sum, w)),
+                 sum(map(len, w)), own.tau, own.effect)
         return w
 
     if own.backbone == "bipo":
@@ -115,9 +237,24 @@ def steerx(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
             from fints_repro.steering.methods.fine_grained import fine_grained
 
             plan = fine_grained(cfg, lm, samples, inputs, pv=pv)
-    plan.stats["steerx_token_share"] = info.get("share")
-    tokens = info.get("tokens", {})
+    pairs = [p for p, _, _ in seen]
+    n_sel, n_all = sum(sum(w) for *_, w in seen), sum(len(w) for *_, w in seen)
+    tokens = preference_tokens(lm, pairs, [d for _, d, _ in seen], [w for *_, w in seen],
+                               own.description_tokens) if seen else {}
+    descriptions = describe_users(lm, tokens, own, inputs) if own.description and tokens else {}
+    if own.use_description and descriptions:
+        layer_sites = list(plan.vectors)
+        dvec = description_vectors(cfg, lm, pairs, descriptions, layer_sites[0][0],
+                                   [site for _, site in layer_sites], inputs)
+        for i, s in enumerate(samples):
+            if plan.steered[i] and s.user in dvec:
+                for (layer, site), v in plan.vectors.items():
+                    v[i] += strength(cfg, site) * dvec[s.user][site]
+        plan.stats["steerx_n_users_with_description_vector"] = len(dvec)
+    plan.stats.update({"steerx_token_share": n_sel / n_all if n_all else None,
+                       "steerx_n_descriptions": len(descriptions)})
     plan.row_info = [{**(plan.row_info[i] if plan.row_info else {}),
-                      "steerx_tokens": tokens.get(s.user, [])[:40]}  # type: ignore[union-attr]
+                      "steerx_tokens": tokens.get(s.user, []),
+                      "steerx_description": descriptions.get(s.user)}
                      for i, s in enumerate(samples)]
     return plan
