@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-drift demo-pwab test test-fast bench bench-steering bench-backbones repro-demo \
+.PHONY: install demo demo-drift demo-pwab test test-fast bench bench-steering bench-backbones bench-methods repro-demo \
 	repro-demo-backbones repro-demo-pwab sweep-demo sweep-demo-pwab \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
@@ -49,6 +49,9 @@ bench-steering: install
 
 bench-backbones: install  ## mixed-adapter batches, adapter training, best-of-N in one call
 	$(BIN)/python scripts/bench_backbones.py --repeats 2
+
+bench-methods: install  ## each steering method's preparation cost per user, from cached pairs
+	$(BIN)/python scripts/bench_methods.py --exp demo_methods --out results/bench-methods
 
 # Reproduction targets: a multirun into outputs/, then its tables and plots into results/.
 RUN := $(BIN)/python -m fints_repro.run

@@ -1,0 +1,102 @@
+"""What each steering method costs to prepare, per user, on the embedded data: from the
+same contrastive pairs (read from the project's pair cache, made first if absent) to the
+per-sample vectors, with an empty cache for everything after the pairs (extraction, BiPO
+training, SteerX's log-prob passes and descriptions), so each method pays its own model
+time once, as a cold run does.
+
+    python scripts/bench_methods.py [--exp demo_methods] [--seed 0] [--out results/bench-methods]
+                                    [--only NAME ...] [OVERRIDE ...]
+
+Methods: the ``methods`` of the preset that steer (each with its own overrides), plus
+SteerX(CAA) with ``use_description``. Writes ``methods.json`` and ``methods.md`` (seconds
+in all and per user with pairs; wall clock, this process's threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--exp", default="demo_methods")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/bench-methods")
+    ap.add_argument("--only", nargs="*", default=None, help="method names to time (default: all)")
+    ap.add_argument("overrides", nargs="*", help="more Hydra overrides (e.g. model=tiny_random_llama)")
+    args = ap.parse_args()
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from fints_repro.compose import compose_run
+    from fints_repro.data.load import load_samples
+    from fints_repro.models.loading import load_model
+    from fints_repro.pipeline import Resources, with_task_system_prompt
+    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.steering.methods.common import user_pairs
+    from fints_repro.tasks import build_task
+
+    load_methods()
+    base = [f"+exp={args.exp}", "logger=none", "progress=false", f"seed={args.seed}", *args.overrides]
+    cfg = compose_run(base)
+    samples = load_samples(cfg.dataset, seed=cfg.seed)
+    lm = with_task_system_prompt(load_model(cfg.model, cfg.cache_dir), cfg.dataset.system_prompt)
+    task = build_task(cfg.dataset, cfg.generation, cfg.eval, cfg.seed)
+    methods = [m for m in OmegaConf.to_container(OmegaConf.load(
+        Path(__file__).resolve().parents[1] / "conf" / "exp" / f"{args.exp}.yaml"))["methods"]
+        if m.get("steering")]
+    methods.append({"steering": "steerx", "name": "rag+steerx(caa)+description",
+                    "overrides": {"steering.steerx.backbone": "caa",
+                                  "steering.steerx.use_description": True}})
+    if args.only:
+        methods = [m for m in methods if (m.get("name") or f"rag+{m['steering']}") in args.only]
+    n_users = len({s.user for s in samples})
+    out: dict = {"exp": args.exp, "seed": args.seed, "model": lm.fingerprint,
+                 "device": str(lm.device), "threads": torch.get_num_threads(),
+                 "n_users": n_users, "n_samples": len(samples), "methods": {}}
+    for m in methods:
+        over = [f"steering={m['steering']}",
+                *(f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
+                  for k, v in (m.get("overrides") or {}).items())]
+        mcfg = compose_run(base + over)
+        res = Resources(mcfg, lm, task, base + over)
+        # the pairs from the project's cache (made once), everything after them cold
+        user_pairs(mcfg.steering, samples, res.steering_inputs(mcfg.steering))
+        with tempfile.TemporaryDirectory() as cold:
+            os.symlink(Path(mcfg.cache_dir).resolve() / "pairs", Path(cold) / "pairs")
+            inputs = dataclasses.replace(res.steering_inputs(mcfg.steering), cache_dir=cold)
+            t0 = time.perf_counter()
+            plan = STEERING.get(mcfg.steering.name)(mcfg.steering, lm, samples, inputs)
+            seconds = time.perf_counter() - t0
+        name = m.get("name") or f"rag+{m['steering']}"
+        users = len({s.user for s, st in zip(samples, plan.steered) if st})  # steered users
+        out["methods"][name] = {"seconds": round(seconds, 2), "users_steered": users,
+                                "n_pairs": plan.stats.get("n_pairs"),
+                                "seconds_per_user": round(seconds / max(users, 1), 2)}
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {json.dumps(out['methods'][name])}",
+              file=sys.stderr, flush=True)
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "methods.json").write_text(json.dumps(out, indent=2))
+    lines = [f"Preparation cost per method ({args.exp}, seed {args.seed}, {out['device']}, "
+             f"{out['threads']} threads; pairs shared and cached, everything after them cold)", "",
+             "| method | pairs | users steered | seconds | seconds per user |", "|---|---|---|---|---|"]
+    for name, r in out["methods"].items():
+        lines.append(f"| {name} | {r['n_pairs']} | {r['users_steered']} | {r['seconds']} | "
+                     f"{r['seconds_per_user']} |")
+    (dest / "methods.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
