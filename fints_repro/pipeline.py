@@ -369,6 +369,9 @@ def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | Non
             metrics, rows = run_method(cfg, method, lm, samples, run_dir, resources)
             results[method.name] = metrics
             tracker.log_metrics({f"{method.name}/{k}": v for k, v in metrics.items()})
+            for k, v in metrics.items():  # per-step curves (BiPO's loss) as line plots
+                if k.endswith("_curve") and isinstance(v, list):
+                    tracker.log_curve(f"{method.name}/{k}", v)
             tracker.log_table(f"{method.name}/samples", [
                 {k: r[k] for k in ("id", "user", "prompt", "prediction", "target")}
                 | {f"score/{k}": v for k, v in r["scores"].items()}

@@ -22,12 +22,17 @@ class Tracker(Protocol):
 
     def log_table(self, key: str, rows: Sequence[dict[str, Any]]) -> None: ...
 
+    def log_curve(self, key: str, values: Sequence[float]) -> None: ...
+
 
 class NullTracker:
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         pass
 
     def log_table(self, key: str, rows: Sequence[dict[str, Any]]) -> None:
+        pass
+
+    def log_curve(self, key: str, values: Sequence[float]) -> None:
         pass
 
 
@@ -49,6 +54,15 @@ class WandbTracker:
         table = wandb.Table(columns=columns,
                             data=[[_cell(r.get(c)) for c in columns] for r in rows])
         self.run.log({key: table})
+
+    def log_curve(self, key: str, values: Sequence[float]) -> None:
+        """One value per step (a training loss) as a line plot, with its table."""
+        import wandb
+
+        if not values:
+            return
+        table = wandb.Table(columns=["step", "value"], data=[[i, float(v)] for i, v in enumerate(values)])
+        self.run.log({key: wandb.plot.line(table, "step", "value", title=key)})
 
 
 def _cell(v: Any) -> Any:

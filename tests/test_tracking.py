@@ -78,6 +78,7 @@ def test_wandb_offline_run_holds_metrics_and_config(tmp_path: Path) -> None:
         assert wandb.run is not None and wandb.run.name == "ok-run"
         tracker.log_metrics({"rougeL": 0.25, "rouge1": 0.5, "note": "text"})
         tracker.log_table("predictions", [{"id": "a", "scores": {"r": 1}}])
+        tracker.log_curve("bipo_loss_curve", [0.69, 0.5, 0.4])
     assert wandb.run is None
 
     run = _offline_run(tmp_path)
@@ -88,6 +89,8 @@ def test_wandb_offline_run_holds_metrics_and_config(tmp_path: Path) -> None:
     # Nested summary values come back as dotted keys.
     assert summary["predictions._type"] == "table-file"
     assert list((run / "files" / "media" / "table").glob("predictions_*.table.json"))
+    [curve] = (run / "files" / "media" / "table").glob("bipo_loss_curve_table_*.table.json")
+    assert json.loads(curve.read_text())["data"] == [[0, 0.69], [1, 0.5], [2, 0.4]]
     conf = _config(records)
     assert conf["model"] == {"name": "tiny"} and conf["seed"] == 7
     assert _exit_codes(records) == [0]
@@ -122,6 +125,7 @@ def test_null_tracker_accepts_the_calls(tmp_path: Path, cfg: LoggerConfig) -> No
         tracker.log_metrics({"rougeL": 0.1, "note": "x"})
         tracker.log_table("t", [{"a": 1}])
         tracker.log_table("t", [])
+        tracker.log_curve("c", [1.0])
     assert wandb.run is None
     assert not (tmp_path / "wandb").exists()
 
