@@ -214,7 +214,7 @@ class LoRA(Backbone):
         if self.train_on == "train_samples":  # the user's training tasks, gold outputs
             split = resources.train_items()
             history = {u: split.get(u, []) for u in history}
-        trained, loaded, seconds, losses = 0, 0, [], []
+        tally = TrainTally()
         from tqdm.auto import tqdm
 
         users = sorted(history)
@@ -228,27 +228,23 @@ class LoRA(Backbone):
             path = cache_dir / key / _safe(user)
             done = train_once(path, "lora: the adapter", lambda out, ex=examples: train_adapter(
                 lm.model, lm.tokenizer, ex, self.lcfg, targets, self.lcfg.train, seed, out))
-            if done is None:
-                loaded += 1
-                continue
-            losses.append(done[0])
-            seconds.append(done[1])
-            trained += 1
-            log.info("lora: adapter of user %s trained in %.1f s (%d items) into %s",
-                     user, seconds[-1], len(examples), path)
+            if tally.add(done):
+                log.info("lora: adapter of user %s trained in %.1f s (%d items) into %s",
+                         user, tally.seconds[-1], len(examples), path)
         self._load(lm, cache_dir)
         n_without = sum(1 for u in users if not self.keys[u])
         if n_without:
             log.warning("lora: %d user(s) have no training items and are generated with the "
                         "base model",
                         n_without)
-        self.stats = {"backbone_n_adapters_trained": trained, "backbone_n_adapters_loaded": loaded,
+        self.stats = {"backbone_n_adapters_trained": tally.trained,
+                      "backbone_n_adapters_loaded": tally.loaded,
                       "backbone_n_users_without_adapter": n_without,
                       "backbone_train_on": self.train_on,
                       "backbone_train_items_per_user": round(
                           sum(map(len, history.values())) / max(len(history), 1), 2),
-                      "seconds_train_per_user": round(sum(seconds) / len(seconds), 3) if seconds else None,
-                      "backbone_train_loss_mean": round(sum(losses) / len(losses), 4) if losses else None}
+                      "seconds_train_per_user": tally.mean_seconds(),
+                      "backbone_train_loss_mean": tally.mean_loss()}
 
     def _load(self, lm, cache_dir: Path) -> None:
         """Every user's adapter into one PEFT wrapper, each under its own name; a directory
@@ -333,6 +329,33 @@ def adapter_complete(path: Path, what: str) -> bool:
     except Exception as e:  # noqa: BLE001  (any damage: train it again)
         log.warning("%s in %s is damaged (%s): training it again", what, path, e)
         return False
+
+
+@dataclasses.dataclass
+class TrainTally:
+    """What a backbone's per-user training did: adapters trained (their losses and
+    seconds) and adapters loaded from the cache."""
+
+    trained: int = 0
+    loaded: int = 0
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, done: tuple[float, float] | None) -> bool:
+        """Count one ``train_once`` result; True when it trained."""
+        if done is None:
+            self.loaded += 1
+            return False
+        self.trained += 1
+        self.losses.append(done[0])
+        self.seconds.append(done[1])
+        return True
+
+    def mean_seconds(self) -> float | None:
+        return round(sum(self.seconds) / len(self.seconds), 3) if self.seconds else None
+
+    def mean_loss(self) -> float | None:
+        return round(sum(self.losses) / len(self.losses), 4) if self.losses else None
 
 
 def train_once(path: Path, what: str, train: Callable[[Path], float]) -> tuple[float, float] | None:

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
-from fints_repro.backbones.lora import _safe, save_adapter, target_modules, train_once
+from fints_repro.backbones.lora import TrainTally, _safe, save_adapter, target_modules, train_once
 from fints_repro.cache import content_hash
 from fints_repro.config import BackboneConfig
 from fints_repro.data.schema import HistoryItem, Sample
@@ -456,7 +456,7 @@ class RewardModel(Backbone):
         users = sorted({s.user for s in self.samples})
         with_pairs = [u for u in users if self.pairs.get(u)]
         self.keys = {u: "" for u in users}
-        trained, loaded, seconds, losses = 0, 0, [], []
+        tally = TrainTally()
         if with_pairs:
             self.encoder = build_encoder(self.rm.encoder, lm, resources, seed)
             targets = target_modules(self.encoder.model, self.rm.target_modules)
@@ -473,25 +473,20 @@ class RewardModel(Backbone):
             done = train_once(path, "reward_model: the reward model",
                               lambda out, ex=examples: train_reward_model(
                                   self.encoder, ex, self.rm, targets, seed, out))
-            if done is None:
-                loaded += 1
-                continue
-            losses.append(done[0])
-            seconds.append(done[1])
-            trained += 1
-            log.info("reward_model: reward model of user %s trained in %.1f s (%d pairs) into %s",
-                     user, seconds[-1], len(examples), path)
+            if tally.add(done):
+                log.info("reward_model: reward model of user %s trained in %.1f s (%d pairs) "
+                         "into %s", user, tally.seconds[-1], len(examples), path)
         n_without = len(users) - len(with_pairs)
         if n_without:
             log.warning("reward_model: %d user(s) have no pairs: their first candidate is the "
                         "prediction", n_without)
         self.stats.update({
-            "backbone_n_reward_models_trained": trained,
-            "backbone_n_reward_models_loaded": loaded,
+            "backbone_n_reward_models_trained": tally.trained,
+            "backbone_n_reward_models_loaded": tally.loaded,
             "backbone_n_users_without_reward": n_without,
-            "seconds_reward_train_per_user": round(sum(seconds) / len(seconds), 3) if seconds else None,
-            "seconds_reward_train_total": round(sum(seconds), 3),
-            "backbone_reward_train_loss_mean": round(sum(losses) / len(losses), 4) if losses else None,
+            "seconds_reward_train_per_user": tally.mean_seconds(),
+            "seconds_reward_train_total": round(sum(tally.seconds), 3),
+            "backbone_reward_train_loss_mean": tally.mean_loss(),
         })
 
     @contextlib.contextmanager
