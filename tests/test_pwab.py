@@ -176,6 +176,49 @@ def test_strict_parser_is_the_authors_json_loads_of_the_whole_output() -> None:
     assert parse_call(json.dumps(CALL), "strict") == {"error": "unparseable"}
 
 
+def test_a_reward_model_reads_call_candidates_as_the_pairs_sides_are_written(tmp_path,
+                                                                            monkeypatch) -> None:
+    """A candidate reaches a reward model in the pairs' serialisation (``call_json``; an
+    unparseable one as written), and a user's trained reward model scores call candidates
+    (parsed calls are dicts, not texts)."""
+    from types import SimpleNamespace
+
+    import fints_repro.backbones.reward_model as rm_mod
+    from fints_repro.backbones import build_backbone
+    from fints_repro.config import BackboneConfig, ModelConfig, RewardModelBackboneConfig, TrainConfig
+    from fints_repro.data.pwab import call_json
+    from fints_repro.data.schema import Sample
+    from fints_repro.models.loading import load_model
+    from fints_repro.steering.pairs import Pair
+
+    task = _task()
+    fenced = "Here:\n```json\n" + json.dumps(CALL) + "\n```"
+    assert task.reward_text(fenced) == call_json(CALL["name"], CALL["arguments"])
+    assert task.reward_text("  no call here \n") == "no call here"
+    other = call_json("add_product_review", {"review": "fine"})
+    pairs = {U1: [Pair(U1, f"t{i}", f"USER {U1}: a lamp {i}", call_json(CALL["name"], CALL["arguments"]),
+                       other, 0.0, 0) for i in range(4)]}
+    monkeypatch.setattr(rm_mod, "_user_pairs", lambda steering, samples, resources: pairs)
+    seen: list[str] = []
+    real = rm_mod.reward_sequence
+    monkeypatch.setattr(rm_mod, "reward_sequence",
+                        lambda tok, q, a, *rest: seen.append(a) or real(tok, q, a, *rest))
+    cfg = BackboneConfig(name="reward_model", reward_model=RewardModelBackboneConfig(
+        base="zero_shot", n=2, train=TrainConfig(lr=3e-3, epochs=1, batch_size=4, max_length=256)))
+    bb = build_backbone(cfg, task, lambda: None)
+    res = SimpleNamespace(cfg=SimpleNamespace(cache_dir=str(tmp_path), seed=0, progress=False,
+                                              generation=GenerationConfig(batch_size=4)))
+    lm = load_model(ModelConfig(name="tiny_random_llama", source="tiny_random", arch="llama",
+                                dtype="float32", device="cpu"))
+    samples = [Sample("s0", U1, f"USER {U1}: I want a lamp.", call_json(CALL["name"], CALL["arguments"]), ())]
+    bb.fit(lm, samples, res)
+    seen.clear()
+    [scores] = bb.reward_scores(samples, [[fenced, "no call here"]])
+    assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
+    assert seen == [call_json(CALL["name"], CALL["arguments"]), "no call here"]
+    bb.close(lm)
+
+
 @pytest.mark.parametrize("call, kind", [
     ("no call at all", "unparseable"),
     ({"name": "buy_now", "arguments": {}}, "unknown_tool"),

@@ -508,7 +508,7 @@ class RewardModel(Backbone):
 
     def reward_scores(self, samples: Sequence[Sample], candidates: Sequence[Sequence[str]]
                       ) -> list[list[float] | None]:
-        """Per row, r(task question, candidate) of each candidate (as the task parses it)
+        """Per row, r(task question, candidate) of each candidate (``task.reward_text``)
         by the row's user's reward model; None for a user without one."""
         out: list[list[float] | None] = [None] * len(samples)
         rows: dict[str, list[int]] = {}
@@ -517,7 +517,7 @@ class RewardModel(Backbone):
                 rows.setdefault(s.user, []).append(i)
         d = self.task.dataset
         for user, idx in rows.items():
-            seqs = [self._ids(task_question(samples[i].input, d), self.task.parse(c))
+            seqs = [self._ids(task_question(samples[i].input, d), self.task.reward_text(c))
                     for i in idx for c in candidates[i]]
             with self.reward_of(user) as model:
                 scores = score_sequences(model, seqs, self.encoder.tokenizer.pad_token_id,
@@ -601,7 +601,7 @@ class RewardModel(Backbone):
         return self.personas.get(user) or self.rm.no_persona
 
     def _select_judge(self, samples, candidates):
-        texts = [[self.task.parse(c) for c in cands] for cands in candidates]
+        texts = [[self.task.reward_text(c) for c in cands] for cands in candidates]
 
         def judge(asks: list[tuple[int, int, int]]) -> list[str]:
             prompts = [self.rm.judge_template.format(persona=self.persona(samples[i].user),

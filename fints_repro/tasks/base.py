@@ -87,6 +87,11 @@ class Task:
     def parse(self, generation: str) -> Any:
         raise NotImplementedError
 
+    def reward_text(self, generation: str) -> str:
+        """What a reward model or an LLM judge reads of a candidate generation, in the
+        form the pairs' sides have (text tasks: the parsed prediction)."""
+        return str(self.parse(generation))
+
     def score_predictions(self, predictions: Sequence[Any], samples: Sequence[Sample],
                           seed: int) -> Scores:
         raise NotImplementedError
