@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 
 .PHONY: install demo demo-drift demo-pwab test test-fast bench bench-steering bench-backbones bench-methods repro-demo \
-	repro-demo-backbones repro-demo-pwab sweep-demo sweep-demo-pwab \
+	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
 install: $(VENV)/.installed
@@ -61,7 +61,7 @@ define publish
 	for f in outputs/$(1)/*.png; do if [ -e "$$f" ]; then cp "$$f" results/$(1)/; fi; done
 endef
 
-repro-demo: install repro-demo-backbones repro-demo-pwab  ## all methods and backbones on the embedded data, 3 seeds (and the drift setting)
+repro-demo: install repro-demo-backbones repro-demo-pwab repro-demo-methods  ## all methods and backbones on the embedded data, 3 seeds (and the drift setting)
 	$(RUN) -m +exp=demo logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo
 	$(call publish,repro-demo)
 	$(RUN) -m +exp=demo_drift logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-drift
@@ -74,6 +74,16 @@ repro-demo-backbones: install  ## LoRA and reward-model backbones (+ steering), 
 repro-demo-pwab: install  ## function calling on the embedded shopping data, 3 seeds
 	$(RUN) -m +exp=demo_pwab logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-pwab
 	$(call publish,repro-demo-pwab)
+
+repro-demo-methods: install  ## BiPO and SteerX next to CAA and Fints, on the news and the shopping demo, 3 seeds
+	$(RUN) -m +exp=demo_methods logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-methods
+	$(call publish,repro-demo-methods)
+	$(RUN) -m +exp=demo_pwab_methods logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-pwab-methods
+	$(call publish,repro-demo-pwab-methods)
+
+sweep-demo-steerx: install  ## SteerX's tau x strength on the embedded data
+	$(RUN) -m +exp=demo_steerx_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-steerx
+	$(call publish,sweep-demo-steerx)
 
 sweep-demo-pwab: install  ## layers x strengths of fine-grained steering on the function-calling demo
 	$(RUN) -m +exp=demo_pwab_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-pwab
