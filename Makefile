@@ -34,7 +34,7 @@ demo-drift: install
 demo-pwab: install  ## web function calling on the SYNTHETIC PersonalWAB-format demo
 	$(BIN)/python -m fints_repro.run +exp=demo_pwab
 
-test: install  ## everything, the end-to-end checks on the embedded model included (~13 min)
+test: install  ## everything, the end-to-end checks on the embedded model included (~12 min)
 	$(BIN)/python -m pytest -q
 
 test-fast: install  ## without the tests marked slow (~3 min)
