@@ -30,6 +30,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 REWARD_BASES = ("zero_shot", "rag")
 REWARDS = ("trained", "judge")
 LORA_TEMPLATES = ("chat", "raw")
+LORA_TRAIN_ON = ("auto", "history", "train_samples")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -112,11 +113,9 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     if x.use_description and not x.description:
         _fail(f"{prefix}.steerx.use_description", x.use_description,
               "needs the description: set steering.steerx.description=true")
-    for key, text, field_ in (("description_prompt", x.description_prompt, "{tokens}"),
-                              ("description_question_template", x.description_question_template,
-                               "{description}")):
-        if field_ not in text:
-            _fail(f"{prefix}.steerx.{key}", text, f"must contain {field_}")
+    _placeholders(f"{prefix}.steerx.description_prompt", x.description_prompt, ["tokens"])
+    _placeholders(f"{prefix}.steerx.description_question_template",
+                  x.description_question_template, ["question", "description"])
     if s.name == "steerx" and s.answer_tokenization != "separate":
         _fail(f"{prefix}.answer_tokenization", s.answer_tokenization,
               "steering=steerx selects answer tokens as tokenised apart: set it to separate")
@@ -151,6 +150,7 @@ def check_lora(b: "BackboneConfig", prefix: str = "backbone.lora") -> None:
     positive(f"{prefix}.lora_alpha", lc.lora_alpha)
     in_range(f"{prefix}.lora_dropout", lc.lora_dropout, 0, 1)
     one_of(f"{prefix}.train_template", lc.train_template, LORA_TEMPLATES)
+    one_of(f"{prefix}.train_on", lc.train_on, LORA_TRAIN_ON)
     if lc.target_modules is not None and not lc.target_modules:
         _fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
     check_train(lc.train, f"{prefix}.train")

@@ -298,6 +298,9 @@ def test_train_on_auto_is_the_tasks_choice_and_a_bad_value_is_named(tmp_path) ->
     assert FunctionCallingTask.lora_train_on == "train_samples"  # calls, not review texts
     with pytest.raises(ConfigError, match=r"backbone.lora.train_on='profile'"):
         _backbone(tmp_path, train_on="profile")
+    from tests.conftest import assert_config_error
+
+    assert_config_error(["backbone=lora", "backbone.lora.train_on=profile"], "backbone.lora.train_on")
 
 
 # ------------------------------------------------------------------ the whole pipeline

@@ -172,6 +172,8 @@ def test_every_token_selected_reduces_to_the_backbone_bit_for_bit(backbone, extr
     ("steering.steerx.use_description=true steering.steerx.description=false",
      "steering.steerx.use_description"),
     ("steering.steerx.description_prompt=words", "steering.steerx.description_prompt"),
+    ('steering.steerx.description_question_template="x{description}"',
+     "steering.steerx.description_question_template"),
     ("steering.steerx.description_tokens=0", "steering.steerx.description_tokens"),
 ])
 def test_bad_steerx_settings_fail_at_start_naming_the_key(override, key) -> None:

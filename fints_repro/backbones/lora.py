@@ -44,12 +44,11 @@ from fints_repro.config import BackboneConfig, TrainConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.chat import fit_token_sequence, render_chat
+from fints_repro.validate import check_lora
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-TEMPLATES = ("chat", "raw")
-TRAIN_ON = ("auto", "history", "train_samples")
 
 
 def target_modules(model: Any, configured: Sequence[str] | None) -> list[str]:
@@ -169,12 +168,7 @@ class LoRA(Backbone):
     def __init__(self, cfg: BackboneConfig, task, retriever):
         super().__init__(cfg, task, retriever)
         self.lcfg = cfg.lora
-        if self.lcfg.train_template not in TEMPLATES:
-            raise ConfigError(f"backbone.lora.train_template={self.lcfg.train_template!r}; "
-                              f"expected one of {list(TEMPLATES)}")
-        if self.lcfg.train_on not in TRAIN_ON:
-            raise ConfigError(f"backbone.lora.train_on={self.lcfg.train_on!r}; "
-                              f"expected one of {list(TRAIN_ON)}")
+        check_lora(cfg)  # as at start-up, for a backbone built directly
         self.train_on = task.lora_train_on if self.lcfg.train_on == "auto" else self.lcfg.train_on
         k = cfg.k or 0
         base = dataclasses.replace(cfg, name="rag" if k > 0 else "zero_shot", k=k)

@@ -272,8 +272,7 @@ class FunctionCallingTask(Task):
     def reward_text(self, generation: str) -> str:
         """A parseable call in the pairs' serialisation (``call_json``); anything else as
         written (a reward model scores it too, as the text it is)."""
-        call = parse_call(generation, "lenient")
-        return generation.strip() if "error" in call else call_json(call["name"], call["arguments"])
+        return self.pair_answer(generation, "") or generation.strip()
 
     def score_predictions(self, predictions: Sequence[dict], samples: Sequence[Sample],
                           seed: int) -> Scores:
