@@ -12,8 +12,9 @@ writes, next to them:
   status ``failed``;
 - ``seeds.md`` (when ``seed`` was swept): per (other overrides, method), the mean and the
   sample standard deviation over seeds of each score;
-- ``heatmap_<metric>.png`` (when a layer and a strength were swept): layer × strength of
-  the metric, one panel per steered method, the unsteered baseline in the title;
+- ``heatmap_<metric>.png`` (when a strength and one other parameter were swept, a layer
+  first: layer × strength, or e.g. SteerX's tau × strength): the metric, mean over seeds,
+  one panel per steered method, the unsteered baseline in the title;
 - ``vs_<param>.png``: the metric against each swept parameter, one line per method, the
   unsteered methods drawn as dashed horizontal baselines.
 """
@@ -153,6 +154,19 @@ def _mean_by(rows: list[dict[str, Any]], keys: tuple[str, ...], metric: str) -> 
     return {k: statistics.mean(v) for k, v in acc.items()}
 
 
+def heatmap_axes(swept: list[str]) -> tuple[str, str] | None:
+    """The heatmap's (row, column) parameters among the swept ones (seed excluded): the
+    column is a strength; the row is the layer if it was swept, else the one other swept
+    parameter. None when there is no strength or no unambiguous row."""
+    strength = next((k for k in STRENGTH_KEYS if k in swept), None)
+    if strength is None:
+        return None
+    layer = next((k for k in LAYER_KEYS if k in swept), None)
+    others = [k for k in swept if k != strength]
+    row = layer or (others[0] if len(others) == 1 else None)
+    return (row, strength) if row else None
+
+
 def plot_heatmap(rows: list[dict[str, Any]], layer_key: str, strength_key: str, metric: str,
                  path: Path) -> Path:
     import matplotlib
@@ -259,11 +273,9 @@ def write_report(root: Path) -> dict[str, Path]:
     metric = task["primary"] if any(task["primary"] in r for r in rows) else None
     if metric:
         swept = [k for k in over_keys if k != "seed"]
-        layer_key = next((k for k in LAYER_KEYS if k in swept), None)
-        strength_key = next((k for k in STRENGTH_KEYS if k in swept), None)
-        if layer_key and strength_key:
-            out["heatmap"] = plot_heatmap(rows, layer_key, strength_key, metric,
-                                          root / f"heatmap_{metric}.png")
+        axes = heatmap_axes(swept)
+        if axes:
+            out["heatmap"] = plot_heatmap(rows, *axes, metric, root / f"heatmap_{metric}.png")
         for k in swept:
             out[f"vs_{k}"] = plot_lines(rows, k, metric, root / f"vs_{k}.png")
     return out

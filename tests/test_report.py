@@ -108,3 +108,34 @@ def test_report_of_a_function_calling_sweep_has_per_type_columns_and_a_result_he
             {"rag": m(0.5, 0.2, 0.4), "rag+fine_grained": m(0.5, 0.1 * i, 0.4)})
     out = write_report(grid)
     assert out["heatmap"].name == "heatmap_result_accuracy.png" and out["heatmap"].stat().st_size > 0
+
+
+def test_the_heatmap_takes_a_strength_and_the_one_other_swept_parameter(tmp_path: Path) -> None:
+    """A layer is the row when swept; otherwise the one other swept parameter (SteerX's
+    tau, -inf included) is; with two candidates for the row, or no strength, no heatmap."""
+    import json
+
+    from fints_repro.report import heatmap_axes
+
+    assert heatmap_axes(["steering.layer", "steering.scale"]) == ("steering.layer", "steering.scale")
+    assert heatmap_axes(["steering.scale", "steering.steerx.tau"]) == ("steering.steerx.tau", "steering.scale")
+    assert heatmap_axes(["steering.layer", "steering.scale", "steering.k"]) == ("steering.layer", "steering.scale")
+    assert heatmap_axes(["steering.scale", "steering.k", "steering.steerx.tau"]) is None
+    assert heatmap_axes(["steering.layer", "steering.k"]) is None
+    assert heatmap_axes(["steering.scale"]) is None
+
+    task = {"name": "generation", "metrics": ["rougeL"], "primary": "rougeL"}
+    i = 0
+    for seed in (0, 1):
+        for tau in ("-inf", "0"):
+            for scale in (0.5, 1):
+                d = tmp_path / str(i)
+                (d / ".hydra").mkdir(parents=True)
+                (d / ".hydra" / "overrides.yaml").write_text(
+                    f"- steering.steerx.tau={tau}\n- steering.scale={scale}\n- seed={seed}\n")
+                (d / "metrics.json").write_text(json.dumps({"task": task, "methods": {
+                    "rag": {"n": 2, "rougeL": 0.4}, "rag+steerx": {"n": 2, "rougeL": 0.1 * i}}}))
+                i += 1
+    out = write_report(tmp_path)
+    assert out["heatmap"].name == "heatmap_rougeL.png" and out["heatmap"].stat().st_size > 0
+    assert "steering.steerx.tau" in out["seeds"].read_text().splitlines()[4]
