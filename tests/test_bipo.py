@@ -133,6 +133,10 @@ def test_bipo_runs_through_the_pipeline_and_caches_its_vectors(tiny_overrides, t
     assert m["steering_bipo_loss_first"] == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-4)
     cached = sorted((tmp_path / "cache" / "vectors").glob("bipo-*.safetensors"))
     assert len(cached) == m["steering_n_vectors"]
+    from safetensors.torch import load_file
+    norms = [load_file(p)["v"][0].norm().item() for p in cached]
+    assert m["steering_bipo_vector_norm_mean"] == pytest.approx(sum(norms) / len(norms), rel=1e-6)
+    assert m["steering_bipo_vector_norm_mean"] > 0
     stamp = [p.stat().st_mtime_ns for p in cached]
     again = run(over, tmp_path / "run2")["methods"]["rag+bipo"]
     assert [p.stat().st_mtime_ns for p in cached] == stamp  # loaded, not trained again

@@ -149,8 +149,8 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                                  chosen_weights=cw)
         save_vectors(path, {"v": v[None], "loss": torch.tensor([losses])},
                      {**recipe, "group": g, "n_pairs": len(ps)})
-        log.info("BiPO vector for %s: %d pairs, %d steps, loss %.4f -> %.4f", g, len(ps),
-                 len(losses), losses[0], losses[-1])
+        log.info("BiPO vector for %s: %d pairs, %d steps, loss %.4f -> %.4f, norm %.3f", g,
+                 len(ps), len(losses), losses[0], losses[-1], v.norm().item())
         vectors[g], curves[g] = v, losses
     H = hidden_size(lm.model)
     out = torch.zeros((len(samples), H))
@@ -168,6 +168,10 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
              "n_samples_unsteered": int(len(steered) - sum(steered)),
              "bipo_loss_first": curve[0] if curve else None,
              "bipo_loss_last": curve[-1] if curve else None,
-             "bipo_loss_curve": [round(x, 6) for x in curve]}
+             "bipo_loss_curve": [round(x, 6) for x in curve],
+             # the trained vectors' L2 norm (before the strength), mean over groups: how far
+             # the budget moved them from zero
+             "bipo_vector_norm_mean": (sum(v.norm().item() for v in vectors.values()) / len(vectors)
+                                       if vectors else None)}
     info = [{"bipo_group": (s.user if own.scope == "user" else "*")} for s in samples]
     return SteeringPlan({(layer, SITE): out}, steered, cfg.positions, inputs.layers_path, stats, info)
