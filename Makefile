@@ -10,8 +10,8 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-drift demo-pwab test test-fast bench bench-steering bench-backbones bench-methods repro-demo \
-	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx \
+.PHONY: install demo demo-drift demo-pwab test test-fast bench bench-steering bench-backbones bench-methods bipo-budget repro-demo \
+	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx sweep-demo-bipo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
 install: $(VENV)/.installed
@@ -53,6 +53,9 @@ bench-backbones: install  ## mixed-adapter batches, adapter training, best-of-N 
 bench-methods: install  ## each steering method's preparation cost per user, from cached pairs
 	$(BIN)/python scripts/bench_methods.py --exp demo_methods --out results/bench-methods
 
+bipo-budget: install  ## one user's BiPO vector at the demo's and at the authors' code's budget
+	$(BIN)/python scripts/bipo_budget.py --exp demo_methods --out results/bipo-budget
+
 # Reproduction targets: a multirun into outputs/, then its tables and plots into results/.
 RUN := $(BIN)/python -m fints_repro.run
 define publish
@@ -84,6 +87,10 @@ repro-demo-methods: install  ## BiPO and SteerX next to CAA and Fints, on the ne
 sweep-demo-steerx: install  ## SteerX's tau x strength on the embedded data
 	$(RUN) -m +exp=demo_steerx_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-steerx
 	$(call publish,sweep-demo-steerx)
+
+sweep-demo-bipo: install  ## BiPO's strength (its demo-budget vectors scaled up) on the embedded data
+	$(RUN) -m +exp=demo_bipo_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-bipo
+	$(call publish,sweep-demo-bipo)
 
 sweep-demo-pwab: install  ## layers x strengths of fine-grained steering on the function-calling demo
 	$(RUN) -m +exp=demo_pwab_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-pwab

@@ -187,14 +187,17 @@ def plot_heatmap(rows: list[dict[str, Any]], layer_key: str, strength_key: str, 
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
+                # dark text on the bright end of viridis, white on the dark end
                 ax.text(j, i, "" if math.isnan(v) else f"{v:.3f}", ha="center", va="center",
-                        color="w", fontsize=8)
+                        color="k" if not math.isnan(v) and im.norm(v) > 0.6 else "w", fontsize=8)
         ax.set_xticks(range(len(strengths)), strengths)
         ax.set_yticks(range(len(layers)), layers)
         ax.set_xlabel(strength_key)
         ax.set_ylabel(layer_key)
         base = ", ".join(f"{m[0]} {v:.3f}" for m, v in baseline.items())
-        ax.set_title(f"{method}: {metric}" + (f"\nunsteered: {base}" if base else ""), fontsize=9)
+        seeds = len({r.get("seed") for r in ok})
+        ax.set_title(f"{method}: {metric}" + (f", mean of {seeds} seeds" if seeds > 1 else "")
+                     + (f"\nunsteered: {base}" if base else ""), fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
