@@ -523,6 +523,10 @@ class RunConfig:
     # Rerun into this directory to resume (default: Hydra's run dir).
     run_dir: Optional[str] = None
     progress: bool = True
+    # torch's CPU threads for the run (null: torch's default, one per core). Jobs run side
+    # by side (hydra/launcher=joblib) should share the cores: threads=1 each; two jobs with
+    # the default 2 threads each on 2 cores ran several times slower than with 1.
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         # Every value checked when the composed config becomes a RunConfig: before any

@@ -332,7 +332,19 @@ def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
 def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | None = None
                    ) -> dict[str, Any]:
     """Run every method of ``cfg``. ``overrides``: what ``cfg`` was composed from (needed to
-    compose a preset's methods through Hydra; see fints_repro/compose.py)."""
+    compose a preset's methods through Hydra; see fints_repro/compose.py). With
+    ``cfg.threads`` set, torch uses that many CPU threads for the run, and the caller's
+    setting is back afterwards."""
+    before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_experiment(cfg, run_dir, overrides)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | None) -> dict[str, Any]:
     # Start-up checks, before any data or model is loaded: every method is composed and
     # every name and value checked (RunConfig's own values were checked when it was made).
     load_methods()
@@ -384,7 +396,8 @@ def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | Non
     summary = {
         "dataset": cfg.dataset.name, "synthetic_data": synthetic, "task": task.describe(),
         "model": lm.fingerprint, "n_samples": len(samples),
-        "n_users": n_users, "n_empty_history": n_empty, "methods": results,
+        "n_users": n_users, "n_empty_history": n_empty, "threads": torch.get_num_threads(),
+        "methods": results,
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     table = markdown([{"method": name, **m} for name, m in results.items()],

@@ -223,6 +223,7 @@ def check_run_config(cfg: "RunConfig") -> None:
     check_lora(cfg.backbone)
     check_reward_model(cfg.backbone)
     at_least("eval.bootstrap", cfg.eval.bootstrap, 0)
+    at_least("threads", cfg.threads, 1, optional=True)
     one_of("model.dtype", m.dtype, DTYPES)
     if not _DEVICE.match(m.device):
         _fail("model.device", m.device, "expected auto, cpu, mps, cuda or cuda:N")

@@ -129,6 +129,7 @@ def test_every_bad_value_is_named_when_the_config_is_composed(override: str, key
     ("dataset.metrics=[rouge,bleu]", "dataset.metrics"),
     ("retriever.name=nope", "retriever.name"),
     ("logger.name=nope", "logger.name"),
+    ("threads=0", "threads"),
 ])
 def test_names_and_the_layer_fail_before_data_or_model_load(override, key, tiny_overrides,
                                                             tmp_path, monkeypatch) -> None:

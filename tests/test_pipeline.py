@@ -51,6 +51,22 @@ def test_every_preset_smoke_runs_on_a_tiny_model(exp: str, tiny_overrides, tmp_p
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["methods"]
 
 
+def test_threads_sets_torchs_cpu_threads_for_the_run_only(tiny_overrides, tmp_path: Path) -> None:
+    """`threads=1` runs with one torch thread (metrics.json says so) and gives the caller's
+    setting back; without it the run keeps the caller's."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        over = ["+exp=demo", *tiny_overrides, "methods=[{backbone: rag}]"]
+        assert _run([*over, "threads=1"], tmp_path / "one")["threads"] == 1
+        assert torch.get_num_threads() == 2
+        assert _run(over, tmp_path / "default")["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rag_prompt_holds_the_retrieved_history(tiny_overrides, tmp_path: Path) -> None:
     summary = _run(["+exp=demo", *tiny_overrides, "backbone.k=2"], tmp_path / "run")
     rag = _predictions(tmp_path / "run", "rag")
