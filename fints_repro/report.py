@@ -167,7 +167,19 @@ def heatmap_axes(swept: list[str]) -> tuple[str, str] | None:
     return (row, strength) if row else None
 
 
-def plot_heatmap(rows: list[dict[str, Any]], layer_key: str, strength_key: str, metric: str,
+def heatmap_grid(rows: list[dict[str, Any]], method: str, row_key: str, col_key: str,
+                 metric: str) -> tuple[list[Any], list[Any], list[list[float]]]:
+    """One heatmap panel: the row and column values (numeric order) and, per cell, the mean
+    of ``metric`` over the ok jobs of ``method`` with those values (seeds and any other
+    swept parameter averaged); NaN where no job has them."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    row_vals = sorted({r[row_key] for r in ok}, key=_num)
+    col_vals = sorted({r[col_key] for r in ok}, key=_num)
+    vals = _mean_by([r for r in ok if r["method"] == method], (row_key, col_key), metric)
+    return row_vals, col_vals, [[vals.get((rv, cv), math.nan) for cv in col_vals] for rv in row_vals]
+
+
+def plot_heatmap(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str,
                  path: Path) -> Path:
     import matplotlib
 
@@ -177,23 +189,21 @@ def plot_heatmap(rows: list[dict[str, Any]], layer_key: str, strength_key: str, 
     ok = [r for r in rows if r["status"] == "ok"]
     steered = sorted({r["method"] for r in ok if "+" in r["method"]})
     baseline = _mean_by([r for r in ok if "+" not in r["method"]], ("method",), metric)
-    layers = sorted({r[layer_key] for r in ok}, key=_num)
-    strengths = sorted({r[strength_key] for r in ok}, key=_num)
-    fig, axes = plt.subplots(1, len(steered), figsize=(1.6 + 1.1 * len(strengths) * len(steered),
-                                                      1.2 + 0.6 * len(layers)), squeeze=False)
+    row_vals, col_vals, _ = heatmap_grid(rows, steered[0], row_key, col_key, metric) if steered else ([], [], [])
+    fig, axes = plt.subplots(1, len(steered), figsize=(1.6 + 1.1 * len(col_vals) * len(steered),
+                                                      1.2 + 0.6 * len(row_vals)), squeeze=False)
     for ax, method in zip(axes[0], steered):
-        vals = _mean_by([r for r in ok if r["method"] == method], (layer_key, strength_key), metric)
-        grid = [[vals.get((lay, st), math.nan) for st in strengths] for lay in layers]
+        _, _, grid = heatmap_grid(rows, method, row_key, col_key, metric)
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 # dark text on the bright end of viridis, white on the dark end
                 ax.text(j, i, "" if math.isnan(v) else f"{v:.3f}", ha="center", va="center",
                         color="k" if not math.isnan(v) and im.norm(v) > 0.6 else "w", fontsize=8)
-        ax.set_xticks(range(len(strengths)), strengths)
-        ax.set_yticks(range(len(layers)), layers)
-        ax.set_xlabel(strength_key)
-        ax.set_ylabel(layer_key)
+        ax.set_xticks(range(len(col_vals)), col_vals)
+        ax.set_yticks(range(len(row_vals)), row_vals)
+        ax.set_xlabel(col_key)
+        ax.set_ylabel(row_key)
         base = ", ".join(f"{m[0]} {v:.3f}" for m, v in baseline.items())
         seeds = len({r.get("seed") for r in ok})
         ax.set_title(f"{method}: {metric}" + (f", mean of {seeds} seeds" if seeds > 1 else "")

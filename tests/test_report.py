@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fints_repro.report import write_report
 from tests.conftest import ROOT
 
@@ -139,3 +141,11 @@ def test_the_heatmap_takes_a_strength_and_the_one_other_swept_parameter(tmp_path
     out = write_report(tmp_path)
     assert out["heatmap"].name == "heatmap_rougeL.png" and out["heatmap"].stat().st_size > 0
     assert "steering.steerx.tau" in out["seeds"].read_text().splitlines()[4]
+    # each cell: the mean over the 2 seeds of that (tau, scale); job i has rougeL 0.1 i and
+    # seed 1's jobs are 4 after seed 0's
+    from fints_repro.report import collect, heatmap_grid
+
+    rows_, cols, grid = heatmap_grid(collect(tmp_path), "rag+steerx", "steering.steerx.tau",
+                                     "steering.scale", "rougeL")
+    assert rows_ == ["-inf", "0"] and cols == ["0.5", "1"]
+    assert [pytest.approx(r) for r in [[0.2, 0.3], [0.4, 0.5]]] == grid
