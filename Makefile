@@ -35,10 +35,10 @@ demo-pwab: install  ## web function calling on the SYNTHETIC PersonalWAB-format 
 	$(BIN)/python -m fints_repro.run +exp=demo_pwab
 
 # The suite runs on every core (pytest-xdist), one torch thread per worker: on 2 cores
-# 9 min 18 s against 13 min 54 s for one process with 2 threads (641 tests). `-n 0` in
+# 9 min 16 s against 13 min 54 s for one process with 2 threads (641 tests). `-n 0` in
 # PYTEST_ARGS runs it in one process.
 PYTEST_ARGS ?= -n auto
-test: install  ## everything, the end-to-end checks on the embedded model included (~9 min on 2 cores)
+test: install  ## everything, the end-to-end checks on the embedded model included (9-10 min on 2 cores)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install  ## without the tests marked slow
