@@ -189,11 +189,12 @@ def plot_heatmap(rows: list[dict[str, Any]], row_key: str, col_key: str, metric:
     ok = [r for r in rows if r["status"] == "ok"]
     steered = sorted({r["method"] for r in ok if "+" in r["method"]})
     baseline = _mean_by([r for r in ok if "+" not in r["method"]], ("method",), metric)
-    row_vals, col_vals, _ = heatmap_grid(rows, steered[0], row_key, col_key, metric) if steered else ([], [], [])
+    panels = {m: heatmap_grid(rows, m, row_key, col_key, metric) for m in steered}
+    row_vals, col_vals = next(iter(panels.values()))[:2] if panels else ([], [])  # the same for all
     fig, axes = plt.subplots(1, len(steered), figsize=(1.6 + 1.1 * len(col_vals) * len(steered),
                                                       1.2 + 0.6 * len(row_vals)), squeeze=False)
     for ax, method in zip(axes[0], steered):
-        _, _, grid = heatmap_grid(rows, method, row_key, col_key, metric)
+        grid = panels[method][2]
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):

@@ -42,6 +42,7 @@ def main() -> None:
     from fints_repro.data.load import load_samples
     from fints_repro.models.loading import load_model
     from fints_repro.pipeline import Resources, with_task_system_prompt
+    from fints_repro.report import markdown
     from fints_repro.steering import STEERING, load_methods
     from fints_repro.steering.methods.common import user_pairs
     from fints_repro.tasks import build_task
@@ -88,14 +89,12 @@ def main() -> None:
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "methods.json").write_text(json.dumps(out, indent=2))
-    lines = [f"Preparation cost per method ({args.exp}, seed {args.seed}, {out['device']}, "
-             f"{out['threads']} threads; pairs shared and cached, everything after them cold)", "",
-             "| method | pairs | users steered | seconds | seconds per user |", "|---|---|---|---|---|"]
-    for name, r in out["methods"].items():
-        lines.append(f"| {name} | {r['n_pairs']} | {r['users_steered']} | {r['seconds']} | "
-                     f"{r['seconds_per_user']} |")
-    (dest / "methods.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = (f"Preparation cost per method ({args.exp}, seed {args.seed}, {out['device']}, "
+            f"{out['threads']} threads; pairs shared and cached, everything after them cold)\n\n"
+            + markdown([{"method": name, **r} for name, r in out["methods"].items()],
+                       ["method", "n_pairs", "users_steered", "seconds", "seconds_per_user"]))
+    (dest / "methods.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

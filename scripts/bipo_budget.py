@@ -41,6 +41,7 @@ def main() -> None:
     from fints_repro.data.load import load_samples
     from fints_repro.models.loading import load_model
     from fints_repro.pipeline import Resources, with_task_system_prompt
+    from fints_repro.report import markdown
     from fints_repro.steering.methods.bipo import train_vector, validate
     from fints_repro.steering.methods.common import user_pairs
     from fints_repro.tasks import build_task
@@ -79,15 +80,13 @@ def main() -> None:
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "budget.json").write_text(json.dumps(out, indent=2))
-    lines = [f"BiPO's budget ({args.exp}, seed {args.seed}, user {user}: {len(pairs)} pairs, "
-             f"layer {layer}, {out['threads']} threads); cosine(preset, code) = {out['cosine']}", "",
-             "| budget | epochs | lr | steps | seconds | loss first | loss last | loss min | norm |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in out["budgets"].items():
-        lines.append(f"| {name} | {r['epochs']} | {r['lr']} | {r['steps']} | {r['seconds']} | "
-                     f"{r['loss_first']} | {r['loss_last']} | {r['loss_min']} | {r['norm']} |")
-    (dest / "budget.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = (f"BiPO's budget ({args.exp}, seed {args.seed}, user {user}: {len(pairs)} pairs, "
+            f"layer {layer}, {out['threads']} threads); cosine(preset, code) = {out['cosine']}\n\n"
+            + markdown([{"budget": name, **r} for name, r in out["budgets"].items()],
+                       ["budget", "epochs", "lr", "steps", "seconds", "loss_first", "loss_last",
+                        "loss_min", "norm"]))
+    (dest / "budget.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
