@@ -79,7 +79,12 @@ class DenseRetriever:
         for docs, qidx in groups.items():
             if not docs or k <= 0:
                 continue
-            scores = self.embed([queries[i] for i in qidx]) @ self.embed(list(docs)).T
+            # Scored once per distinct text, so identical documents get identical scores
+            # (a matrix product may round equal columns differently) and tie in their order.
+            distinct = list(dict.fromkeys(docs))
+            column = {d: j for j, d in enumerate(distinct)}
+            scores = (self.embed([queries[i] for i in qidx]) @ self.embed(distinct).T
+                      )[:, [column[d] for d in docs]]
             for row, qi in enumerate(qidx):
                 order = np.argsort(-scores[row], kind="stable")[: min(k, len(docs))]
                 out[qi] = [(int(j), float(scores[row, j])) for j in order]
