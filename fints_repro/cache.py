@@ -134,11 +134,21 @@ def read_jsonl_lenient(
     return rows
 
 
+def _encode_row(row: dict[str, Any]) -> bytes:
+    """One JSONL line, UTF-8. A row holding a lone surrogate (which UTF-8 cannot encode) is
+    written with JSON's ``\\u`` escapes instead, in ASCII: it reads back the same."""
+    line = json.dumps(row, ensure_ascii=False) + "\n"
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row) + "\n").encode("ascii")
+
+
 def _encode_rows(rows: Sequence[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    return b"".join(map(_encode_row, rows))
 
 
-def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def append_jsonl(path: Path, rows: Sequence[dict[str, Any]], what: str = "cached rows") -> None:
     """Append rows and flush them to disk (a kill loses at most the line being written).
 
     The rows go out in one ``write`` on a file opened for appending, so two processes

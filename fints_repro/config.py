@@ -486,6 +486,10 @@ class GenerationConfig:
 @dataclass
 class EvalConfig:
     bootstrap: int = 1000
+    # What a task reads of a generation (to parse, score, make a pair or a reward input):
+    # its first this many characters. A generation of 1,024 new tokens is far shorter;
+    # the bound keeps every stage's time bounded on any text (README: Guarantees).
+    max_read_chars: int = 65536
 
 
 @dataclass

@@ -274,6 +274,11 @@ def _run_method(
     candidates = [done[i] for i in range(len(texts))]
     chosen, select_info = backbone.select(samples, candidates)
     raw = [c[j] for c, j in zip(candidates, chosen)]
+    n_cut = sum(len(r) > cfg.eval.max_read_chars for r in raw)
+    if n_cut:
+        log.warning("[%s] %d generation(s) are longer than eval.max_read_chars=%d characters: "
+                    "only their start is parsed and scored", method.name, n_cut,
+                    cfg.eval.max_read_chars)
     t_score = time.time()
     preds = [task.parse(r) for r in raw]
     if any(s.target is None for s in samples):
@@ -297,6 +302,7 @@ def _run_method(
         "n_generated": n_generated,
         "n_cached": n_cached,
         "n_prompts_truncated": n_truncated,
+        "n_generations_cut": n_cut,
         "seconds_fit": round(t_fit, 3),
         "seconds_prompts": round(t_prompts, 3),
         "seconds_steering_prep": round(t_steer, 3),
@@ -321,7 +327,8 @@ def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
     """The score columns of a results table, in the order the task reports them (``n``, its
     metrics, the entries that extend them such as bootstrap medians, then per-type means);
     timings, counts and steering statistics are left out."""
-    skip = {"n_generated", "n_cached", "n_prompts_truncated", "samples_per_second", "scoring_share"}
+    skip = {"n_generated", "n_cached", "n_prompts_truncated", "n_generations_cut",
+            "samples_per_second", "scoring_share"}
     keys: list[str] = []
     for m in results.values():
         keys += [k for k, v in m.items() if k not in keys and k not in skip

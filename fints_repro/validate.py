@@ -16,6 +16,7 @@ import re
 from typing import TYPE_CHECKING, Any, Iterable
 
 from fints_repro.errors import ConfigError
+from fints_repro.text import pattern
 
 if TYPE_CHECKING:
     from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig, TrainConfig
@@ -217,12 +218,17 @@ def check_run_config(cfg: "RunConfig") -> None:
         _fail("dataset.users", [], "is empty (null selects every user)")
     if not d.metrics:
         _fail("dataset.metrics", [], "must name at least one metric")
+    for key, regex in (("dataset.query_regex", d.query_regex),
+                       ("dataset.pair_answer_regex", d.pair_answer_regex)):
+        if regex is not None and pattern(regex, key, dotall=key == "dataset.query_regex").groups < 1:
+            _fail(key, regex, "has no group: group 1 of its first match is what is kept")
     at_least("backbone.k", cfg.backbone.k, 0, optional=True)
     one_of("backbone.memory", cfg.backbone.memory, ("retrieved", "last"))
     check_pwab(d)
     check_lora(cfg.backbone)
     check_reward_model(cfg.backbone)
     at_least("eval.bootstrap", cfg.eval.bootstrap, 0)
+    at_least("eval.max_read_chars", cfg.eval.max_read_chars, 1)
     at_least("threads", cfg.threads, 1, optional=True)
     one_of("model.dtype", m.dtype, DTYPES)
     if not _DEVICE.match(m.device):

@@ -61,6 +61,7 @@ from fints_repro.config import BackboneConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
 from fints_repro.models.chat import fit_token_sequence, render_chat
+from fints_repro.text import WHITESPACE, pattern, search
 
 log = logging.getLogger(__name__)
 
@@ -316,14 +317,15 @@ def score_sequences(model: torch.nn.Module, seqs: Sequence[list[int]], pad_token
 # ------------------------------------------------------------------ the judge
 
 # The verdict: "A" or "B" (capital, a word of its own) at the start of the answer, after an
-# optional "Answer:" / "The answer is" and quotes or brackets.
-_VERDICT = re.compile(r"\s*(?i:(?:the\s+)?(?:better\s+)?answer(?:\s+is)?\s*[:\-]?\s*)?"
-                      r"[\"'*(\[]*([AB])(?![A-Za-z0-9])")
+# optional "Answer:" / "The answer is" and quotes or brackets. Matched by RE2 (linear time
+# on any text; Python's re took 7 s on "answer" and 16,000 spaces), whitespace as Python's.
+_VERDICT = (r"^{w}*(?i:(?:the{w}+)?(?:better{w}+)?answer(?:{w}+is)?{w}*[:\-]?{w}*)?"
+            r"[\"'*(\[]*([AB])(?:[^A-Za-z0-9]|$)").replace("{w}", WHITESPACE)
 
 
 def parse_verdict(text: str) -> str | None:
     """"A", "B", or None (a tie, a refusal, anything else)."""
-    m = _VERDICT.match(text)
+    m = search(pattern(_VERDICT, "the judge's verdict"), text)
     return m.group(1) if m else None
 
 

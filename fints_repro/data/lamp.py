@@ -26,6 +26,7 @@ from typing import Any
 
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError, MissingDataError
+from fints_repro.text import json_loads_valid
 
 # task -> the profile item's input-side field; the output side is always "title".
 LAMP_PROFILE_INPUT = {"lamp4": "text", "lamp5": "abstract"}
@@ -160,21 +161,33 @@ def _golds(path: Path, *, hint: str) -> dict[str, str]:
     return out
 
 
+def read_text(path: Path, *, hint: str) -> str:
+    """A data file's text (UTF-8); a missing file raises MissingDataError with ``hint``, one
+    that cannot be read (no permission, a folder) or is not UTF-8 a DataError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingDataError(f"{path} not found; {hint}", file=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text: {e}", file=str(path)) from e
+    except OSError as e:
+        raise DataError(f"cannot read the data file ({e.strerror or e}): it must be a file this "
+                        "user may read; check its permissions", file=str(path)) from e
+
+
 def read_json(path: Path, *, hint: str) -> Any:
     """Parse a JSON file; a missing file raises MissingDataError with ``hint``, an empty one
-    (nothing but whitespace) a DataError that names it."""
-    if not path.is_file():
-        raise MissingDataError(f"{path} not found; {hint}", file=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"invalid JSON: not UTF-8 text: {e}", file=str(path)) from e
+    (nothing but whitespace) or one that does not read a DataError that names it. Strings
+    come out valid Unicode (an escaped lone surrogate becomes U+FFFD)."""
+    text = read_text(path, hint=hint)
     if not text.strip():
         raise empty_file_error(path, hint=hint)
     try:
-        return json.loads(text)
+        return json_loads_valid(text)
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON: {e}", file=str(path)) from e
+    except RecursionError as e:
+        raise DataError("invalid JSON: nested too deep to read", file=str(path)) from e
 
 
 def empty_file_error(path: Path, *, hint: str) -> DataError:

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from fints_repro.data.lamp import empty_file_error, parse_timestamp, read_json, require_id, require_str
+from fints_repro.data.lamp import (empty_file_error, parse_timestamp, read_json, read_text, require_id,
+                                  require_str)
 from fints_repro.data.schema import HistoryItem, Sample
+from fints_repro.text import json_loads_valid
 from fints_repro.errors import DataError, MissingDataError
 
 _HINT = "get it with `python scripts/download_data.py longlamp_abstract --split <split>`"
@@ -38,12 +40,14 @@ def load_longlamp_abstract(path: str | Path) -> list[Sample]:
 
 def _rows(path: Path) -> list[tuple[str | int, Any]]:
     """The file's rows, each with how an error should point at it (row index or line)."""
-    if not path.is_file():
-        raise MissingDataError(f"{path} not found; {_HINT}", file=str(path))
     suffix = path.suffix.lower()
-    if suffix == ".parquet" and path.stat().st_size == 0:
-        raise empty_file_error(path, hint=_HINT)
     if suffix == ".parquet":
+        try:
+            empty = path.stat().st_size == 0
+        except FileNotFoundError:
+            raise MissingDataError(f"{path} not found; {_HINT}", file=str(path)) from None
+        if empty:
+            raise empty_file_error(path, hint=_HINT)
         return list(enumerate(_read_parquet(path)))
     if suffix == ".json":
         rows = read_json(path, hint=_HINT)
@@ -51,18 +55,15 @@ def _rows(path: Path) -> list[tuple[str | int, Any]]:
             raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=str(path))
         return list(enumerate(rows))
     if suffix == ".jsonl":
-        try:
-            lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit in a string
-        except UnicodeDecodeError as e:
-            raise DataError(f"not UTF-8 text: {e}", file=str(path)) from e
+        lines = read_text(path, hint=_HINT).split("\n")  # not splitlines: U+2028 may sit in a string
         if not any(line.strip() for line in lines):
             raise empty_file_error(path, hint=_HINT)
         out: list[tuple[str | int, Any]] = []
         for n, line in enumerate(lines, start=1):
             if line.strip():
                 try:
-                    out.append((f"line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
+                    out.append((f"line {n}", json_loads_valid(line)))
+                except (json.JSONDecodeError, RecursionError) as e:
                     raise DataError(f"invalid JSON: {e}", file=str(path), record=f"line {n}") from e
         return out
     raise DataError("unsupported file type; expected .parquet, .json or .jsonl", file=str(path))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -43,6 +42,7 @@ from fints_repro.generation import DecodingParams, generate_batches
 from fints_repro.models.chat import fit_chat_prompts
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
+from fints_repro.text import pattern, search
 
 if TYPE_CHECKING:
     from fints_repro.tasks import Task
@@ -144,7 +144,7 @@ def extract_answer(generation: str, dataset: DatasetConfig, layout: str = "compa
     text = text.split("</think>")[-1]
     if dataset.pair_answer_regex is None:
         return text
-    m = re.search(dataset.pair_answer_regex, text)
+    m = search(pattern(dataset.pair_answer_regex, "dataset.pair_answer_regex"), text)
     return m.group(1) if m else ""
 
 
@@ -285,6 +285,11 @@ def build_pairs(
     generation = dict(zip(prompts, _generate_cached(lm, texts, params, cfg.batch_size,
                                                     cache_dir, progress)))
 
+    cap = task.evaluation.max_read_chars
+    n_cut = sum(len(g) > cap for g in generation.values())
+    if n_cut:
+        log.warning("pairs: %d generation(s) are longer than eval.max_read_chars=%d characters: "
+                    "only their start is read", n_cut, cap)
     kept = []
     for p in plan:
         rejected = task.pair_answer(generation[p.prompt], layout)

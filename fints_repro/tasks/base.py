@@ -17,7 +17,6 @@ name it (``dataset.task_type``).
 
 from __future__ import annotations
 
-import re
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.registry import Registry
+from fints_repro.text import pattern, search, valid_unicode
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class Task:
         """The sample's input without the task's instruction prefix, or the first group of
         ``dataset.query_regex`` (the whole input where it does not match)."""
         if self.dataset.query_regex:
-            m = re.search(self.dataset.query_regex, sample.input, flags=re.S)
+            m = search(pattern(self.dataset.query_regex, "dataset.query_regex", dotall=True),
+                       sample.input)
             return m.group(1).strip() if m else sample.input
         prefix = self.dataset.query_strip_prefix
         if prefix and sample.input.startswith(prefix):
@@ -84,7 +85,16 @@ class Task:
         return self.dataset.history_document_template.format(input=item.input, output=item.output)
 
     # ---- outputs ---------------------------------------------------------------------
+    def read(self, generation: str) -> str:
+        """What the task reads of a generation: its first ``eval.max_read_chars``
+        characters, valid Unicode (a lone surrogate, which a crafted cache entry may hold,
+        as U+FFFD). Every parse, pair and reward input goes through it, so each stage's
+        time is bounded and no writer or tokenizer meets a lone surrogate, whatever a
+        model or a cache holds."""
+        return valid_unicode(generation[: self.evaluation.max_read_chars])
+
     def parse(self, generation: str) -> Any:
+        """The prediction a generation gives (of what ``read`` returns)."""
         raise NotImplementedError
 
     def reward_text(self, generation: str) -> str:
@@ -137,7 +147,7 @@ class Task:
         """What a generation contributes as the rejected side ("" = no pair)."""
         from fints_repro.steering.pairs import extract_answer
 
-        return extract_answer(generation, self.dataset, layout)
+        return extract_answer(self.read(generation), self.dataset, layout)
 
     def pair_sides(self, chosen: str, rejected: str, pairs: PairsConfig | None = None
                    ) -> tuple[str, str]:

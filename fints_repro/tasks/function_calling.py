@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -42,12 +41,13 @@ from fints_repro.data.pwab import ARGUMENT_OF_TOOL, TOOL_OF_TYPE, call_json, pro
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
 from fints_repro.tasks.base import TASKS, PairVerdict, Scores, Task
+from fints_repro.tasks.json_scan import JsonScan, fence_bodies
+from fints_repro.text import valid_unicode
 
 log = logging.getLogger(__name__)
 
 ERROR_KINDS = ("unparseable", "unknown_tool", "missing_argument", "bad_argument_type",
                "extra_argument")
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
 
 
 # ---- parsing ----------------------------------------------------------------------------
@@ -63,18 +63,13 @@ def _as_call(obj: Any) -> dict | None:
 
 
 def _json_objects(text: str):
-    """Every JSON object in ``text``: the whole text, each code fence, then each ``{``."""
-    dec = json.JSONDecoder()
-    for chunk in (text.strip(), *(m.group(1).strip() for m in _FENCE.finditer(text))):
-        try:
-            yield json.loads(chunk)
-        except (json.JSONDecodeError, ValueError):
-            pass
-    for m in re.finditer(r"\{", text):
-        try:
-            yield dec.raw_decode(text, m.start())[0]
-        except (json.JSONDecodeError, ValueError):
-            continue
+    """Every JSON object in ``text``: the whole text, each code fence's body, then each
+    object in the order of its ``{`` (``json_scan``: linear time, bounded nesting)."""
+    scan = JsonScan(text)
+    yield scan.whole()
+    for start, stop in fence_bodies(text):
+        yield scan.whole(start, stop)
+    yield from scan.objects()
 
 
 def parse_call(text: str, mode: str = "lenient") -> dict[str, Any]:
@@ -84,20 +79,22 @@ def parse_call(text: str, mode: str = "lenient") -> dict[str, Any]:
     ``lenient`` (ours): the first JSON object that is a call, with or without the
     ``"tool_call"`` wrapper, also inside code fences or with text around it. ``strict``
     (the authors' evaluation): ``json.loads`` of the whole generation, stripped, must give
-    ``{"tool_call": {"name": ..., "arguments": {...}}}``."""
+    ``{"tool_call": {"name": ..., "arguments": {...}}}``.
+
+    Any text is read, in time linear in its length: objects nested deeper than
+    ``json_scan.MAX_DEPTH`` levels are not read, and strings in the call are valid Unicode
+    (an escaped lone surrogate, ``"\\ud800"``, becomes U+FFFD), so that the call can be
+    written and tokenised."""
     call = None
     if mode == "strict":
-        try:
-            obj = json.loads(text.strip())
-        except (json.JSONDecodeError, ValueError):
-            obj = None
+        obj = JsonScan(text).whole()
         if isinstance(obj, dict) and isinstance(obj.get("tool_call"), dict):
             call = _as_call(obj["tool_call"])
     else:
         call = next((c for c in map(_as_call, _json_objects(text)) if c is not None), None)
     if call is None:
         return {"error": "unparseable"}
-    name, args = call["name"], call.get("arguments", {})
+    name, args = valid_unicode(call["name"]), call.get("arguments", {})
     if name not in ARGUMENT_OF_TOOL:
         return {"error": "unknown_tool", "name": name}
     if not isinstance(args, dict):
@@ -111,6 +108,7 @@ def parse_call(text: str, mode: str = "lenient") -> dict[str, Any]:
         return {"error": "bad_argument_type", "name": name}
     if set(args) != {key}:
         return {"error": "extra_argument", "name": name}
+    value = [valid_unicode(v) for v in value] if kind is list else valid_unicode(value)
     return {"name": name, "arguments": {key: value}}
 
 
@@ -267,12 +265,12 @@ class FunctionCallingTask(Task):
         return ToolEnvironment(files.products, files.history, self.dataset.pwab)
 
     def parse(self, generation: str) -> dict[str, Any]:
-        return parse_call(generation, self.dataset.pwab.parse)
+        return parse_call(self.read(generation), self.dataset.pwab.parse)
 
     def reward_text(self, generation: str) -> str:
         """A parseable call in the pairs' serialisation (``call_json``); anything else as
         written (a reward model scores it too, as the text it is)."""
-        return self.pair_answer(generation, "") or generation.strip()
+        return self.pair_answer(generation, "") or self.read(generation).strip()
 
     def score_predictions(self, predictions: Sequence[dict], samples: Sequence[Sample],
                           seed: int) -> Scores:
@@ -322,7 +320,7 @@ class FunctionCallingTask(Task):
         return render_with_history(self.dataset, item.input, others)
 
     def pair_answer(self, generation: str, layout: str) -> str:
-        call = parse_call(generation, "lenient")
+        call = parse_call(self.read(generation), "lenient")
         return "" if "error" in call else call_json(call["name"], call["arguments"])
 
     def accept_pairs(self, triples: Sequence[tuple[str, str, HistoryItem]],

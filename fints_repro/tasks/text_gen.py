@@ -32,7 +32,7 @@ class TextGenTask(Task):
         self._post = POSTPROCESS.get(generation.postprocess, "generation.postprocess")
 
     def parse(self, generation: str) -> str:
-        return self._post(generation)
+        return self._post(self.read(generation))
 
     def score_predictions(self, predictions: Sequence[str], samples: Sequence[Sample],
                           seed: int) -> Scores:
