@@ -12,7 +12,10 @@ Every write is safe when several processes (a joblib or SLURM sweep) share the c
 - files are created ``0644`` (``FILE_MODE``), whatever the umask or ``mkstemp`` would give,
   so a cache shared between users is readable by all of them;
 - work that must run once (the model conversion) takes a file lock under
-  ``<cache>/.locks/`` (``lock_for``).
+  ``<cache>/.locks/`` (``lock_for``);
+- an ``OSError`` while writing (a full disk, no permission, a file where a folder should
+  be) is a ``WriteError`` that names the file and what it holds (``write_error``,
+  ``make_dir``); what was written before stays, so the rerun resumes from it.
 
 Reading is lenient where a damaged entry can be recomputed: a JSONL line that is not UTF-8,
 not JSON or not of the expected shape is dropped with one warning naming the file and the
@@ -22,15 +25,17 @@ line numbers (``read_jsonl_lenient``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from fints_repro.errors import CacheError
+from fints_repro.errors import CacheError, WriteError
 
 if TYPE_CHECKING:
     from filelock import FileLock
@@ -46,18 +51,62 @@ def content_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+def write_error(path: Path, what: str, e: OSError) -> WriteError:
+    """The error for an ``OSError`` while writing ``path`` (``what``: what it holds)."""
+    why = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        hint = "free space on that disk"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make the folder writable, or point the run elsewhere"
+    else:
+        hint = "fix the cause"
+    return WriteError(f"could not write {path} ({what}): {why}; {hint} and run again: what "
+                      "was written before is kept and the run resumes from it", path=str(path))
+
+
+def make_dir(path: Path, what: str) -> Path:
+    """``path`` as a folder (created with its parents), or a WriteError that names it and
+    says what it is for: a file in its place, no permission, a full disk."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise WriteError(f"{what} {path} is not a folder: {blocker} is a file; move the file "
+                         "away or name another folder", path=str(path)) from e
+    except OSError as e:
+        raise write_error(path, what, e) from e
+    return path
+
+
+def remove_temporaries(path: Path) -> None:
+    """The temporary folders and files a killed save of ``path`` left beside it
+    (``.<name>.tmp*``). Call it only where no other process can be saving ``path`` (under
+    its lock)."""
+    for tmp in Path(path).parent.glob(f".{Path(path).name}.tmp*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
+def atomic_file(path: Path, what: str = "a cache entry") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write the whole file to; on success it is
     flushed to disk, made ``FILE_MODE`` and renamed over ``path``, on an exception removed.
 
     The temporary name is unique to this call (``mkstemp``), so two processes writing the
     same target at once each rename a complete file of their own; the last rename wins.
+    An ``OSError`` on the way (a full disk, no permission) is a ``WriteError`` naming
+    ``path`` and ``what`` it holds; ``path`` then keeps what it held before.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    make_dir(path.parent, f"the folder of {what}")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise write_error(path, what, e) from e
     tmp = Path(name)
     try:
         yield tmp
@@ -68,9 +117,23 @@ def atomic_file(path: Path) -> Iterator[Path]:
             os.close(fd)
         os.chmod(tmp, FILE_MODE)  # mkstemp creates it 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, what, e) from e
         raise
+
+
+def write_text_atomic(path: Path, text: str, what: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8; a lone surrogate written as ``\\udXXX``),
+    atomically (``atomic_file``)."""
+    with atomic_file(path, what) as tmp:
+        tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
+
+
+def write_json_atomic(path: Path, obj: Any, what: str) -> None:
+    """Replace ``path`` with ``obj`` as indented JSON, atomically (``atomic_file``)."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n", what)
 
 
 def lock_for(target: Path) -> FileLock:
@@ -84,7 +147,7 @@ def lock_for(target: Path) -> FileLock:
 
     target = Path(target)
     lock = target.parent.parent / ".locks" / target.parent.name / f"{target.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(lock.parent, "the cache's lock folder")
     return FileLock(str(lock))
 
 
@@ -155,32 +218,36 @@ def append_jsonl(path: Path, rows: Sequence[dict[str, Any]], what: str = "cached
     appending to one store do not interleave inside a line. When the file does not end
     with a newline (a killed run cut its last line), a newline is written first: the cut
     line stays a line of its own (dropped when read) instead of swallowing the first row.
-    A new file is created ``FILE_MODE``.
+    A new file is created ``FILE_MODE``. An ``OSError`` (a full disk, no permission) is a
+    ``WriteError`` naming the file and ``what`` it holds; the rows appended before stay.
     """
     payload = _encode_rows(rows)
     if not payload:
         return
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
-    except FileExistsError:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            payload = b"\n" + payload
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                payload = b"\n" + payload
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise write_error(Path(path), what, e) from e
 
 
-def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]], what: str = "rows") -> None:
     """Replace the file with these rows: written to a temporary file of this call's own
     beside it, then renamed (``atomic_file``)."""
-    with atomic_file(Path(path)) as tmp:
+    with atomic_file(Path(path), what) as tmp:
         tmp.write_bytes(_encode_rows(rows))
 
 
@@ -205,6 +272,6 @@ class GenerationStore:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def add(self, pairs: Sequence[tuple[str, str]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(self.path, [{"key": k, "generation": g} for k, g in pairs])
+        make_dir(self.path.parent, "the generation cache")
+        append_jsonl(self.path, [{"key": k, "generation": g} for k, g in pairs], "cached generations")
         self.items.update(pairs)

@@ -38,3 +38,13 @@ class CacheError(FintsError):
     def __init__(self, message: str, *, path: str | None = None):
         super().__init__(message)
         self.path = path
+
+
+class WriteError(FintsError):
+    """A file or folder that could not be written (disk full, no permission, a file where a
+    folder should be). The message names it and what was being saved; whatever was
+    written before stays valid, so the run resumes from it once the cause is fixed."""
+
+    def __init__(self, message: str, *, path: str):
+        super().__init__(message)
+        self.path = path

@@ -29,8 +29,11 @@ from fints_repro.cache import (
     GenerationStore,
     append_jsonl,
     content_hash,
+    make_dir,
     read_jsonl_lenient,
+    write_json_atomic,
     write_jsonl_atomic,
+    write_text_atomic,
 )
 from fints_repro.compose import Method, compose_group, resolve_methods
 from fints_repro.config import ModelConfig, RunConfig, SteeringConfig
@@ -237,8 +240,7 @@ def _run_method(
     row_keys = [hashlib.sha256((store_key + "".join(k)).encode()).hexdigest()[:32] for k in keys]
     done: dict[int, list[str]] = {i: [store.items[k] for k in ks] for i, ks in enumerate(keys)
                                   if all(k in store.items for k in ks)}
-    out_dir = run_dir / method.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(run_dir / method.name, f"the run's folder of method {method.name!r}")
     pred_path = out_dir / "predictions.jsonl"
     # Rerunning into the same run dir: rows written there by a run whose every setting that
     # decides the output was the same (a changed config never reuses a row).
@@ -266,7 +268,7 @@ def _run_method(
         append_jsonl(pred_path, [{"id": samples[i].id, "user": samples[i].user, "prompt": texts[i],
                                   "cache_key": row_keys[i], "candidates": cands,
                                   "target": samples[i].target}
-                                 for i, cands in zip(idx, per_row)])
+                                 for i, cands in zip(idx, per_row)], f"{method.name}'s predictions")
         done.update(zip(idx, per_row))
     t_gen = time.time() - t1
     n_generated = len(done) - n_cached
@@ -296,7 +298,7 @@ def _run_method(
         if plan:
             row["steering"] = {"steered": plan.steered[i], **(plan.row_info[i] if plan.row_info else {})}
         rows.append(row)
-    write_jsonl_atomic(pred_path, rows)  # now in sample order, with scores
+    write_jsonl_atomic(pred_path, rows, f"{method.name}'s predictions")  # in sample order, scored
     metrics = {
         **scores.aggregate,
         "n_generated": n_generated,
@@ -319,7 +321,7 @@ def _run_method(
         if plan.stats.get("n_samples_unsteered"):
             log.warning("[%s] %d of %d samples have no pairs and were generated unsteered",
                         method.name, plan.stats["n_samples_unsteered"], len(samples))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json_atomic(out_dir / "metrics.json", metrics, f"{method.name}'s metrics")
     return metrics, rows
 
 
@@ -364,10 +366,10 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
                 check_layer(m.steering.layer, shape.n_layers)
     task = build_task(cfg.dataset, cfg.generation, cfg.eval, cfg.seed)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir, "run_dir")
     seed_everything(cfg.seed)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved), "the run's config")
 
     samples = load_samples(cfg.dataset, seed=cfg.seed)
     if not samples:
@@ -406,10 +408,10 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
         "n_users": n_users, "n_empty_history": n_empty, "threads": torch.get_num_threads(),
         "methods": results,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(run_dir / "metrics.json", summary, "the run's metrics")
     table = markdown([{"method": name, **m} for name, m in results.items()],
                      ["method", *metric_keys(results)]).rstrip()
-    (run_dir / "summary.md").write_text(table + "\n")
+    write_text_atomic(run_dir / "summary.md", table + "\n", "the run's results table")
     label = f"{cfg.dataset.name} (SYNTHETIC demo data)" if synthetic else cfg.dataset.name
     print(f"\n{label} · {cfg.model.name} · {len(samples)} samples, {n_users} users\n"
           f"{table}\n\nrun dir: {run_dir}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import statistics
@@ -31,6 +32,8 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
+
+from fints_repro.cache import atomic_file, write_text_atomic
 
 LAYER_KEYS = ("steering.layer",)
 STRENGTH_KEYS = ("steering.scale", "steering.alpha", "steering.beta", "steering.gamma")
@@ -211,7 +214,8 @@ def plot_heatmap(rows: list[dict[str, Any]], row_key: str, col_key: str, metric:
                      + (f"\nunsteered: {base}" if base else ""), fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, "the sweep's heatmap") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -240,7 +244,8 @@ def plot_lines(rows: list[dict[str, Any]], key: str, metric: str, path: Path) ->
     if ax.get_legend_handles_labels()[0]:  # none when every method failed
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, f"the sweep's plot of {metric} vs {key}") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -268,11 +273,12 @@ def write_report(root: Path) -> dict[str, Path]:
     if any(r["status"] == "failed" for r in rows):
         columns.append("error")
     out = {"csv": root / "summary.csv", "md": root / "summary.md"}
-    with open(out["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    out["md"].write_text(header + "\n\n" + markdown(rows, columns))
+    buffer = io.StringIO(newline="")
+    w = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out["csv"], buffer.getvalue(), "the sweep's table (CSV)")
+    write_text_atomic(out["md"], header + "\n\n" + markdown(rows, columns), "the sweep's table")
     if "seed" in over_keys:
         others = [k for k in over_keys if k != "seed"]
         # the task's scores, then their per-type means (function calling: search, ...)
@@ -282,8 +288,9 @@ def write_report(root: Path) -> dict[str, Path]:
         table = seed_table(rows, others, scores)
         out["seeds"] = root / "seeds.md"
         table, cols = seed_columns(table, others, scores)
-        out["seeds"].write_text(header + "\n\nMean ± sample standard deviation over seeds; Δ: paired difference to the method's backbone on the same seed.\n\n"
-                                + markdown(table, cols))
+        write_text_atomic(out["seeds"], header + "\n\nMean ± sample standard deviation over "
+                          "seeds; Δ: paired difference to the method's backbone on the same "
+                          "seed.\n\n" + markdown(table, cols), "the sweep's table over seeds")
     metric = task["primary"] if any(task["primary"] in r for r in rows) else None
     if metric:
         swept = [k for k in over_keys if k != "seed"]

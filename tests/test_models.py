@@ -299,7 +299,7 @@ def test_failed_gguf_conversion_leaves_nothing(tmp_path: Path, monkeypatch, gguf
         gguf_to_safetensors(gguf_path, out)
     # It failed while writing a temporary folder next to the target, weights already in it...
     [(save_dir, files)] = seen
-    assert save_dir.parent == out.parent and save_dir.name.startswith(".tmp-")
+    assert save_dir.parent == out.parent and save_dir.name.startswith(f".{out.name}.tmp")
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
     # ...and nothing is left behind.
     assert list((tmp_path / "models").iterdir()) == []

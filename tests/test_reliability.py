@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +21,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fints_repro.cache import GenerationStore, append_jsonl, read_jsonl_lenient, write_jsonl_atomic
+from fints_repro.cache import (GenerationStore, append_jsonl, read_jsonl_lenient, write_json_atomic,
+                               write_jsonl_atomic)
 from fints_repro.config import DatasetConfig, DemoDataConfig, ModelConfig
 from fints_repro.data.lamp import lamp_candidates, lamp_paths, load_lamp
 from fints_repro.data.load import LOADERS, load_samples
@@ -166,6 +168,17 @@ def test_partly_deleted_converted_folder_is_converted_again(
     assert (out / "model.safetensors").stat().st_size == 1000
     assert str(out) in caplog.text and "incomplete" in caplog.text
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # the broken one is gone
+
+
+def test_a_killed_conversions_half_written_folder_is_removed(tmp_path: Path, monkeypatch) -> None:
+    gguf, out, calls = _fake_conversion(monkeypatch, tmp_path)
+    left = out.parent / f".{out.name}.tmpq8x1"  # what a conversion killed mid-save leaves
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"w" * 500)
+    other = out.parent / ".other-model.tmpz"  # another model's: not this one's to remove
+    other.mkdir()
+    gguf_to_safetensors(gguf, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, other.name])
 
 
 def test_folder_converted_before_the_manifest_listed_files_is_still_used(tmp_path: Path, monkeypatch) -> None:
@@ -589,3 +602,148 @@ def test_parallel_jobs_generating_the_same_demo_data(tmp_path: Path) -> None:
     assert _run_in_processes(_demo_in_child, [(cfg, o) for o in outs]) == [0, 0, 0]
     assert len({o.read_text() for o in outs}) == 1
     assert len(list((tmp_path / "demo").iterdir())) == 1
+
+
+# ------------------------------------------------------------------ writes and paths (issue 22)
+
+
+ZERO_SHOT = ["+exp=demo", "methods=[{backbone: zero_shot}]"]
+
+
+def _enospc(path) -> OSError:
+    return OSError(28, "No space left on device", str(path))
+
+
+def test_a_full_disk_while_saving_metrics_names_the_file_and_keeps_the_old_one(
+        tiny_overrides, tmp_path: Path, monkeypatch) -> None:
+    from fints_repro.errors import WriteError
+    from tests.conftest import run
+
+    run_dir = tmp_path / "run"
+    run([*ZERO_SHOT, *tiny_overrides], run_dir)
+    before = {p: p.read_bytes() for p in (run_dir / "metrics.json", run_dir / "zero_shot" / "metrics.json")}
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name.startswith(".metrics.json."):  # atomic_file's temporary file
+            raise _enospc(self)
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(WriteError) as info:
+        run([*ZERO_SHOT, *tiny_overrides], run_dir)  # everything cached: straight to the writes
+    message = str(info.value)
+    target = run_dir / "zero_shot" / "metrics.json"
+    assert message.startswith(f"could not write {target} (zero_shot's metrics): No space left")
+    assert "free space" in message and info.value.path == str(target)
+    assert {p: p.read_bytes() for p in before} == before  # not cut to 0 bytes
+    assert not list(run_dir.rglob(".*.tmp"))
+
+
+def test_every_file_a_run_writes_is_renamed_into_place(tiny_overrides, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    from tests.conftest import run
+
+    renamed: list[Path] = []
+    real = os.replace
+
+    def record(src, dst):
+        renamed.append(Path(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", record)
+    run_dir = tmp_path / "run"
+    run([*ZERO_SHOT, *tiny_overrides], run_dir)
+    written = sorted(p for p in run_dir.rglob("*") if p.is_file())
+    assert {"config.yaml", "metrics.json", "summary.md", "predictions.jsonl"} <= {p.name for p in written}
+    assert [p for p in written if p not in renamed] == []
+
+
+@pytest.mark.parametrize("errno_, hint", [(28, "free space on that disk"),
+                                          (13, "make the folder writable")])
+def test_write_errors_name_the_file_and_what_it_holds(tmp_path: Path, monkeypatch, errno_, hint) -> None:
+    from fints_repro.errors import WriteError
+
+    target = tmp_path / "generations" / "g.jsonl"
+    target.parent.mkdir()
+
+    def fail(fd, data):
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(os, "write", fail)
+    with pytest.raises(WriteError, match=rf"could not write {target} \(cached generations\): "
+                                         rf"{os.strerror(errno_)}; {hint}"):
+        GenerationStore(target).add([("k", "g")])
+    monkeypatch.undo()
+
+    def refuse(*a, **kw):
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(WriteError, match=rf"could not write {tmp_path / 'm.json'} \(the run's "
+                                         rf"metrics\): {os.strerror(errno_)}; {hint}"):
+        write_json_atomic(tmp_path / "m.json", {"a": 1}, "the run's metrics")
+
+
+def test_a_run_dir_that_is_a_file_is_named(tiny_overrides, tmp_path: Path) -> None:
+    from fints_repro.errors import WriteError
+    from tests.conftest import run
+
+    blocker = tmp_path / "results"
+    blocker.write_text("notes")
+    with pytest.raises(WriteError, match=rf"^run_dir {blocker} is not a folder: {blocker} is a file"):
+        run([*ZERO_SHOT, *tiny_overrides], blocker)
+    with pytest.raises(WriteError, match=rf"^run_dir {blocker / 'run'} is not a folder: {blocker} is a file"):
+        run([*ZERO_SHOT, *tiny_overrides], blocker / "run")
+    assert blocker.read_text() == "notes"
+
+
+def test_a_demo_dataset_path_that_is_a_file_is_named(tmp_path: Path) -> None:
+    from fints_repro.errors import WriteError
+
+    blocker = tmp_path / "demo"
+    blocker.write_text("")
+    cfg = DatasetConfig(name="demo_news", loader="demo", task="demo_news", path=str(blocker),
+                        demo=DemoDataConfig(n_users=2, n_history=2, n_test=1))
+    with pytest.raises(WriteError, match=rf"^dataset.path \(where the demo data is generated\) "
+                                         rf"{blocker} is not a folder: {blocker} is a file"):
+        load_samples(cfg, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["lamp_questions", "lamp_outputs", "longlamp_jsonl"])
+def test_an_unreadable_data_file_is_named(tmp_path: Path, monkeypatch, kind: str) -> None:
+    """As root (CI) chmod cannot make a file unreadable, so reading it raises as it would."""
+    if kind.startswith("lamp"):
+        for name in ("dev_questions.json", "dev_outputs.json"):
+            shutil.copy(FIXTURES / "lamp4" / name, tmp_path / name)
+        cfg = _lamp_cfg(tmp_path.parent, task="lamp4")
+        cfg.path = str(tmp_path)
+        bad = tmp_path / ("dev_questions.json" if kind == "lamp_questions" else "dev_outputs.json")
+    else:
+        bad = tmp_path / "dev.jsonl"
+        bad.write_text('{"name": "a"}\n')
+        cfg = DatasetConfig(name="longlamp_abstract", loader="longlamp", task="longlamp_abstract",
+                            path=str(tmp_path))
+    real = Path.read_text
+
+    def denied(self, *a, **kw):
+        if self == bad:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(DataError) as info:
+        load_samples(cfg, seed=0)
+    assert info.value.file == str(bad)
+    assert "cannot read the data file (Permission denied)" in str(info.value)
+    assert "check its permissions" in str(info.value)
+
+
+def test_escaped_lone_surrogates_in_a_data_file_read_as_the_replacement_character(tmp_path: Path) -> None:
+    questions = json.loads((FIXTURES / "lamp4" / "dev_questions.json").read_text())
+    questions[0]["input"] += " caf\\ud800"
+    text = json.dumps(questions).replace("\\\\ud800", "\\ud800")  # the JSON escape itself
+    (tmp_path / "dev_questions.json").write_text(text)
+    shutil.copy(FIXTURES / "lamp4" / "dev_outputs.json", tmp_path)
+    samples = load_lamp(tmp_path / "dev_questions.json", tmp_path / "dev_outputs.json", task="lamp4")
+    assert samples[0].input.endswith(" caf\ufffd")

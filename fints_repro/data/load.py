@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from fints_repro.cache import FILE_MODE
+from fints_repro.cache import FILE_MODE, make_dir, write_error
 from fints_repro.config import DatasetConfig
 from fints_repro.data import splits
 from fints_repro.data.schema import Sample
@@ -93,22 +93,25 @@ def _generate_once(out: Path, done: Path, write: Callable[[Path], int], what: st
     is complete; ``write(folder)`` writes the files and returns a count for the log."""
     if done.exists():
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    make_dir(out.parent, f"dataset.path (where the {what} is generated)")
     try:
-        n = write(tmp)
-        for path in tmp.iterdir():
-            os.chmod(path, FILE_MODE)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
         try:
-            os.replace(tmp, out)
-            log.info("wrote SYNTHETIC %s (%d records) to %s", what, n, out)
-        except OSError as e:
-            if not done.exists():  # not another job's finished copy: a real failure
-                raise CacheError(f"could not write the demo data into {out} ({e}); delete it "
-                                 f"(rm -r {out}) and run again", path=str(out)) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            n = write(tmp)
+            for path in tmp.iterdir():
+                os.chmod(path, FILE_MODE)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must be readable
+            try:
+                os.replace(tmp, out)
+                log.info("wrote SYNTHETIC %s (%d records) to %s", what, n, out)
+            except OSError as e:
+                if not done.exists():  # not another job's finished copy: a real failure
+                    raise CacheError(f"could not write the demo data into {out} ({e}); delete "
+                                     f"it (rm -r {out}) and run again", path=str(out)) from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a full disk, no permission
+        raise write_error(out, f"the {what}", e) from e
 
 
 def _spec_dir(cfg: DatasetConfig, spec: dict) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fints_repro.cache import content_hash, lock_for
+from fints_repro.cache import content_hash, lock_for, make_dir, remove_temporaries
 from fints_repro.config import ModelConfig
 from fints_repro.models.cpu import tune_malloc
 from fints_repro.errors import CacheError, ConfigError
@@ -224,13 +224,14 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     """
     if converted_folder_problem(out_dir) is None:
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir.parent, "the converted-model cache")
     with _conversion_lock(out_dir):
         problem = converted_folder_problem(out_dir)  # another process may have finished it
         if problem is None:
             return out_dir
         if os.path.lexists(out_dir):
             _move_broken_aside(out_dir, problem)
+        remove_temporaries(out_dir)  # a killed conversion's half-written folder
         _convert(gguf_path, out_dir)
     return out_dir
 
@@ -250,7 +251,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)

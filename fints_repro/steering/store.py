@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def save_vectors(path: Path, vectors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    with atomic_file(Path(path)) as tmp:
+    with atomic_file(Path(path), "steering vectors") as tmp:
         save_file({k: v.contiguous() for k, v in vectors.items()}, str(tmp),
                   metadata={"fints_repro": json.dumps(meta, sort_keys=True)})
 

@@ -96,8 +96,7 @@ def _logprob_passes(lm: LoadedModel, prompts_h: Sequence[str], questions: Sequen
             log.warning("steerx: the cached log-probs %s do not read back (%s): computing them "
                         "again", path, e)
     with_h, without = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, "SteerX's log-probs") as tmp:
         tmp.write_text(json.dumps({"with": [t.tolist() for t in with_h],
                                    "without": [t.tolist() for t in without]}))
     return with_h, without
