@@ -236,16 +236,136 @@ def test_a_killed_run_resumes_without_training_an_adapter_twice(tmp_path, monkey
     backbone.close(lm)
 
 
-def test_a_damaged_adapter_is_trained_again(tmp_path) -> None:
+def _damage(folder: Path, how: str) -> str:
+    """Damage a saved adapter ``how``; returns what the warning must say is wrong."""
+    from safetensors.torch import load_file, save_file
+
+    config, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:50])
+        return "does not read"
+    if how == "empty_config":
+        config.write_text("{}")
+        return "peft_type=None"
+    if how == "config_not_json":
+        config.write_text("{not json")
+        return "does not read as JSON"
+    if how == "config_deleted":
+        config.unlink()
+        return "adapter_config.json is missing"
+    if how == "weights_deleted":
+        weights.unlink()
+        return "adapter_model.safetensors is missing"
+    if how == "other_rank":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "r": 4}))
+        return "r=4, expected 8"
+    tensors = load_file(str(weights))
+    if how == "no_tensors":
+        save_file({}, str(weights))
+        return f"lacks {len(tensors)} of {len(tensors)} tensors"
+    if how == "one_tensor_missing":
+        tensors.pop(sorted(tensors)[0])
+        save_file(tensors, str(weights))
+        return f"lacks 1 of {len(tensors) + 1} tensors"
+    if how == "wrong_shape":
+        name = sorted(tensors)[0]
+        tensors[name] = torch.zeros(3, 5)
+        save_file(tensors, str(weights))
+        return f"{name} is [3, 5]"
+    raise AssertionError(how)
+
+
+DAMAGE = ["truncated", "empty_config", "config_not_json", "config_deleted", "weights_deleted",
+          "other_rank", "no_tensors", "one_tensor_missing", "wrong_shape"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_adapter_is_named_moved_aside_and_trained_again(tmp_path, caplog, how) -> None:
     lm = _lm()
     backbone, res = _backbone(tmp_path)
     backbone.fit(lm, _samples(("alice",)), res)
     backbone.close(lm)
-    (weights,) = (tmp_path / "adapters").glob("*/alice/adapter_model.safetensors")
-    weights.write_bytes(weights.read_bytes()[:50])
+    (folder,) = (tmp_path / "adapters").glob("*/alice")
+    saved = {f.name: f.read_bytes() for f in folder.iterdir()}
+    problem = _damage(folder, how)
+    backbone, _ = _backbone(tmp_path)
+    with caplog.at_level("WARNING", logger="fints_repro.backbones.adapters"):
+        backbone.fit(lm, _samples(("alice",)), res)
+    assert backbone.metrics()["backbone_n_adapters_trained"] == 1
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(folder) in warning and problem in warning and "'alice'" in warning
+    assert folder.with_name("alice.corrupt").is_dir()  # kept for a look, out of the way
+    # trained again from the same seed: the same adapter as the first time
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == saved
+    out = _generate(backbone.model(lm), ["Headline: test story 0"], 1,
+                    lambda rows: backbone.model_context(lm, [0]))
+    assert len(out) == 1
+    backbone.close(lm)
+
+
+def test_the_expected_tensors_are_what_peft_saves(tmp_path) -> None:
+    """lora_spec, computed from the model, against the trained adapters' files: LLaMA
+    (linear layers) and GPT-2 (Conv1D, stored [in, out])."""
+    from safetensors import safe_open
+
+    from fints_repro.backbones.adapters import adapter_problem, lora_spec
+
+    for arch in ("llama", "gpt2"):
+        lm = _lm(arch)
+        backbone, res = _backbone(tmp_path / arch)
+        backbone.fit(lm, _samples(("alice",)), res)
+        backbone.close(lm)
+        (folder,) = (tmp_path / arch / "adapters").glob("*/alice")
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        targets = lora_mod.target_modules(lm.model, None)
+        spec = lora_spec(lm.model, targets, 8, 8, "CAUSAL_LM")
+        assert dict(spec.tensors) == saved and len(saved) == 2 * len(
+            [n for n, _ in lm.model.named_modules() if n.rsplit(".", 1)[-1] in targets])
+        assert adapter_problem(folder, spec) is None
+        assert adapter_problem(folder, lora_spec(lm.model, targets, 16, 8, "CAUSAL_LM")) == (
+            "adapter_config.json has r=8, expected 16")
+
+
+def test_leftovers_of_a_killed_save_are_removed(tmp_path) -> None:
+    lm = _lm()
+    backbone, res = _backbone(tmp_path)
+    backbone.fit(lm, _samples(("alice",)), res)
+    backbone.close(lm)
+    (folder,) = (tmp_path / "adapters").glob("*/alice")
+    leftovers = [folder.with_name(".alice.tmpk1ll3d"), folder.with_name(".alice.tmp-trainerx9")]
+    for d in leftovers:
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"half")
+    other = folder.with_name(".bob.tmpq")  # another user's: not this one's to remove
+    other.mkdir()
     backbone, _ = _backbone(tmp_path)
     backbone.fit(lm, _samples(("alice",)), res)
-    assert backbone.metrics()["backbone_n_adapters_trained"] == 1
+    assert backbone.metrics()["backbone_n_adapters_loaded"] == 1
+    assert not any(d.exists() for d in leftovers) and other.exists()
+    backbone.close(lm)
+
+
+def test_an_adapter_that_still_does_not_load_is_an_error_naming_it(tmp_path, monkeypatch) -> None:
+    from peft import PeftModel
+
+    from fints_repro.errors import CacheError
+
+    lm = _lm()
+    backbone, res = _backbone(tmp_path)
+    backbone.fit(lm, _samples(("alice",)), res)
+    backbone.close(lm)
+
+    def fail(*a, **kw):
+        raise RuntimeError("Error(s) in loading state_dict for PeftModelForCausalLM: size mismatch")
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", fail)
+    backbone, _ = _backbone(tmp_path)
+    with pytest.raises(CacheError) as info:
+        backbone.fit(lm, _samples(("alice",)), res)
+    (folder,) = (tmp_path / "adapters").glob("*/alice")
+    assert str(folder) in str(info.value) and f"rm -r {folder}" in str(info.value)
+    assert "size mismatch" in str(info.value)
     backbone.close(lm)
 
 

@@ -177,18 +177,37 @@ def test_a_killed_run_resumes_without_training_a_reward_model_twice(tmp_path, mo
     bb.close(lm)
 
 
-def test_a_damaged_reward_model_is_trained_again(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("how", ["truncated", "empty_config", "config_deleted", "no_tensors",
+                                 "wrong_shape", "head_missing"])
+def test_a_damaged_reward_model_is_named_moved_aside_and_trained_again(tmp_path, monkeypatch,
+                                                                        caplog, how) -> None:
+    """At fit, before any candidate is generated: a config of {} or a weights file without
+    its tensors (the head's too) is named and trained again, never loaded half."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_lora import _damage
+
     lm = _lm()
     pairs = {"alice": _pairs("alice", 0, 4)}
     bb, res = _backbone(tmp_path, monkeypatch, pairs)
     bb.fit(lm, _samples(("alice",)), res)
     bb.close(lm)
-    (weights,) = (tmp_path / "reward_models").glob("*/alice/adapter_model.safetensors")
-    weights.write_bytes(weights.read_bytes()[:50])
+    (folder,) = (tmp_path / "reward_models").glob("*/alice")
+    if how == "head_missing":
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        assert tensors.pop("base_model.model.score.weight").shape == (1, 64)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        problem = "base_model.model.score.weight"
+    else:
+        problem = _damage(folder, how)
     bb, _ = _backbone(tmp_path, monkeypatch, pairs)
-    bb.fit(lm, _samples(("alice",)), res)
+    with caplog.at_level("WARNING", logger="fints_repro.backbones.adapters"):
+        bb.fit(lm, _samples(("alice",)), res)
     m = bb.metrics()
     assert (m["backbone_n_reward_models_trained"], m["backbone_n_reward_models_loaded"]) == (1, 0)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(folder) in warning and problem in warning and "reward model of user 'alice'" in warning
+    assert folder.with_name("alice.corrupt").is_dir()
     chosen, info = bb.select(_samples(("alice",)), [["x", "y", "z"]] * 2)  # loads and scores
     assert all(len(i["rewards"]) == 3 for i in info)
     bb.close(lm)

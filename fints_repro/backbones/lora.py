@@ -13,8 +13,9 @@
   ``adapter_model.safetensors``), the key a content hash of the model fingerprint, the
   adapter and training settings, the seed and that user's training texts. Each is written
   to a temporary directory and renamed into place when complete: a run killed during
-  training resumes at the user it was on, and a directory that does not load is trained
-  again, never used half.
+  training resumes at the user it was on, and an adapter that is not complete (its config,
+  every tensor and its shape checked: ``backbones/adapters.py``) is moved aside with a
+  warning and trained again, never used half.
 - **Generation**: every user's adapter is loaded under its own name into one PEFT wrapper;
   a batch holds rows of different users, each run with its own adapter (PEFT's mixed
   batches, ``adapter_names``; a user without history runs the base model, ``__base__``).
@@ -29,17 +30,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
+from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
+                                            save_adapter, scratch_dir, train_once)
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
-from fints_repro.cache import content_hash, lock_for
+from fints_repro.cache import content_hash
 from fints_repro.config import BackboneConfig, TrainConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
@@ -119,7 +118,7 @@ def train_adapter(model, tok, examples: list[dict], lora_cfg, targets: list[str]
         torch.manual_seed(seed)  # the adapter's initialisation
         peft_model = get_peft_model(model, cfg)
     try:
-        with tempfile.TemporaryDirectory() as scratch, _right_padding(tok):
+        with scratch_dir(out_dir) as scratch, _right_padding(tok):
             args = TrainingArguments(
                 output_dir=scratch, per_device_train_batch_size=train.batch_size,
                 num_train_epochs=train.epochs, learning_rate=train.lr,
@@ -142,19 +141,6 @@ def train_adapter(model, tok, examples: list[dict], lora_cfg, targets: list[str]
         for n, p in model.named_parameters():
             p.requires_grad_(grads.get(n, p.requires_grad))
         model.eval()
-
-
-def save_adapter(peft_model, out_dir: Path) -> None:
-    """Save a PEFT model's adapter in PEFT's format into ``out_dir``, atomically: written to
-    a temporary directory beside it and renamed into place, so ``out_dir`` is complete or
-    not there at all (a kill mid-save leaves nothing that looks trained)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
-    try:
-        peft_model.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _adapter_name(i: int) -> str:
@@ -203,6 +189,7 @@ class LoRA(Backbone):
                   "dropout": self.lcfg.lora_dropout, "targets": targets,
                   "template": self.lcfg.train_template, "train": dataclasses.asdict(self.lcfg.train),
                   "seed": seed}
+        spec = lora_spec(lm.model, targets, self.lcfg.r, self.lcfg.lora_alpha, "CAUSAL_LM")
         self.samples = list(samples)
         history = user_history(samples)
         if self.train_on == "train_samples":  # the user's training tasks, gold outputs
@@ -219,9 +206,11 @@ class LoRA(Backbone):
                 continue
             key = content_hash([recipe, examples])
             self.keys[user] = key
-            path = cache_dir / key / _safe(user)
-            done = train_once(path, "lora: the adapter", lambda out, ex=examples: train_adapter(
-                lm.model, lm.tokenizer, ex, self.lcfg, targets, self.lcfg.train, seed, out))
+            path = cache_dir / key / safe_name(user)
+            done = train_once(path, f"lora: the adapter of user {user!r}", spec,
+                              lambda out, ex=examples: train_adapter(
+                                  lm.model, lm.tokenizer, ex, self.lcfg, targets, self.lcfg.train,
+                                  seed, out))
             if tally.add(done):
                 log.info("lora: adapter of user %s trained in %.1f s (%d items) into %s",
                          user, tally.seconds[-1], len(examples), path)
@@ -247,13 +236,16 @@ class LoRA(Backbone):
 
         with_adapter = [u for u in sorted(self.keys) if self.keys[u]]
         for i, user in enumerate(with_adapter):
-            path = cache_dir / self.keys[user] / _safe(user)
+            path = cache_dir / self.keys[user] / safe_name(user)
             name = _adapter_name(i)
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(lm.model, str(path), adapter_name=name,
-                                                      is_trainable=False)
-            else:
-                self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            try:
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(lm.model, str(path), adapter_name=name,
+                                                          is_trainable=False)
+                else:
+                    self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise load_error(path, f"lora: the adapter of user {user!r}", e) from e
             self.names[user] = name
         if self.peft is not None:
             self.peft.eval()
@@ -296,72 +288,3 @@ class LoRA(Backbone):
             self.peft.base_model.unload()  # the shared model's modules, as they were
             self.peft = None
             lm.model.eval()
-
-
-def _safe(user: str) -> str:
-    """A user id as a directory name."""
-    s = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(user))
-    return s if s and s not in (".", "..") else f"user_{content_hash(user)}"
-
-
-def adapter_complete(path: Path, what: str) -> bool:
-    """Is a complete adapter saved in ``path`` (PEFT's config and weights, both readable)?
-    A damaged one is named in a warning (``what``: whose it is) and counts as absent."""
-    import json
-
-    from safetensors import safe_open
-
-    config, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not (config.is_file() and weights.is_file()):
-        return False
-    try:
-        json.loads(config.read_text())
-        with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():
-                f.get_tensor(k)
-        return True
-    except Exception as e:  # noqa: BLE001  (any damage: train it again)
-        log.warning("%s in %s is damaged (%s): training it again", what, path, e)
-        return False
-
-
-@dataclasses.dataclass
-class TrainTally:
-    """What a backbone's per-user training did: adapters trained (their losses and
-    seconds) and adapters loaded from the cache."""
-
-    trained: int = 0
-    loaded: int = 0
-    seconds: list[float] = dataclasses.field(default_factory=list)
-    losses: list[float] = dataclasses.field(default_factory=list)
-
-    def add(self, done: tuple[float, float] | None) -> bool:
-        """Count one ``train_once`` result; True when it trained."""
-        if done is None:
-            self.loaded += 1
-            return False
-        self.trained += 1
-        self.losses.append(done[0])
-        self.seconds.append(done[1])
-        return True
-
-    def mean_seconds(self) -> float | None:
-        return round(sum(self.seconds) / len(self.seconds), 3) if self.seconds else None
-
-    def mean_loss(self) -> float | None:
-        return round(sum(self.losses) / len(self.losses), 4) if self.losses else None
-
-
-def train_once(path: Path, what: str, train: Callable[[Path], float]) -> tuple[float, float] | None:
-    """One per-user adapter cached in ``path``, trained at most once even by parallel runs:
-    under the path's lock, None when a complete one is saved there (the caller loads it);
-    otherwise whatever is there (partial, damaged) is removed, ``train(path)`` trains and
-    saves it (atomically, ``save_adapter``) and (its loss, seconds taken) is returned."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_for(path):
-        if adapter_complete(path, what):
-            return None
-        shutil.rmtree(path, ignore_errors=True)
-        t0 = time.time()
-        loss = train(path)
-        return loss, time.time() - t0

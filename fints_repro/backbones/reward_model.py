@@ -45,8 +45,6 @@ import copy
 import dataclasses
 import logging
 import random
-import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -55,7 +53,9 @@ import numpy as np
 import torch
 
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
-from fints_repro.backbones.lora import TrainTally, _safe, save_adapter, target_modules, train_once
+from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
+                                            save_adapter, scratch_dir, train_once)
+from fints_repro.backbones.lora import target_modules
 from fints_repro.cache import content_hash
 from fints_repro.config import BackboneConfig
 from fints_repro.data.schema import HistoryItem, Sample
@@ -262,7 +262,7 @@ def train_reward_model(enc: Encoder, examples: list[dict], rm, targets: list[str
     with _rng_kept(seed):
         peft_model = get_peft_model(model, cfg)  # the adapter's initialisation: seeded
         try:
-            with tempfile.TemporaryDirectory() as scratch:
+            with scratch_dir(out_dir) as scratch:
                 args = RewardConfig(
                     output_dir=scratch, per_device_train_batch_size=t.batch_size,
                     num_train_epochs=t.epochs, learning_rate=t.lr, weight_decay=t.weight_decay,
@@ -448,7 +448,7 @@ class RewardModel(Backbone):
                                self.rm.train.max_length)
 
     def _path(self, user: str) -> Path:
-        return self.cache_dir / self.keys[user] / _safe(user)
+        return self.cache_dir / self.keys[user] / safe_name(user)
 
     def _fit_trained(self, lm, resources) -> None:
         from tqdm.auto import tqdm
@@ -466,13 +466,15 @@ class RewardModel(Backbone):
                       "alpha": self.rm.lora_alpha, "dropout": self.rm.lora_dropout,
                       "targets": targets, "heads": sorted(self.encoder.heads),
                       "train": dataclasses.asdict(self.rm.train), "seed": seed}
+            spec = lora_spec(self.encoder.model, targets, self.rm.lora_r, self.rm.lora_alpha,
+                             "SEQ_CLS", heads=sorted(self.encoder.heads))
         for user in tqdm(with_pairs, desc="reward models", unit="user",
                          disable=not resources.cfg.progress, leave=False):
             examples = [{"chosen_ids": self._ids(p.question, p.chosen),
                          "rejected_ids": self._ids(p.question, p.rejected)} for p in self.pairs[user]]
             self.keys[user] = content_hash([recipe, examples])
             path = self._path(user)
-            done = train_once(path, "reward_model: the reward model",
+            done = train_once(path, f"reward_model: the reward model of user {user!r}", spec,
                               lambda out, ex=examples: train_reward_model(
                                   self.encoder, ex, self.rm, targets, seed, out))
             if tally.add(done):
@@ -498,7 +500,12 @@ class RewardModel(Backbone):
 
         enc = self.encoder
         enc.reset_heads()
-        self._active = PeftModel.from_pretrained(enc.model, str(self._path(user)), is_trainable=False)
+        path = self._path(user)
+        try:
+            self._active = PeftModel.from_pretrained(enc.model, str(path), is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            enc.reset_heads()
+            raise load_error(path, f"reward_model: the reward model of user {user!r}", e) from e
         try:
             self._active.eval()
             yield self._active
