@@ -44,7 +44,7 @@ from fints_repro.generation import DecodingParams, generate_batches
 from fints_repro.models.chat import fit_chat_prompts
 from fints_repro.models.inspect import shape_from_config, shape_of
 from fints_repro.models.loading import LoadedModel, load_model
-from fints_repro.report import markdown
+from fints_repro.report import FAILED, INTERRUPTED, markdown
 from fints_repro.retrieval import Retriever, build_retriever
 from fints_repro.steering import STEERING, SteeringInputs, load_methods
 from fints_repro.tasks import Task, build_task
@@ -409,6 +409,8 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
         "methods": results,
     }
     write_json_atomic(run_dir / "metrics.json", summary, "the run's metrics")
+    for marker in (FAILED, INTERRUPTED):  # left by an earlier try of this run, now done
+        (run_dir / marker).unlink(missing_ok=True)
     table = markdown([{"method": name, **m} for name, m in results.items()],
                      ["method", *metric_keys(results)]).rstrip()
     write_text_atomic(run_dir / "summary.md", table + "\n", "the run's results table")

@@ -35,6 +35,11 @@ from hydra.experimental.callback import Callback
 
 from fints_repro.cache import atomic_file, write_text_atomic
 
+# What a job leaves in its run dir when it ends without metrics: FAILED (a multirun job's
+# exception, its traceback) or INTERRUPTED (SIGTERM / SIGINT; fints_repro/signals.py).
+# run.py writes them; a run that completes removes them.
+FAILED, INTERRUPTED = "FAILED", "INTERRUPTED"
+
 LAYER_KEYS = ("steering.layer",)
 STRENGTH_KEYS = ("steering.scale", "steering.alpha", "steering.beta", "steering.gamma")
 
@@ -69,8 +74,8 @@ def collect(root: Path) -> list[dict[str, Any]]:
         over = _overrides(job)
         metrics_path = job / "metrics.json"
         if not metrics_path.exists():
-            failed = job / "FAILED"
-            error = failed.read_text().strip().splitlines()[-1] if failed.exists() else "no metrics.json"
+            marker = next((job / m for m in (INTERRUPTED, FAILED) if (job / m).exists()), None)
+            error = marker.read_text().strip().splitlines()[-1] if marker else "no metrics.json"
             rows.append({"job": job.name, "status": "failed", **over, "error": error[:200]})
             continue
         summary = json.loads(metrics_path.read_text())

@@ -1,7 +1,10 @@
 """Experiment tracking: wandb (offline by default) or nothing, behind one small interface.
 
 ``open_tracker`` is a context manager that always closes the wandb run, marking it failed
-when the body raised, so a crashed job in a sweep never leaves a dangling run.
+when the body raised, or preempted (with ``run.mark_preempting`` and the signal's exit
+code) when the run was stopped by SIGTERM or SIGINT (``fints_repro.signals``), so a
+crashed or cancelled job in a sweep never leaves a dangling run. The summary's
+``run_status`` says which: ``ok``, ``failed`` or ``preempted``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 from fints_repro.config import LoggerConfig
 from fints_repro.registry import Registry
+from fints_repro.signals import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +103,15 @@ def _wandb_tracker(cfg: LoggerConfig, *, run_dir: Path, config: dict[str, Any],
         project=cfg.project, entity=cfg.entity, mode=cfg.mode, group=cfg.group,
         tags=list(cfg.tags), name=name, config=config, dir=str(run_dir), reinit="finish_previous",
     )
-    failed = True
+    status, exit_code = "failed", 1
     try:
         yield WandbTracker(run)
-        failed = False
+        status, exit_code = "ok", 0
+    except Interrupted as e:  # SIGTERM / SIGINT: a preemption, not a failure
+        status, exit_code = "preempted", e.exit_code
+        run.mark_preempting()
+        raise
     finally:
-        run.finish(exit_code=1 if failed else 0)
-        log.info("wandb run %s closed (%s)", run.id, "failed" if failed else "ok")
+        run.summary["run_status"] = status
+        run.finish(exit_code=exit_code)
+        log.info("wandb run %s closed (%s)", run.id, status)

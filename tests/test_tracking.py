@@ -110,11 +110,27 @@ def test_wandb_run_is_closed_and_failed_when_the_block_raises(tmp_path: Path) ->
     records = _records(_offline_run(tmp_path))
     assert _exit_codes(records) == [1]
     assert _summary(records)["rougeL"] == pytest.approx(0.5)
+    assert _summary(records)["run_status"] == "failed"
 
     # The next run opens cleanly after the failed one.
     with open_tracker(cfg, run_dir=tmp_path / "next", config={}) as tracker:
         tracker.log_metrics({"x": 1})
     assert _exit_codes(_records(_offline_run(tmp_path / "next"))) == [0]
+
+
+def test_a_run_stopped_by_a_signal_is_closed_as_preempted(tmp_path: Path) -> None:
+    from fints_repro.signals import Interrupted
+
+    cfg = LoggerConfig(name="wandb", mode="offline")
+    with pytest.raises(Interrupted):
+        with open_tracker(cfg, run_dir=tmp_path, config={"seed": 3}) as tracker:
+            tracker.log_metrics({"rougeL": 0.5})
+            raise Interrupted(15)
+    assert wandb.run is None
+    records = _records(_offline_run(tmp_path))
+    assert [r["type"] for r in records if r.get("type") == "preempting"] == ["preempting"]
+    assert _exit_codes(records) == [143]
+    assert _summary(records)["run_status"] == "preempted" and _config(records)["seed"] == 3
 
 
 @pytest.mark.parametrize("cfg", [LoggerConfig(name="none"),
