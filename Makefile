@@ -38,7 +38,7 @@ demo-pwab: install  ## web function calling on the SYNTHETIC PersonalWAB-format 
 # 9 min 16 s against 13 min 54 s for one process with 2 threads (641 tests). `-n 0` in
 # PYTEST_ARGS runs it in one process.
 PYTEST_ARGS ?= -n auto
-test: install  ## everything, the end-to-end checks on the embedded model included (10-12 min on 2 cores)
+test: install  ## everything, the end-to-end checks on the embedded model included (13-14 min on 2 cores)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install  ## without the tests marked slow

@@ -70,10 +70,17 @@ def old_lenient(text: str) -> None:
             continue
 
 
-def timed(fn, *args) -> float:
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
+def fastest(repeats: int, fn, *args) -> float:
+    """The fastest of ``repeats`` calls (one when a call takes over 5 s): the machine's
+    noise (other processes, frequency) only ever adds time."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+        if best > 5:
+            break
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +96,11 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench-untrusted-text")
+    ap.add_argument("--repeats", type=int, default=3, help="report the fastest of this many calls")
     args = ap.parse_args(argv)
+
+    def timed(fn, *a) -> float:
+        return fastest(args.repeats, fn, *a)
 
     rows = []
     for name, text in shapes(MIB).items():
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         print(stages[-1], flush=True)
 
     out = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-           "python": platform.python_version(), "parse_1mib": rows, "before_vs_now": growth,
+           "python": platform.python_version(), "repeats": args.repeats, "parse_1mib": rows, "before_vs_now": growth,
            "stages_1mib": stages,
            "slowest_parse_1mib_s": max(max(r["lenient_s"], r["strict_s"]) for r in rows),
            "slowest_stage_1mib_s": max(max(r["text_generation_s"], r["function_calling_s"])
@@ -159,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "bench.json").write_text(json.dumps(out, indent=2) + "\n")
     text = ("# Model output as data: time per call\n\n"
             "`python scripts/bench_untrusted_text.py` (" + out["machine"] + ", Python "
-            + out["python"] + ")\n\n## parse_call on 1 MiB\n\n"
+            + out["python"] + f"; the fastest of {args.repeats} calls, seconds)\n\n"
+            "## parse_call on 1 MiB\n\n"
             + markdown(rows, ["shape", "chars", "lenient_s", "strict_s"])
             + "\n## The readings they replaced against them, same texts\n\n"
             + markdown(growth, ["shape", "chars", "before_s", "now_s", "ratio"])

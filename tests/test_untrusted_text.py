@@ -12,10 +12,11 @@
 - The patterns a config applies to text run on RE2: the same matches as Python's ``re``
   on ordinary text, linear time on the texts that made ``re`` backtrack for minutes.
 
-Stated times (measured on the 2-core development machine; asserted with a margin for a
-busy CI machine): ``parse_call`` on 1 MiB under 3 s (asserted 15 s); any stage, through
-its task (which reads ``eval.max_read_chars`` = 65,536 characters of a generation), under
-2 s (asserted 10 s).
+Stated times (``scripts/bench_untrusted_text.py`` on the 2-core development machine,
+results/bench-untrusted-text/; asserted with a margin for a busy CI machine):
+``parse_call`` on 1 MiB of any shape at most 2.4 s (asserted 15 s); every stage of a task
+on 1 MiB, through the task (which reads ``eval.max_read_chars`` = 65,536 characters of a
+generation), at most 0.6 s (asserted 10 s for all the stage passes of one text).
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def test_text_generation_stages_take_any_text(text_tasks, text: str) -> None:
 ], ids=["words-1MiB", "punctuation-1MiB", "print-1MiB", "surrogates"])
 def test_text_generation_stages_on_huge_texts_in_bounded_time(text_tasks, shape: str) -> None:
     _, seconds = _timed(_text_stages, text_tasks, shape)
-    assert seconds < 10 * 2 * 2, seconds  # two tasks, two layouts: four stage passes
+    assert seconds < 10, seconds
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +297,7 @@ def test_function_calling_stages_take_any_text(call_task, tmp_path_factory, text
 ], ids=["braces-1MiB", "review-1MiB", "query-1MiB", "sequence-1MiB"])
 def test_function_calling_stages_on_huge_texts_in_bounded_time(call_task, tmp_path, shape) -> None:
     _, seconds = _timed(_call_stages, call_task, shape, tmp_path)
-    assert seconds < 10 * 2, seconds  # two parse modes
+    assert seconds < 10, seconds
 
 
 # ------------------------------------------------------------------ the authors' ROUGE package
