@@ -37,16 +37,17 @@ def json_loads_valid(text: str) -> Any:
     """``json.loads(text)`` with every string in the result valid Unicode (``valid_unicode``),
     keys too; the walk only runs when the text escapes a surrogate (rare: a quick search)."""
     obj = json.loads(text)
-    return _valid_strings(obj) if _SURROGATE_ESCAPE.search(text) else obj
+    return valid_strings(obj) if _SURROGATE_ESCAPE.search(text) else obj
 
 
-def _valid_strings(obj: Any) -> Any:
+def valid_strings(obj: Any) -> Any:
+    """A decoded JSON value with ``valid_unicode`` applied to every string in it, keys too."""
     if isinstance(obj, str):
         return valid_unicode(obj)
     if isinstance(obj, list):
-        return [_valid_strings(v) for v in obj]
+        return [valid_strings(v) for v in obj]
     if isinstance(obj, dict):
-        return {valid_unicode(k): _valid_strings(v) for k, v in obj.items()}
+        return {valid_unicode(k): valid_strings(v) for k, v in obj.items()}
     return obj
 
 

@@ -41,7 +41,7 @@ from fints_repro.steering.pairs import extract_answer
 from fints_repro.tasks import build_task
 from fints_repro.tasks.function_calling import parse_call
 from fints_repro.tasks.json_scan import MAX_DEPTH, JsonScan, fence_bodies
-from fints_repro.text import pattern, search, valid_unicode
+from fints_repro.text import pattern, search, valid_strings, valid_unicode
 from tests.conftest import FIXTURES
 
 MIB = 1 << 20
@@ -92,16 +92,6 @@ def _reference_call(text: str, mode: str):
     return next((c for c in map(as_call, _reference_objects(text)) if c is not None), None)
 
 
-def _valid(obj):
-    if isinstance(obj, str):
-        return valid_unicode(obj)
-    if isinstance(obj, list):
-        return [_valid(v) for v in obj]
-    if isinstance(obj, dict):
-        return {valid_unicode(k): _valid(v) for k, v in obj.items()}
-    return obj
-
-
 PIECES = ["{", "}", "[", "]", '"', "\\", ":", ",", " ", "\n", "```", "```json\n", "json", "1",
           "true", "null", "-", "1e5", '"name"', '"tool_call"', '"arguments"', '"query"',
           '"review"', '"product_sequence"', '"search_product_by_query"', '"add_product_review"',
@@ -123,7 +113,7 @@ def test_the_parser_finds_the_call_the_decoder_per_brace_finds(text: str, mode: 
     name = valid_unicode(call["name"])
     assert got.get("name") == name
     if "error" not in got:
-        assert got["arguments"] == _valid(call["arguments"])
+        assert got["arguments"] == valid_strings(call["arguments"])
 
 
 @FUZZ
