@@ -20,21 +20,29 @@ from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig, register_configs
+from fints_repro.config import (BackboneConfig, GenerationConfig, RunConfig, SteeringConfig,
+                                register_configs)
 from fints_repro.errors import ConfigError
 
 CONFIG_MODULE = "fints_repro.conf"
-# The groups a method chooses (fidelity: optionally); its overrides may only touch the first two.
+# The groups a method chooses (fidelity: optionally); its overrides may only touch these
+# two and the generation settings (decoding per method, as the authors decode steered rows
+# otherwise than unsteered ones).
 METHOD_GROUPS = ("backbone", "steering")
+METHOD_OVERRIDES = (*METHOD_GROUPS, "generation")
+# Generation settings that hold for the whole run (the task parses every method's rows alike).
+RUN_WIDE = ("generation.postprocess",)
 
 
 @dataclass
 class Method:
-    """One method a run evaluates: its name and its composed backbone and steering."""
+    """One method a run evaluates: its name and its composed backbone, steering and
+    generation settings."""
 
     name: str
     backbone: BackboneConfig
     steering: SteeringConfig
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -97,7 +105,8 @@ def resolve_methods(cfg: RunConfig, overrides: Sequence[str] | None) -> list[Met
     method can never run with settings other than its run's)."""
     specs = cfg.methods or []
     if not specs:
-        return [Method(method_name(cfg.backbone.name, cfg.steering.name), cfg.backbone, cfg.steering)]
+        return [Method(method_name(cfg.backbone.name, cfg.steering.name), cfg.backbone,
+                       cfg.steering, cfg.generation)]
     if overrides is None:
         raise ConfigError("a config with `methods` needs the overrides it was composed with "
                           "(run_experiment(cfg, run_dir, overrides=...))")
@@ -118,9 +127,12 @@ def resolve_methods(cfg: RunConfig, overrides: Sequence[str] | None) -> list[Met
                 raise ConfigError(f"methods[{i}]: no {group} option {option!r} (known: {known})")
         own = []
         for key, value in spec.overrides.items():
-            if key.split(".", 1)[0] not in METHOD_GROUPS or "." not in key:
-                raise ConfigError(f"methods[{i}].overrides: {key!r} must start with backbone. or "
-                                  "steering.")
+            if key.split(".", 1)[0] not in METHOD_OVERRIDES or "." not in key:
+                raise ConfigError(f"methods[{i}].overrides: {key!r} must start with backbone., "
+                                  "steering. or generation.")
+            if key in RUN_WIDE:
+                raise ConfigError(f"methods[{i}].overrides: {key} holds for the whole run; set "
+                                  "it outside `methods`")
             own.append(f"{key}={_override_value(value)}")
         try:
             picks = [f"{g}={o}" for g, o in chosen]
@@ -129,7 +141,7 @@ def resolve_methods(cfg: RunConfig, overrides: Sequence[str] | None) -> list[Met
         except Exception as e:  # Hydra's message names the option or key
             raise ConfigError(f"methods[{i}] ({spec.backbone}, {spec.steering}): {e}") from e
         name = spec.name or method_name(run.backbone.name, run.steering.name)
-        methods.append(Method(name, run.backbone, run.steering))
+        methods.append(Method(name, run.backbone, run.steering, run.generation))
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"methods: duplicate method names {names}; give one a `name`")

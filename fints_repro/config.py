@@ -465,9 +465,12 @@ class LoggerConfig:
 @dataclass
 class GenerationConfig:
     batch_size: int = 8
-    do_sample: bool = False
-    temperature: float = 0.1
-    top_p: float = 0.9
+    # Decoding; null takes the model checkpoint's own generation config (its
+    # generation_config.json: e.g. Llama-3.1-8B-Instruct samples at T = 0.6, top-p 0.9), as
+    # the authors' calls of generate that set nothing do.
+    do_sample: Optional[bool] = False
+    temperature: Optional[float] = 0.1
+    top_p: Optional[float] = 0.9
     # null: the dataset's max_new_tokens
     max_new_tokens: Optional[int] = None
     # strip | fints_first_line (the authors' first-line rule; README: Fidelity to the authors' code)

@@ -54,6 +54,25 @@ class DecodingParams:
         return kw
 
 
+def resolve_decoding(do_sample: bool | None, temperature: float | None, top_p: float | None,
+                     model, *, max_new_tokens: int, seed: int) -> DecodingParams:
+    """Decoding settings with each null taken from the checkpoint's own generation config
+    (``model.generation_config``: what ``generate`` does when a call sets nothing), and
+    transformers' defaults where the checkpoint sets nothing either (greedy, T = 1,
+    top-p = 1)."""
+    ck = getattr(model, "generation_config", None)
+
+    def pick(value, name: str, default):
+        if value is not None:
+            return value
+        got = getattr(ck, name, None)
+        return default if got is None else got
+
+    return DecodingParams(max_new_tokens=max_new_tokens, do_sample=bool(pick(do_sample, "do_sample", False)),
+                          temperature=float(pick(temperature, "temperature", 1.0)),
+                          top_p=float(pick(top_p, "top_p", 1.0)), seed=seed)
+
+
 def plan_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool) -> list[list[int]]:
     order = list(range(len(lengths)))
     if sort_by_length:

@@ -40,7 +40,7 @@ from fints_repro.config import ModelConfig, RunConfig, SteeringConfig
 from fints_repro.data.load import load_samples
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
-from fints_repro.generation import DecodingParams, generate_batches
+from fints_repro.generation import generate_batches, resolve_decoding
 from fints_repro.models.chat import fit_chat_prompts
 from fints_repro.models.inspect import shape_from_config, shape_of
 from fints_repro.models.loading import LoadedModel, load_model
@@ -209,11 +209,10 @@ def _run_method(
     backbone.fit(base_lm, samples, resources, method.steering)
     lm = backbone.model(base_lm)  # what generation and extraction run on
     t_fit = time.time() - t0
-    g = cfg.generation
-    params = backbone.decoding(DecodingParams(
-        max_new_tokens=g.max_new_tokens or cfg.dataset.max_new_tokens,
-        do_sample=g.do_sample, temperature=g.temperature, top_p=g.top_p, seed=cfg.seed,
-    ))
+    g = method.generation  # the run's, or the method's own (decoding per method)
+    params = backbone.decoding(resolve_decoding(
+        g.do_sample, g.temperature, g.top_p, base_lm.model,
+        max_new_tokens=g.max_new_tokens or cfg.dataset.max_new_tokens, seed=cfg.seed))
     t0 = time.time()
     prompts = backbone.build_prompts(samples)
     texts, n_truncated = fit_prompts(lm, samples, prompts, params.max_new_tokens, g.overlength,
@@ -305,6 +304,9 @@ def _run_method(
         "n_cached": n_cached,
         "n_prompts_truncated": n_truncated,
         "n_generations_cut": n_cut,
+        # what generated the rows, nulls resolved from the checkpoint (not a score column)
+        "decoding": {k: getattr(params, k) for k in ("do_sample", "temperature", "top_p",
+                                                     "max_new_tokens")},
         "seconds_fit": round(t_fit, 3),
         "seconds_prompts": round(t_prompts, 3),
         "seconds_steering_prep": round(t_steer, 3),

@@ -203,8 +203,9 @@ def check_run_config(cfg: "RunConfig") -> None:
     d, g, m = cfg.dataset, cfg.generation, cfg.model
     at_least("generation.batch_size", g.batch_size, 1)
     at_least("generation.max_new_tokens", g.max_new_tokens, 1, optional=True)
-    positive("generation.temperature", g.temperature)
-    in_range("generation.top_p", g.top_p, 0, 1, low_open=True)
+    positive("generation.temperature", g.temperature, optional=True)  # null: the checkpoint's
+    if g.top_p is not None:
+        in_range("generation.top_p", g.top_p, 0, 1, low_open=True)
     one_of("generation.overlength", g.overlength, ("error", "truncate"))
     at_least("dataset.max_new_tokens", d.max_new_tokens, 1)
     at_least("dataset.rag_k", d.rag_k, 0)

@@ -62,7 +62,8 @@ def test_a_methods_own_override_wins_over_the_command_line() -> None:
 
 
 @pytest.mark.parametrize("bad,match", [
-    ("methods=[{backbone: rag, overrides: {generation.batch_size: 2}}]", "must start with"),
+    ("methods=[{backbone: rag, overrides: {dataset.n_users: 2}}]", "must start with"),
+    ("methods=[{backbone: rag, overrides: {generation.postprocess: strip}}]", "whole run"),
     ("methods=[{backbone: rag, steering: nope}]", "no steering option .nope."),
     ("methods=[{backbone: rag},{backbone: rag}]", "duplicate method names"),
     ("methods=[{backbone: rag, steering: fine_grained, overrides: {steering.top_k: 2}}]", "top_k"),
@@ -71,6 +72,35 @@ def test_bad_method_lists_fail_at_start_up(bad: str, match: str) -> None:
     ov = ["+exp=demo", bad]
     with pytest.raises(ConfigError, match=match):
         resolve_methods(compose_run(ov), ov)
+
+
+def test_a_method_decodes_with_its_own_generation_settings_and_nulls_are_the_checkpoints(
+        tiny_overrides, tmp_path) -> None:
+    """Decoding per method (the authors sample their steered rows at T = 0.1 and leave the
+    unsteered ones to the checkpoint's generation config): a method's generation overrides
+    hold for it alone, and null takes the checkpoint's value."""
+    from fints_repro.generation import resolve_decoding
+    from fints_repro.models.loading import load_model
+
+    ov = ["+exp=demo", *tiny_overrides, "generation.do_sample=null", "generation.top_p=null",
+          "methods=[{backbone: zero_shot, overrides: {generation.temperature: null}},"
+          "{backbone: rag, overrides: {generation.temperature: 0.7, generation.max_new_tokens: 3}}]"]
+    m = _methods(ov)
+    assert m["zero_shot"].generation.temperature is None and m["rag"].generation.temperature == 0.7
+    assert m["rag"].generation.max_new_tokens == 3 and m["zero_shot"].generation.max_new_tokens is None
+    assert all(x.generation.do_sample is None for x in m.values())
+    model = load_model(compose_run(ov).model).model
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6
+    model.generation_config.top_p = 0.9
+    p = resolve_decoding(None, None, None, model, max_new_tokens=5, seed=1)
+    assert (p.do_sample, p.temperature, p.top_p, p.max_new_tokens) == (True, 0.6, 0.9, 5)
+    p = resolve_decoding(False, 0.1, None, model, max_new_tokens=5, seed=1)
+    assert (p.do_sample, p.temperature, p.top_p) == (False, 0.1, 0.9)
+    summary = run(ov, tmp_path / "run")  # the tiny model's checkpoint config: greedy, T = 1
+    assert summary["methods"]["zero_shot"]["decoding"] == {
+        "do_sample": False, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6}
+    assert summary["methods"]["rag"]["decoding"] == {
+        "do_sample": False, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 3}
 
 
 def test_methods_need_the_overrides_their_config_was_composed_with() -> None:
