@@ -71,6 +71,26 @@ class PwabDataConfig:
     # never a rejected side.
     search_threshold: float = 0.65
     review_threshold: float = 0.51
+    # Scoring as the benchmark's tools and the authors' calculate_reward do it (each a
+    # choice of ours by default; +exp=pwab sets theirs):
+    # - review_max_tokens: the review encoder reads this many tokens (null: the encoder's
+    #   own, 256 for MiniLM in sentence-transformers; the benchmark's tokenizer call: 512);
+    # - empty_review: the text an empty review is scored as (null: an empty review scores
+    #   0; the benchmark's add_product_review: "No review provided.");
+    # - sequence_as_string: a product_sequence given as a string is `bad_argument` (a
+    #   failed call: 0, 0) or `empty_results` (the benchmark's tool reads the string's
+    #   characters as ASINs, finds none and returns nothing: function accuracy 1, result 0);
+    # - hit: a search or recommendation result is the target when it is the target's
+    #   product (`asin`) or when its text contains the target's parent ASIN (`substring`,
+    #   the benchmark's `target_asin in observation[i]`);
+    # - pair_other_tools: a rejected call to another tool of the benchmark (stop,
+    #   get_product_details_by_asin), with the arguments it takes, is a wrong-tool pair
+    #   (the authors' data_collect_pwab.py); false: it gives no pair.
+    review_max_tokens: Optional[int] = None
+    empty_review: Optional[str] = None
+    sequence_as_string: str = "bad_argument"
+    hit: str = "asin"
+    pair_other_tools: bool = False
 
 
 @dataclass
@@ -101,6 +121,11 @@ class DatasetConfig:
     history_template: str = '"{output}" is the title for "{input}"'
     rag_prompt_template: str = "{history}.\n\n{input}"
     history_separator: str = ", and "
+    # The zero-shot backbone's prompt: {input} = the sample's input. When the input starts
+    # with zero_shot_keep_prefix ("" = never), the template's text before {input} is left
+    # out (the authors' `startswith('Generate')`).
+    zero_shot_template: str = "{input}"
+    zero_shot_keep_prefix: str = ""
     # How a history item's input is turned into the task's question (pairs, extraction).
     question_template: str = "{input}"
     # Retrieval query: the sample input with this prefix removed (the article alone), or,
@@ -121,6 +146,14 @@ class DatasetConfig:
     # User and history selection (README: Fidelity to the authors' code). `users`: these user ids only.
     users: Optional[list[str]] = None
     n_users: Optional[int] = None
+    # Which users n_users is drawn from: `eval_split` (ours: every user of dataset.split),
+    # `both_splits` (the authors' data_process/new_data_process.py: users with samples in
+    # dataset.train_split too, so every evaluated user has training samples to make pairs
+    # from) or `unseen` (their unseen_test: users of dataset.split outside the
+    # n_seen_users that both_splits draws with the same seed; null n_seen_users: outside
+    # every user of both splits, i.e. users with no training sample).
+    users_from: str = "eval_split"
+    n_seen_users: Optional[int] = None
     max_samples_per_user: Optional[int] = None
     history_fraction: float = 1.0
     time_split: bool = False
@@ -144,6 +177,10 @@ class DatasetConfig:
     # else this template.
     authors_question_template: str = "Generate a headline for the following article: {input}"
     authors_keep_prefix: str = "Generate"
+    # Their zero-shot prompt (models/ZeroShot.py), set by the paper presets as
+    # zero_shot_template; LaMP-4's repeats the input's own instruction and appends its
+    # closing line with no separator.
+    authors_zero_shot_template: str = "{input}"
     # Their pair generator prompt (form `python`): {input} = the item's task input,
     # {history} = the other users' items (raw inputs, untruncated).
     pair_prompt_template: str = (
@@ -320,7 +357,9 @@ class PairsConfig:
     batch_size: int = 8
     # The text the pair's answers are appended to for extraction and retrieval:
     # `task` = the item's own question (dataset.question_template); `generation_prompt` =
-    # the generator's prompt with the other users' items, as the authors' code stores it.
+    # the generator's prompt with the other users' items, as the authors' code stores it;
+    # `task_text` = the item's undecorated text (their PersonalWAB pairs: the bare task,
+    # without "USER <id>:" and a review's product block).
     question: str = "task"
     # The generator's prompt: `compact` = the other users' items (inputs cut to
     # dataset.history_max_words), a blank line, the item's question; `authors` = the
@@ -349,6 +388,11 @@ class CAAConfig:
 
     # Users with fewer pairs than this are left unsteered (1: every user with a pair).
     min_pairs: int = 1
+    # The authors' train.py creates its activation lists once, outside the loop over users:
+    # a user's vector is the mean over the pairs of every user processed so far (in the
+    # order users first appear in the training split; otherwise sorted), a user without
+    # pairs gets the earlier users' mean. false (ours): each user's own pairs.
+    across_users: bool = False
 
 
 @dataclass
@@ -361,6 +405,10 @@ class FineGrainedConfig:
     # The retriever (a `retriever` group option) that ranks a user's pairs for an input;
     # null = the run's. The authors rank with Contriever (mean pooling, dot product).
     retriever: Optional[str] = None
+    # The authors' PerSteer.py stores a user's vectors in a dict keyed by the pair's
+    # question: pairs with the same question (two attempts of one PersonalWAB task) share
+    # the vectors of the last of them. false (ours): each pair its own.
+    key_by_question: bool = False
 
 
 @dataclass
@@ -491,7 +539,7 @@ class EvalConfig:
     bootstrap: int = 1000
     # What a task reads of a generation (to parse, score, make a pair or a reward input):
     # its first this many characters. A generation of 1,024 new tokens is far shorter;
-    # the bound keeps every stage's time bounded on any text (README: Guarantees).
+    # the bound keeps every stage's time bounded on any text (docs/reliability.md).
     max_read_chars: int = 65536
 
 

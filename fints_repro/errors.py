@@ -48,3 +48,12 @@ class WriteError(FintsError):
     def __init__(self, message: str, *, path: str):
         super().__init__(message)
         self.path = path
+
+
+def hub_unavailable(repo: str, what: str, instead: str, cause: Exception) -> ConfigError:
+    """The error for a hub id that neither the local Hugging Face cache nor the hub gave
+    (offline, gated, misspelt): names ``what`` wanted it and what to do ``instead``."""
+    why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ConfigError(f"{what}: {repo!r} could not be loaded from the Hugging Face hub or its "
+                       f"local cache ({why}). Download it once where the hub is reachable "
+                       f"(huggingface-cli download {repo}), or {instead}")

@@ -37,7 +37,7 @@ from fints_repro.cache import (
 )
 from fints_repro.compose import Method, compose_group, resolve_methods
 from fints_repro.config import ModelConfig, RunConfig, SteeringConfig
-from fints_repro.data.load import load_samples
+from fints_repro.data.load import SplitReader, load_samples, whole_split
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
 from fints_repro.generation import generate_batches, resolve_decoding
@@ -66,8 +66,10 @@ class Resources:
     """Built on first use and shared by every method of a run: the retriever, and models
     other than the run's own (e.g. a separate pair generator)."""
 
-    def __init__(self, cfg: RunConfig, lm: LoadedModel, task: Task, overrides: Sequence[str] = ()):
+    def __init__(self, cfg: RunConfig, lm: LoadedModel, task: Task, overrides: Sequence[str] = (),
+                 reader: SplitReader | None = None):
         self.cfg, self.lm, self.task, self.overrides = cfg, lm, task, list(overrides)
+        self.reader = reader or SplitReader()
         self._retrievers: dict[str | None, Retriever] = {}
         self._models: dict[str, LoadedModel] = {}
         self._train_items: dict[str, list[HistoryItem]] | None = None
@@ -96,11 +98,9 @@ class Resources:
         and with ``dataset.train_items_with_profile`` its profile items too. Read once."""
         if self._train_items is None:
             d = self.cfg.dataset
-            whole = dataclasses.replace(d, split=d.train_split, users=None, n_users=None,
-                                        max_samples_per_user=None, history_fraction=1.0,
-                                        time_split=False)
             items: dict[str, dict[str, HistoryItem]] = {}
-            for s in load_samples(whole, seed=self.cfg.seed):
+            for s in load_samples(whole_split(d, d.train_split), seed=self.cfg.seed,
+                                  reader=self.reader):
                 mine = items.setdefault(s.user, {})
                 if s.target is not None:  # meta: the task behind the item (function calling)
                     mine.setdefault(s.id, HistoryItem(s.id, s.input, s.target, s.timestamp,
@@ -121,6 +121,36 @@ class Resources:
             layers_path=self.cfg.model.layers_path, progress=self.cfg.progress,
             pair_items=self.train_items, overlength=self.cfg.generation.overlength,
         )
+
+
+def check_pair_sources(cfg: RunConfig, methods: Sequence[Method], samples: Sequence[Sample],
+                       resources: Resources) -> None:
+    """Before any model time: methods that make pairs from the users' training-split
+    samples (``steering.pairs.source=train_samples``) need evaluated users who have some.
+    None at all is an error naming the splits and the counts (every steered row would
+    silently equal its backbone's); some without is a warning with the count."""
+    def makes_pairs(m: Method) -> bool:
+        return m.steering.name != "none" or m.backbone.name == "reward_model"
+
+    needing = [m.name for m in methods if makes_pairs(m) and m.steering.pairs.source == "train_samples"]
+    if not needing:
+        return
+    d = cfg.dataset
+    items = resources.train_items()
+    users = sorted({s.user for s in samples})
+    without = [u for u in users if not items.get(u)]
+    where = (f"of the {len(users)} evaluated users (split {d.split!r}), {len(without)} have no "
+             f"sample in the training split {d.train_split!r} "
+             f"({sum(map(len, items.values()))} items of {len(items)} users)")
+    if len(without) == len(users):
+        raise DataError(
+            f"{', '.join(needing)} make pairs from the users' training-split samples "
+            f"(steering.pairs.source=train_samples), and {where}: no pair can be made. A "
+            "user-based split keeps its users apart; use one whose users are in both (LaMP's "
+            "time-based split), dataset.users_from=both_splits, or steering.pairs.source=profile",
+            file=d.path)
+    if without:
+        log.warning("pairs: %s; they get no pairs (their steered rows equal the backbone's)", where)
 
 
 def with_task_system_prompt(lm: LoadedModel, system_prompt: str | None) -> LoadedModel:
@@ -367,24 +397,27 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
             if m.steering.name != "none":
                 check_layer(m.steering.layer, shape.n_layers)
     task = build_task(cfg.dataset, cfg.generation, cfg.eval, cfg.seed)
+    task.check_inputs()
 
     make_dir(run_dir, "run_dir")
     seed_everything(cfg.seed)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved), "the run's config")
 
-    samples = load_samples(cfg.dataset, seed=cfg.seed)
+    reader = SplitReader()
+    samples = load_samples(cfg.dataset, seed=cfg.seed, reader=reader)
     if not samples:
         raise DataError(f"dataset {cfg.dataset.name}: no samples left after user/history selection")
     n_users = len({s.user for s in samples})
     n_empty = sum(1 for s in samples if not s.history)
     log.info("%d samples of %d users (%d with an empty history)", len(samples), n_users, n_empty)
+    resources = Resources(cfg, None, task, overrides or (), reader)  # type: ignore[arg-type]
+    check_pair_sources(cfg, methods, samples, resources)
 
     t0 = time.time()
     lm = with_task_system_prompt(load_model(cfg.model, cfg.cache_dir), cfg.dataset.system_prompt)
     log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
-
-    resources = Resources(cfg, lm, task, overrides or ())
+    resources.lm = lm
     results: dict[str, dict[str, Any]] = {}
     with open_tracker(cfg.logger, run_dir=run_dir, config=resolved,
                       name=f"{cfg.dataset.name}-{cfg.model.name}") as tracker:

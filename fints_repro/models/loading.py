@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from fints_repro.cache import content_hash, lock_for, make_dir, remove_temporaries
 from fints_repro.config import ModelConfig
 from fints_repro.models.cpu import tune_malloc
-from fints_repro.errors import CacheError, ConfigError
+from fints_repro.errors import CacheError, ConfigError, hub_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +316,14 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     else:
         src, fp = resolve_weights(cfg, cache_dir)
         kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        try:
+            tok = AutoTokenizer.from_pretrained(src, **kw)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        except OSError as e:
+            if cfg.source != "hub":
+                raise
+            raise hub_unavailable(src, f"model {cfg.name}", "name a local copy (model.source="
+                                  "local model.id=/path/to/model)", e) from e
     model.to(device=device, dtype=dtype).eval()
     if device.type == "cpu" and cfg.cpu_tune_malloc:
         tune_malloc()

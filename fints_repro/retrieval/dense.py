@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fints_repro.config import RetrieverConfig
-from fints_repro.errors import ConfigError
+from fints_repro.errors import ConfigError, hub_unavailable
 from fints_repro.retrieval.base import Ranking, group_by_docs
 
 
@@ -34,16 +34,22 @@ def resolve_sentence_model(spec: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load(path: str, pooling: str):
+def _load(path: str, pooling: str, max_seq_length: int | None = None):
+    """A sentence-transformers model (one per process and setting); ``max_seq_length``:
+    the tokens it reads (None: the model's own)."""
     from sentence_transformers import SentenceTransformer, models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if (Path(path) / "modules.json").exists():
-        return SentenceTransformer(path, device=device)
-    word = models.Transformer(path)
-    dim = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
-    pool = models.Pooling(dim(), pooling_mode=pooling)
-    return SentenceTransformer(modules=[word, pool], device=device)
+        model = SentenceTransformer(path, device=device)
+    else:
+        word = models.Transformer(path)
+        dim = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
+        pool = models.Pooling(dim(), pooling_mode=pooling)
+        model = SentenceTransformer(modules=[word, pool], device=device)
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    return model
 
 
 class DenseRetriever:
@@ -55,10 +61,22 @@ class DenseRetriever:
         self.path = resolve_sentence_model(cfg.model)
         self._memo: dict[str, np.ndarray] = {}
 
+    def model(self):
+        """The sentence-transformers model (loaded once per process); a hub id that cannot
+        be loaded is a ConfigError naming it and the offline choices."""
+        try:
+            return _load(self.path, self.cfg.pooling)
+        except OSError as e:
+            if Path(self.path).is_dir():
+                raise
+            raise hub_unavailable(self.path, f"retriever {self.name}", "name a local copy "
+                                  "(retriever.model=/path/to/model), or retrieve offline with "
+                                  "retriever=bm25 or retriever=minilm", e) from e
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if todo:
-            model = _load(self.path, self.cfg.pooling)
+            model = self.model()
             vecs = model.encode(
                 todo,
                 batch_size=self.cfg.batch_size,

@@ -27,7 +27,9 @@ a rerun generates nothing and a killed run resumes with the missing prompts only
 from __future__ import annotations
 
 import logging
+import math
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUESTION_MODES = ("task", "generation_prompt")
+QUESTION_MODES = ("task", "generation_prompt", "task_text")
 PROMPT_LAYOUTS = ("compact", "authors")
 ROUGE_IMPLS = ("rouge_score", "rouge")
 SOURCES = ("profile", "train_samples")
@@ -64,6 +66,21 @@ class Pair:
     rejected: str  # the generator's output
     score: float  # what the task judged the pair by (text: ROUGE-L F(rejected, chosen))
     attempt: int
+
+
+class UserPairs(dict):
+    """``{user: [Pair, ...]}`` with what the attempts came to: ``attempts[user]`` (the
+    generator prompts made for the user's items), and ``outcomes`` over all users:
+    ``kept``, ``no_answer`` (the generation held no answer: empty, or no match of
+    ``dataset.pair_answer_regex`` in the authors' layout), ``filtered`` (the task's
+    criterion turned it down: ROUGE-L at or above the threshold; a right call scoring
+    above the thresholds) and ``unscorable`` (the criterion could not score it: the
+    `rouge` package's failures)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attempts: dict[str, int] = {u: 0 for u in self}
+        self.outcomes: Counter = Counter()
 
 
 @dataclass(frozen=True)
@@ -255,7 +272,9 @@ def build_pairs(
         task = build_task(dataset, GenerationConfig(), EvalConfig(), seed)
     plan = _plan_attempts(history, users, k, cfg.attempts, seed, layout, task,
                           task.pair_pool(history))
-    out: dict[str, list[Pair]] = {u: [] for u in users}
+    out = UserPairs({u: [] for u in users})
+    for p in plan:
+        out.attempts[p.user] += 1
     if not plan:
         return out
 
@@ -290,19 +309,33 @@ def build_pairs(
     if n_cut:
         log.warning("pairs: %d generation(s) are longer than eval.max_read_chars=%d characters: "
                     "only their start is read", n_cut, cap)
-    kept = []
+    answered = []
     for p in plan:
         rejected = task.pair_answer(generation[p.prompt], layout)
         if rejected.strip():
-            kept.append((p, rejected))
-    verdicts = task.accept_pairs([(p.item.output, r, p.item) for p, r in kept], cfg)
-    for (p, rejected), verdict in zip(kept, verdicts):
+            answered.append((p, rejected))
+        else:
+            out.outcomes["no_answer"] += 1
+    verdicts = task.accept_pairs([(p.item.output, r, p.item) for p, r in answered], cfg)
+    for (p, rejected), verdict in zip(answered, verdicts):
         if verdict.keep:
-            question = (item_question(p.item, dataset, layout)
-                        if cfg.question == "task" else p.prompt)
+            question = {"task": lambda: item_question(p.item, dataset, layout),
+                        "task_text": lambda: task.task_text(p.item),
+                        "generation_prompt": lambda: p.prompt}[cfg.question]()
             chosen, rejected = task.pair_sides(p.item.output, rejected, cfg)
             out[p.user].append(Pair(p.user, p.item.id, question, chosen, rejected,
                                     verdict.score, p.attempt))
+            out.outcomes["kept"] += 1
+        else:
+            out.outcomes["unscorable" if math.isnan(verdict.score) else "filtered"] += 1
+    if not out.outcomes["kept"]:
+        log.warning("pairs: none of the %d attempts gave a pair: %d generation(s) held no answer "
+                    "(%s), the task's criterion turned %d down (text: ROUGE-L against the "
+                    "user's output at or above dataset.pair_rouge_threshold), %d could not be "
+                    "scored", len(plan), out.outcomes["no_answer"],
+                    f"no match of dataset.pair_answer_regex={dataset.pair_answer_regex!r}"
+                    if layout == "authors" and dataset.pair_answer_regex else "empty",
+                    out.outcomes["filtered"], out.outcomes["unscorable"])
     return out
 
 
@@ -316,3 +349,13 @@ def pair_stats(pairs: dict[str, list[Pair]]) -> dict[str, Any]:
         "n_users_without_pairs": sum(1 for ps in pairs.values() if not ps),
         "mean_score": sum(scores) / len(scores) if scores else None,
     }
+
+
+def attempt_stats(pairs: dict[str, list[Pair]]) -> dict[str, Any]:
+    """What metrics.json says of the pair attempts (``UserPairs``): per user the attempts
+    and the pairs kept, and the outcomes over all users."""
+    attempts = getattr(pairs, "attempts", {})
+    return {"pair_attempts": sum(attempts.values()),
+            "pair_attempts_per_user": dict(sorted(attempts.items())),
+            "pairs_per_user": {u: len(ps) for u, ps in sorted(pairs.items())},
+            "pair_outcomes": dict(getattr(pairs, "outcomes", {}))}

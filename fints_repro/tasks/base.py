@@ -63,6 +63,10 @@ class Task:
         self.dataset, self.generation, self.evaluation = dataset, generation, evaluation
         self.seed = seed
 
+    def check_inputs(self) -> None:
+        """Before any model time: the files the task itself needs beyond the dataset (a
+        ConfigError naming a missing one)."""
+
     # ---- prompt pieces -------------------------------------------------------------
     def question(self, item_input: str) -> str:
         """The task question a history item's input becomes (pairs, extraction)."""
@@ -148,6 +152,10 @@ class Task:
         from fints_repro.steering.pairs import extract_answer
 
         return extract_answer(self.read(generation), self.dataset, layout)
+
+    def task_text(self, item: HistoryItem) -> str:
+        """An item's own text, undecorated (``steering.pairs.question=task_text``)."""
+        return item.input
 
     def pair_sides(self, chosen: str, rejected: str, pairs: PairsConfig | None = None
                    ) -> tuple[str, str]:

@@ -32,6 +32,7 @@ import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -72,7 +73,13 @@ def _json_objects(text: str):
     yield from scan.objects()
 
 
-def parse_call(text: str, mode: str = "lenient") -> dict[str, Any]:
+# The benchmark's other tools (pwab/functions): what a rejected call to them may carry
+# (dataset.pwab.pair_other_tools).
+OTHER_TOOLS = {"stop": (), "get_product_details_by_asin": ("product_asin",)}
+
+
+def parse_call(text: str, mode: str = "lenient", other_tools: bool = False,
+               sequence_as_string: str = "bad_argument") -> dict[str, Any]:
     """``{"name", "arguments"}`` of the generation's tool call, or ``{"error": kind}``
     (kind in ``ERROR_KINDS``; ``name`` kept where one was found).
 
@@ -80,6 +87,11 @@ def parse_call(text: str, mode: str = "lenient") -> dict[str, Any]:
     ``"tool_call"`` wrapper, also inside code fences or with text around it. ``strict``
     (the authors' evaluation): ``json.loads`` of the whole generation, stripped, must give
     ``{"tool_call": {"name": ..., "arguments": {...}}}``.
+
+    ``other_tools``: a call to one of ``OTHER_TOOLS`` with the arguments it takes is a call
+    (a pair's wrong-tool rejected side); ``sequence_as_string="empty_results"``: a
+    ``product_sequence`` given as a string is kept as it is (the benchmark's tool reads
+    its characters and finds no product; ``execute`` scores it so).
 
     Any text is read, in time linear in its length: objects nested deeper than
     ``json_scan.MAX_DEPTH`` levels are not read, and strings in the call are valid Unicode
@@ -95,6 +107,9 @@ def parse_call(text: str, mode: str = "lenient") -> dict[str, Any]:
     if call is None:
         return {"error": "unparseable"}
     name, args = valid_unicode(call["name"]), call.get("arguments", {})
+    if other_tools and name in OTHER_TOOLS and isinstance(args, dict) and set(args) == set(
+            OTHER_TOOLS[name]) and all(isinstance(v, str) for v in args.values()):
+        return {"name": name, "arguments": {k: valid_unicode(v) for k, v in args.items()}}
     if name not in ARGUMENT_OF_TOOL:
         return {"error": "unknown_tool", "name": name}
     if not isinstance(args, dict):
@@ -104,6 +119,9 @@ def parse_call(text: str, mode: str = "lenient") -> dict[str, Any]:
         return {"error": "missing_argument", "name": name}
     value = args[key]
     ok = isinstance(value, kind) and (kind is not list or all(isinstance(v, str) for v in value))
+    if (not ok and kind is list and isinstance(value, str)
+            and sequence_as_string == "empty_results" and set(args) == {key}):
+        return {"name": name, "arguments": {key: valid_unicode(value)}}
     if not ok:
         return {"error": "bad_argument_type", "name": name}
     if set(args) != {key}:
@@ -191,24 +209,41 @@ class ToolEnvironment:
         return [self.recommender.recommend(list(s)[-n:], self.cfg.recommend_k) for s in sequences]
 
     @functools.cached_property
+    def result_texts(self) -> dict[str, str] | None:
+        """ASIN -> the product's text, where a hit is the target's ASIN in a result's text
+        (``hit=substring``); None where a hit is the target product itself."""
+        return dict(zip(self.asins, self.texts)) if self.cfg.hit == "substring" else None
+
+    @functools.cached_property
     def _encoder(self):
         from fints_repro.retrieval.dense import _load, resolve_sentence_model
 
-        return _load(resolve_sentence_model(self.cfg.review_encoder), "mean")
+        return _load(resolve_sentence_model(self.cfg.review_encoder), "mean",
+                     self.cfg.review_max_tokens)
 
     def review_similarity(self, written: Sequence[str], gold: Sequence[str]) -> list[float]:
+        """Cosine of the normalised embeddings of each written and gold review; an empty
+        written review scores 0, or is scored as the text ``empty_review`` (the benchmark's
+        tool returns "No review provided." for it)."""
         if not written:
             return []
-        vecs = self._encoder.encode(list(written) + list(gold), normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)
+        placeholder = self.cfg.empty_review
+        texts = [valid_unicode(w if w or placeholder is None else placeholder) for w in written]
+        empty = [placeholder is None and not w.strip() for w in written]
+        vecs = self._encoder.encode(texts + [valid_unicode(g) for g in gold],
+                                    normalize_embeddings=True, convert_to_numpy=True,
+                                    show_progress_bar=False)
         a, b = vecs[: len(written)], vecs[len(written):]
-        return [float(x) for x in np.sum(a * b, axis=1)]
+        return [0.0 if e else float(x) for e, x in zip(empty, np.sum(a * b, axis=1))]
 
 
-def rank_score(results: Sequence[str], target: str) -> float:
-    """``1 - i / len(results)`` for the first result i that is ``target``, else 0."""
+def rank_score(results: Sequence[str], target: str,
+               text_of: Mapping[str, str] | None = None) -> float:
+    """``1 - i / len(results)`` for the first result i that is ``target``, else 0; with
+    ``text_of`` (ASIN -> the product's text, as the benchmark's tools return it), for the
+    first result whose text contains ``target`` (its ``target_asin in observation[i]``)."""
     for i, asin in enumerate(results):
-        if asin == target:
+        if asin == target if text_of is None else target in text_of[asin]:
             return 1.0 - i / len(results)
     return 0.0
 
@@ -232,12 +267,16 @@ def execute(env: ToolEnvironment, calls: Sequence[Mapping[str, Any]], types: Seq
             out[i] = Execution(0.0, 0.0, "wrong_tool")
         else:
             by_tool[c["name"]].append(i)
+    text_of = env.result_texts
     rows = by_tool["search_product_by_query"]
     for i, res in zip(rows, env.search([calls[i]["arguments"]["query"] for i in rows])):
-        out[i] = Execution(1.0, rank_score(res, target_asins[i]), None)
+        out[i] = Execution(1.0, rank_score(res, target_asins[i], text_of), None)
     rows = by_tool["get_recommendations_by_history"]
-    for i, res in zip(rows, env.recommend([calls[i]["arguments"]["product_sequence"] for i in rows])):
-        out[i] = Execution(1.0, rank_score(res, target_asins[i]), None)
+    # a sequence given as a string (sequence_as_string=empty_results): no product found
+    sequences = [calls[i]["arguments"]["product_sequence"] for i in rows]
+    sequences = [[] if isinstance(seq, str) else seq for seq in sequences]
+    for i, res in zip(rows, env.recommend(sequences)):
+        out[i] = Execution(1.0, rank_score(res, target_asins[i], text_of), None)
     rows = by_tool["add_product_review"]
     sims = env.review_similarity([calls[i]["arguments"]["review"] for i in rows],
                                  [target_reviews[i] for i in rows])
@@ -257,6 +296,20 @@ class FunctionCallingTask(Task):
     # (history items are product -> review texts, not calls)
     lora_train_on = "train_samples"
 
+    def check_inputs(self) -> None:
+        w = self.dataset.pwab
+        if w.recommender != "sasrec":
+            return
+        for key in ("sasrec_checkpoint", "sasrec_item_ids"):
+            path = getattr(w, key)
+            if not path or not Path(path).is_file():
+                raise ConfigError(
+                    f"dataset.pwab.recommender=sasrec needs dataset.pwab.{key}, and {path!r} is "
+                    "not a file. The benchmark ships them as PersonalWAB/envs/pwab/functions/"
+                    "recommender/checkpoint/pwab.pth and recommender/data/1000_ids.json; without "
+                    "them, dataset.pwab.recommender=cooccurrence (ours) recommends from the users' "
+                    "training histories")
+
     @functools.cached_property
     def environment(self) -> ToolEnvironment:
         from fints_repro.data.load import pwab_files
@@ -265,7 +318,8 @@ class FunctionCallingTask(Task):
         return ToolEnvironment(files.products, files.history, self.dataset.pwab)
 
     def parse(self, generation: str) -> dict[str, Any]:
-        return parse_call(self.read(generation), self.dataset.pwab.parse)
+        w = self.dataset.pwab
+        return parse_call(self.read(generation), w.parse, sequence_as_string=w.sequence_as_string)
 
     def reward_text(self, generation: str) -> str:
         """A parseable call in the pairs' serialisation (``call_json``); anything else as
@@ -320,14 +374,21 @@ class FunctionCallingTask(Task):
         return render_with_history(self.dataset, item.input, others)
 
     def pair_answer(self, generation: str, layout: str) -> str:
-        call = parse_call(self.read(generation), "lenient")
+        w = self.dataset.pwab
+        call = parse_call(self.read(generation), "lenient", other_tools=w.pair_other_tools,
+                          sequence_as_string=w.sequence_as_string)
         return "" if "error" in call else call_json(call["name"], call["arguments"])
+
+    def task_text(self, item: HistoryItem) -> str:
+        """The bare task text of a training task (the authors' pair question)."""
+        return self._task_of(item).meta.get("task", item.input)
 
     def accept_pairs(self, triples: Sequence[tuple[str, str, HistoryItem]],
                      pairs: PairsConfig | None = None) -> list[PairVerdict]:
         w = self.dataset.pwab
         tasks = [self._task_of(item) for _, _, item in triples]
-        calls = [parse_call(r, "lenient") for _, r, _ in triples]
+        calls = [parse_call(r, "lenient", other_tools=w.pair_other_tools,
+                            sequence_as_string=w.sequence_as_string) for _, r, _ in triples]
         ex = execute(self.environment, calls, [s.type for s in tasks],
                      [s.meta["target_asin"] for s in tasks],
                      [s.meta.get("target_review", "") for s in tasks])
@@ -345,6 +406,10 @@ class FunctionCallingTask(Task):
 
     def pair_sides(self, chosen: str, rejected: str, pairs: PairsConfig | None = None
                    ) -> tuple[str, str]:
+        """``call_serialisation=authors``: chosen as the bare call and rejected with the
+        wrapper, both by ``json.dumps`` with its defaults (``ensure_ascii=True``), as the
+        authors' train.py writes them."""
         if pairs is not None and pairs.call_serialisation == "authors":
-            chosen = json.dumps(json.loads(chosen)["tool_call"], ensure_ascii=False)
+            chosen = json.dumps(json.loads(chosen)["tool_call"])
+            rejected = json.dumps(json.loads(rejected))
         return chosen, rejected

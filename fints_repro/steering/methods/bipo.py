@@ -36,7 +36,7 @@ from fints_repro.steering.hooks import steer
 from fints_repro.steering.extract import answer_weights, pad_batch
 from fints_repro.steering.logprob import packed, sequence_logprobs
 from fints_repro.steering.methods.common import strength, user_pairs, validate
-from fints_repro.steering.pairs import Pair
+from fints_repro.steering.pairs import Pair, attempt_stats
 from fints_repro.steering.sites import hidden_size
 from fints_repro.steering.store import load_vectors, save_vectors
 
@@ -164,6 +164,7 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
     curve = [sum(c[t] for c in curves.values() if t < len(c)) / sum(1 for c in curves.values() if t < len(c))
              for t in range(n)]
     stats = {"layer": layer, "n_pairs": sum(len(ps) for ps in groups.values()),
+             **attempt_stats(by_user),
              "n_vectors": len(vectors), "n_samples_steered": int(sum(steered)),
              "n_samples_unsteered": int(len(steered) - sum(steered)),
              "bipo_loss_first": curve[0] if curve else None,

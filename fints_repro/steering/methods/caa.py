@@ -1,6 +1,12 @@
 """CAA-style user-level steering: one vector per user and site, the mean of the user's pair
 vectors, times the site's strength (alpha attn, beta mlp, gamma resid). A user with fewer
-than ``steering.caa.min_pairs`` pairs is left unsteered."""
+than ``steering.caa.min_pairs`` pairs is left unsteered.
+
+``steering.caa.across_users`` reproduces the authors' ``train.py``, whose activation lists
+are created once, outside the loop over users: a user's vector is the mean over the pairs
+of every user processed up to and including them, users taken in the order they first
+appear in the training split (the order of the authors' pair file; sorted ids when pairs
+come from the profile items)."""
 
 from __future__ import annotations
 
@@ -21,17 +27,34 @@ def caa(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
         inputs: SteeringInputs, pv: PairVectors | None = None) -> SteeringPlan:
     """``pv``: pairs and pair vectors made elsewhere (SteerX); None: made here."""
     pv = pv if pv is not None else prepare(cfg, lm, samples, inputs)
-    enough = {u for u, r in pv.rows.items() if r and len(r) >= cfg.caa.min_pairs}
+    rows = pv.rows
+    if cfg.caa.across_users:
+        rows, seen = {}, []
+        for u in user_order(cfg, samples, inputs):
+            seen = seen + pv.rows.get(u, [])
+            rows[u] = seen
+    enough = {u for u, r in rows.items() if r and len(r) >= cfg.caa.min_pairs}
     steered = [s.user in enough for s in samples]
     H = hidden_size(lm.model)
     vectors = {}
     for site in cfg.sites:
         out = torch.zeros((len(samples), H), dtype=torch.float32)
-        user_mean = {u: pv.vectors[site][pv.rows[u]].mean(0) for u in enough}
+        user_mean = {u: pv.vectors[site][rows[u]].mean(0) for u in enough}
         for i, s in enumerate(samples):
             if s.user in user_mean:
                 out[i] = strength(cfg, site) * user_mean[s.user]
         vectors[(pv.layer, site)] = out
-    info = [{"n_pairs": len(pv.rows.get(s.user, []))} for s in samples]
+    info = [{"n_pairs": len(rows.get(s.user, []))} for s in samples]
     return SteeringPlan(vectors, steered, cfg.positions, inputs.layers_path,
                         plan_stats(pv, steered), info)
+
+
+def user_order(cfg: SteeringConfig, samples: Sequence[Sample], inputs: SteeringInputs) -> list[str]:
+    """The run's users in the order the authors' ``train.py`` meets them: as they first
+    appear in the training split (``steering.pairs.source=train_samples``), then the rest
+    sorted."""
+    users = {s.user for s in samples}
+    first = []
+    if cfg.pairs.source == "train_samples" and inputs.pair_items:
+        first = [u for u in inputs.pair_items() if u in users]
+    return first + sorted(users - set(first))

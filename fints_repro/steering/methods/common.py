@@ -4,7 +4,7 @@ load) the contrastive pairs, extract (or load) one vector per pair at the steere
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -14,7 +14,7 @@ from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import SteeringInputs
 from fints_repro.steering.extract import pair_vectors
-from fints_repro.steering.pairs import Pair, build_pairs, pair_stats
+from fints_repro.steering.pairs import Pair, attempt_stats, build_pairs, pair_stats
 from fints_repro.steering.sites import decoder_layers, default_layer
 from fints_repro.validate import check_layer, check_steering
 
@@ -40,6 +40,7 @@ class PairVectors:
     pairs: list[Pair]  # all users' pairs, grouped by user
     rows: dict[str, list[int]]  # user -> indices into pairs / vectors
     vectors: dict[str, torch.Tensor]  # site -> [len(pairs), H]
+    attempts: dict = field(default_factory=dict)  # pairs.attempt_stats of the pairs
 
 
 def user_pairs(cfg: SteeringConfig, samples: Sequence[Sample],
@@ -79,7 +80,7 @@ def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                            overlength=inputs.overlength,
                            chosen_weights=chosen_weights(pairs) if chosen_weights and pairs else None,
                            **extraction_context(inputs, pairs))
-    return PairVectors(layer, pairs, rows, vectors)
+    return PairVectors(layer, pairs, rows, vectors, attempt_stats(by_user))
 
 
 def extraction_context(inputs: SteeringInputs, pairs: Sequence[Pair]) -> dict:
@@ -95,4 +96,4 @@ def plan_stats(pv: PairVectors, steered: Sequence[bool]) -> dict:
     return {"layer": pv.layer, "n_pairs": len(pv.pairs),
             "n_users_with_pairs": sum(1 for r in pv.rows.values() if r),
             "n_samples_steered": int(sum(steered)),
-            "n_samples_unsteered": int(len(steered) - sum(steered))}
+            "n_samples_unsteered": int(len(steered) - sum(steered)), **pv.attempts}

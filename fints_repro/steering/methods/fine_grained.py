@@ -6,6 +6,8 @@ input without its instruction prefix; documents = question + chosen), combined w
 weights (``mean``) or ``softmax(score / tau)``; then ``alpha * v_attn`` is added to the
 attention output and ``beta * v_mlp`` to the MLP output of the same layer ("pulse and
 re-pulse"), at every position. K larger than a user's pairs is clipped (logged).
+``steering.fine_grained.key_by_question`` (the authors' PerSteer.py keeps a user's vectors in
+a dict keyed by question): pairs with the same question steer with the last one's vectors.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ def pair_weights(scores: Sequence[float], aggregate: str, tau: float) -> torch.T
     return torch.softmax(s / tau, dim=0)
 
 
+def vector_rows(pv: PairVectors, key_by_question: bool) -> list[int]:
+    """For each pair, the row of the vectors it is steered with: its own, or, keyed by
+    question (the authors' dict), the last pair of its user with the same question."""
+    rows = list(range(len(pv.pairs)))
+    if key_by_question:
+        for user_rows in pv.rows.values():
+            last = {pv.pairs[j].question: j for j in user_rows}
+            for j in user_rows:
+                rows[j] = last[pv.pairs[j].question]
+    return rows
+
+
 @STEERING.register("fine_grained")
 def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                  inputs: SteeringInputs, pv: PairVectors | None = None) -> SteeringPlan:
@@ -53,12 +67,14 @@ def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
     H = hidden_size(lm.model)
     vectors = {(pv.layer, s): torch.zeros((len(samples), H)) for s in cfg.sites}
     info: list[dict] = [{"pairs": [], "weights": []} for _ in samples]
+    source = vector_rows(pv, own.key_by_question)
     for i, ranking in zip(rows, rankings):
         user_rows = pv.rows[samples[i].user]
         picked = [user_rows[j] for j, _ in ranking]
         w = pair_weights([score for _, score in ranking], own.aggregate, own.tau).to(torch.float32)
         for site in cfg.sites:
-            vectors[(pv.layer, site)][i] = strength(cfg, site) * (w @ pv.vectors[site][picked])
+            vectors[(pv.layer, site)][i] = strength(cfg, site) * (
+                w @ pv.vectors[site][[source[j] for j in picked]])
         info[i] = {"pairs": [f"{pv.pairs[j].item_id}#{pv.pairs[j].attempt}" for j in picked],
                    "weights": [round(float(x), 6) for x in w]}
     steered = [bool(pv.rows.get(s.user)) for s in samples]
