@@ -420,12 +420,21 @@ class BiPOConfig:
     scope: str = "user"  # user: one vector per user from their pairs; all: one for every pair
     beta: float = 0.1
     lr: float = 5e-4
-    weight_decay: float = 0.05
+    # Their train.py declares weight_decay=0.05 but never passes it to the trainer, whose
+    # default (0.0) is what runs.
+    weight_decay: float = 0.0
     batch_size: int = 4
     # The BiPO code trains 5-20 epochs over thousands of pairs; a demo user has 10-14
     # pairs, so 20 epochs are 20 * ceil(pairs / 4) = 60-80 steps.
     epochs: int = 20
     max_steps: Optional[int] = None
+    # Their trainer's schedule (bipo_trainer.py, train.py, transformers' Trainer): the EOS
+    # token appended to both answers (its log-probability in the loss), a linear warm-up
+    # over the first warmup_steps steps of the cosine schedule, and the gradient's norm
+    # clipped at max_grad_norm (null: no clipping).
+    append_eos: bool = True
+    warmup_steps: int = 100
+    max_grad_norm: Optional[float] = 1.0
 
 
 @dataclass

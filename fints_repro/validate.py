@@ -101,6 +101,8 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     at_least(f"{prefix}.bipo.batch_size", b.batch_size, 1)
     at_least(f"{prefix}.bipo.epochs", b.epochs, 1)
     at_least(f"{prefix}.bipo.max_steps", b.max_steps, 1, optional=True)
+    at_least(f"{prefix}.bipo.warmup_steps", b.warmup_steps, 0)
+    positive(f"{prefix}.bipo.max_grad_norm", b.max_grad_norm, optional=True)
     x = s.steerx
     one_of(f"{prefix}.steerx.backbone", x.backbone, ("caa", "bipo", "fine_grained"))
     one_of(f"{prefix}.steerx.effect", x.effect, ("logprob", "prob"))

@@ -94,6 +94,72 @@ def test_loss_and_gradient_equal_a_hand_written_reference(lm) -> None:
     assert all(p.grad is None for p in model.parameters())  # the model stays frozen
 
 
+def test_with_eos_the_loss_is_their_formula_over_the_answer_and_its_eos(lm) -> None:
+    """Their trainer appends the EOS to both answers: the loss, recomputed by hand with
+    log p(EOS | question, answer) added to each side, is the batched one to float
+    precision, and train_vector's first loss (the vector still zero: log 2) runs on it."""
+    from fints_repro.steering.methods.bipo import with_eos
+
+    model, tok, layer, beta, d = lm.model, lm.tokenizer, 1, 0.1, -1.0
+    torch.manual_seed(1)
+    v = (0.5 * torch.randn(model.config.hidden_size)).requires_grad_(True)
+    pad, rows = tok.pad_token_id, [0, 1, 2]
+    w = with_eos(packed(lm, [p.question for p in PAIRS], [p.chosen for p in PAIRS]), tok)
+    lo = with_eos(packed(lm, [p.question for p in PAIRS], [p.rejected for p in PAIRS]), tok)
+    assert all(ids[-1] == tok.eos_token_id for ids, _ in w + lo)
+    assert with_eos(w, tok) == w  # an answer that ends with the EOS gets no second one
+    loss = bipo_loss(model, layer, v, d, beta, pad_batch(w, rows, pad), pad_batch(lo, rows, pad),
+                     _reference(model, w, pad, 2), _reference(model, lo, pad, 2))
+
+    def logp(q, a, hook=None):
+        q_ids = tok(q)["input_ids"]
+        a_ids = tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        h = decoder_layers(model)[layer].register_forward_hook(hook) if hook else None
+        try:
+            lp = torch.log_softmax(model(input_ids=torch.tensor([q_ids + a_ids])).logits[0].float(), -1)
+        finally:
+            if h:
+                h.remove()
+        return sum(lp[len(q_ids) + j - 1, t] for j, t in enumerate(a_ids))
+
+    def add(mod, args, out):
+        return (out[0] + d * v,) + tuple(out[1:]) if isinstance(out, tuple) else out + d * v
+
+    terms = []
+    for p in PAIRS:
+        with torch.no_grad():
+            rw, rl = logp(p.question, p.chosen), logp(p.question, p.rejected)
+        pw, pl = logp(p.question, p.chosen, add), logp(p.question, p.rejected, add)
+        terms.append(-torch.nn.functional.logsigmoid(d * beta * ((pw - rw) - (pl - rl))))
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), abs=1e-6)
+
+
+def test_the_schedule_warms_up_and_clips_as_their_trainer(lm, monkeypatch) -> None:
+    """Each step's learning rate is lr * step / warmup_steps during the warm-up (0 at the
+    first step, as transformers' scheduler starts), and the gradient reaching AdamW has a
+    norm of at most max_grad_norm; without them, the cosine from lr and the raw gradient."""
+    seen: list[tuple[float, float]] = []
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        [g] = self.param_groups
+        seen.append((g["lr"], g["params"][0].grad.norm().item()))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = BiPOConfig(lr=0.01, batch_size=2, beta=50.0, max_steps=4)  # beta 50: large gradients
+    train_vector(lm, PAIRS, 1, cfg, seed=0)
+    assert [lr for lr, _ in seen] == pytest.approx([0.01 * s / 100 for s in range(4)])
+    assert all(norm <= 1.0 + 1e-6 for _, norm in seen)
+    seen.clear()
+    train_vector(lm, PAIRS, 1, BiPOConfig(lr=0.01, batch_size=2, beta=50.0, max_steps=4,
+                                          warmup_steps=0, max_grad_norm=None), seed=0)
+    import math
+    assert [lr for lr, _ in seen] == pytest.approx(
+        [0.01 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    assert max(norm for _, norm in seen) > 1.0  # what the clipping held back
+
+
 def test_training_raises_the_chosen_markers_log_probability(lm) -> None:
     """Pairs whose chosen side carries a marker: the trained vector, added, makes the
     marked answers likelier relative to the unmarked ones than without it."""
@@ -102,7 +168,8 @@ def test_training_raises_the_chosen_markers_log_probability(lm) -> None:
     texts = ["rain again today", "markets fall", "cup glory", "new phone out", "city votes",
              "storm warning", "art show opens", "bus fares rise"]
     pairs = [Pair("u", str(i), f"Headline {i}:", f"ZQX {t}", t, 0.0, 0) for i, t in enumerate(texts)]
-    v, losses = train_vector(lm, pairs, 1, BiPOConfig(lr=0.05, epochs=8, batch_size=4, beta=0.5), seed=0)
+    v, losses = train_vector(lm, pairs, 1, BiPOConfig(lr=0.05, epochs=8, batch_size=4, beta=0.5,
+                                                      warmup_steps=0), seed=0)
     assert len(losses) == 16 and losses[-1] < losses[0]
     qs = [p.question for p in pairs]
     w = packed(lm, qs, [p.chosen for p in pairs])
@@ -155,6 +222,8 @@ def test_bipo_runs_through_the_pipeline_and_caches_its_vectors(tiny_overrides, t
     ("steering.bipo.max_steps=0", "steering.bipo.max_steps"),
     ("steering.bipo.scope=group", "steering.bipo.scope"),
     ("steering.bipo.lr=-1", "steering.bipo.lr"),
+    ("steering.bipo.warmup_steps=-1", "steering.bipo.warmup_steps"),
+    ("steering.bipo.max_grad_norm=0", "steering.bipo.max_grad_norm"),
 ])
 def test_bad_bipo_settings_fail_at_start_naming_the_key(override, key) -> None:
     assert_config_error(["steering=bipo", override], key)

@@ -64,6 +64,7 @@ def test_the_text_presets_compose_with_the_authors_choices(preset: str) -> None:
     # greedy stays one override away, for every method
     assert all(x.generation.do_sample is False
                for x in _methods([*ov, "generation.do_sample=false"]).values())
+    assert compose_run([*ov, "steering=bipo"]).steering.bipo.warmup_steps == 100
 
 
 def test_the_personalwab_preset_composes_with_the_benchmarks_scoring() -> None:

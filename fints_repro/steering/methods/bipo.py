@@ -7,10 +7,12 @@ Each step draws one direction d in {-1, +1} for the batch and minimises
     -log sigmoid(d * beta * [(log p_{+dv}(y_w|x) - log p(y_w|x))
                              - (log p_{+dv}(y_l|x) - log p(y_l|x))])
 
-(mean over the batch), log-probabilities summed over the answer tokens, the reference
-log-probabilities from the same model with no vector. AdamW with a cosine schedule (no
-warm-up); the defaults are those of their code (beta 0.1, lr 5e-4, weight decay 0.05,
-batch 4). ``steering.bipo.scope=user`` trains one vector per user on that user's pairs,
+(mean over the batch), log-probabilities summed over the answer tokens and the EOS token
+appended after them, the reference log-probabilities from the same model with no vector.
+AdamW with a cosine schedule after a linear warm-up, the gradient's norm clipped; the
+defaults are what their code runs (beta 0.1, lr 5e-4, no weight decay, batch 4, 100
+warm-up steps, clipping at 1.0: ``steering.bipo.append_eos``, ``warmup_steps`` and
+``max_grad_norm`` switch each off). ``steering.bipo.scope=user`` trains one vector per user on that user's pairs,
 ``all`` one vector on every pair. In generation the vector is added with the strength
 ``gamma * scale``. Vectors are cached by content hash (model, layer, settings, pairs) with
 their loss curves.
@@ -30,6 +32,7 @@ import torch
 from fints_repro.cache import content_hash
 from fints_repro.config import BiPOConfig, SteeringConfig
 from fints_repro.data.schema import Sample
+from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.hooks import steer
@@ -70,6 +73,15 @@ def _reference(model: torch.nn.Module, seqs, pad: int, size: int, token_weights=
     return torch.cat(out)
 
 
+def with_eos(seqs: list[tuple[list[int], int]], tok) -> list[tuple[list[int], int]]:
+    """Each (ids, answer start) with the EOS token after the answer, unless it ends with
+    one (their trainer's ``tokenize_row``)."""
+    eos = tok.eos_token_id
+    if eos is None:
+        raise ConfigError("steering.bipo.append_eos: the tokenizer has no EOS token; set it false")
+    return [(ids if ids[-1] == eos else [*ids, eos], start) for ids, start in seqs]
+
+
 def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOConfig, *,
                  tokenization: str = "separate", layers_path: str = "", seed: int = 0,
                  chosen_weights: Sequence[Sequence[float]] | None = None,
@@ -83,6 +95,11 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
     qs = [p.question for p in pairs]
     w_seqs = packed(lm, qs, [p.chosen for p in pairs], tokenization)
     l_seqs = packed(lm, qs, [p.rejected for p in pairs], tokenization)
+    if cfg.append_eos:
+        w_seqs, l_seqs = with_eos(w_seqs, lm.tokenizer), with_eos(l_seqs, lm.tokenizer)
+        if chosen_weights is not None:  # the EOS counts as the answer's own token
+            chosen_weights = [list(w) + [1.0] * (len(s) - start - len(w))
+                              for w, (s, start) in zip(chosen_weights, w_seqs)]
     pad = lm.tokenizer.pad_token_id
     ref_w = _reference(model, w_seqs, pad, cfg.batch_size, chosen_weights)
     ref_l = _reference(model, l_seqs, pad, cfg.batch_size)
@@ -90,7 +107,7 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
     opt = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
-    sched = get_cosine_schedule_with_warmup(opt, 0, total)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, total)
     rng = random.Random(f"{seed}|bipo")
     losses: list[float] = []
     order: list[int] = []
@@ -108,6 +125,8 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
                              pad_batch(l_seqs, rows, pad), ref_w[rows], ref_l[rows], layers_path, cw)
             (grad,) = torch.autograd.grad(loss, [v])  # the model's weights get no gradient
             v.grad = grad
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([v], cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
