@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-drift demo-pwab test test-fast bench bench-steering bench-backbones bench-methods bipo-budget repro-demo \
+.PHONY: install demo demo-drift demo-pwab lint test test-fast bench bench-steering bench-backbones bench-methods bipo-budget repro-demo \
 	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx sweep-demo-bipo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
@@ -38,7 +38,10 @@ demo-pwab: install  ## web function calling on the SYNTHETIC PersonalWAB-format 
 # 9 min 16 s against 13 min 54 s for one process with 2 threads (641 tests). `-n 0` in
 # PYTEST_ARGS runs it in one process.
 PYTEST_ARGS ?= -n auto
-test: install  ## everything, the end-to-end checks on the embedded model included (13-14 min on 2 cores)
+lint: install  ## the layer contract (.importlinter): an import may only point down the stack
+	$(BIN)/lint-imports
+
+test: install lint  ## everything, the end-to-end checks on the embedded model included (13-14 min on 2 cores)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install  ## without the tests marked slow

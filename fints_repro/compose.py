@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from fints_repro.checks import check_steering
 from fints_repro.config import (BackboneConfig, GenerationConfig, RunConfig, SteeringConfig,
                                 register_configs)
 from fints_repro.errors import ConfigError
@@ -156,3 +157,30 @@ def compose_group(overrides: Sequence[str], group: str, option: str) -> Any:
         return getattr(compose_run([*base, f"{group}={option}"]), group)
     except Exception as e:
         raise ConfigError(f"no {group} option {option!r}: {e}") from e
+
+
+def check_names(cfg: "RunConfig", methods: Iterable[Any] = ()) -> None:
+    """Every component name against its registry (imports the registering modules)."""
+    from fints_repro.backbones import BACKBONES
+    from fints_repro.data.load import LOADERS
+    from fints_repro.eval.metrics import METRICS
+    from fints_repro.eval.postprocess import POSTPROCESS
+    from fints_repro.retrieval.base import RETRIEVERS
+    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.tasks import TASKS, load_tasks
+    from fints_repro.tracking import TRACKERS
+
+    load_methods()
+    load_tasks()
+    TASKS.get(cfg.dataset.task_type, "dataset.task_type")
+    LOADERS.get(cfg.dataset.loader, "dataset.loader")
+    if getattr(TASKS.get(cfg.dataset.task_type), "scores_with_metric_functions", False):
+        for name in cfg.dataset.metrics:
+            METRICS.get(name, "dataset.metrics")
+    POSTPROCESS.get(cfg.generation.postprocess, "generation.postprocess")
+    RETRIEVERS.get(cfg.retriever.name, "retriever.name")
+    TRACKERS.get(cfg.logger.name, "logger.name")
+    for method in methods or [cfg]:
+        BACKBONES.get(method.backbone.name, "backbone.name")
+        STEERING.get(method.steering.name, "steering.name")
+        check_steering(method.steering, "steering")

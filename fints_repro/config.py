@@ -15,6 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fints_repro.checks import check_run_config
+
 
 @dataclass
 class DataConfig:
@@ -594,9 +596,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Every value checked when the composed config becomes a RunConfig: before any
-        # data or model is loaded, with the key named (fints_repro/validate.py).
-        from fints_repro.validate import check_run_config
-
+        # data or model is loaded, with the key named (fints_repro/checks.py).
         check_run_config(self)
 
 

@@ -35,13 +35,14 @@ from fints_repro.cache import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from fints_repro.compose import Method, compose_group, resolve_methods
+from fints_repro.checks import check_layer
+from fints_repro.compose import Method, check_names, compose_group, resolve_methods
 from fints_repro.config import ModelConfig, RunConfig, SteeringConfig
 from fints_repro.data.load import SplitReader, load_samples, whole_split
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
-from fints_repro.generation import generate_batches, resolve_decoding
 from fints_repro.models.chat import fit_chat_prompts
+from fints_repro.models.generation import generate_batches, resolve_decoding
 from fints_repro.models.inspect import shape_from_config, shape_of
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.report import FAILED, INTERRUPTED, markdown
@@ -49,7 +50,6 @@ from fints_repro.retrieval import Retriever, build_retriever
 from fints_repro.steering import STEERING, SteeringInputs, load_methods
 from fints_repro.tasks import Task, build_task
 from fints_repro.tracking import open_tracker
-from fints_repro.validate import check_layer, check_names
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def main() -> None:
     from fints_repro.backbones import build_backbone
     from fints_repro.compose import compose_run
     from fints_repro.data.load import load_samples
-    from fints_repro.generation import DecodingParams, generate_batches
+    from fints_repro.models.generation import DecodingParams, generate_batches
     from fints_repro.models.chat import render_chat
     from fints_repro.models.loading import load_model
     from fints_repro.retrieval import build_retriever

@@ -44,7 +44,7 @@ def main() -> None:
     from fints_repro.pipeline import Resources, with_task_system_prompt
     from fints_repro.report import markdown
     from fints_repro.steering import STEERING, load_methods
-    from fints_repro.steering.methods.common import user_pairs
+    from fints_repro.preferences import user_pairs
     from fints_repro.tasks import build_task
 
     load_methods()
@@ -72,7 +72,7 @@ def main() -> None:
         mcfg = compose_run(base + over)
         res = Resources(mcfg, lm, task, base + over)
         # the pairs from the project's cache (made once), everything after them cold
-        user_pairs(mcfg.steering, samples, res.steering_inputs(mcfg.steering))
+        user_pairs(mcfg.steering.pairs, samples, res.steering_inputs(mcfg.steering))
         with tempfile.TemporaryDirectory() as cold:
             os.symlink(Path(mcfg.cache_dir).resolve() / "pairs", Path(cold) / "pairs")
             inputs = dataclasses.replace(res.steering_inputs(mcfg.steering), cache_dir=cold)

@@ -43,7 +43,7 @@ def main() -> None:
     from fints_repro.pipeline import Resources, with_task_system_prompt
     from fints_repro.report import markdown
     from fints_repro.steering.methods.bipo import train_vector, validate
-    from fints_repro.steering.methods.common import user_pairs
+    from fints_repro.preferences import user_pairs
     from fints_repro.tasks import build_task
 
     over = [f"+exp={args.exp}", "logger=none", "progress=false", f"seed={args.seed}",
@@ -53,7 +53,7 @@ def main() -> None:
     lm = with_task_system_prompt(load_model(cfg.model, cfg.cache_dir), cfg.dataset.system_prompt)
     task = build_task(cfg.dataset, cfg.generation, cfg.eval, cfg.seed)
     inputs = Resources(cfg, lm, task, over).steering_inputs(cfg.steering)
-    by_user = user_pairs(cfg.steering, samples, inputs)
+    by_user = user_pairs(cfg.steering.pairs, samples, inputs)
     user = args.user or next(u for u, ps in by_user.items() if ps)
     if not by_user.get(user):
         raise SystemExit(f"user {user!r} has no contrastive pairs on seed {args.seed} "

@@ -67,7 +67,6 @@ def main() -> None:
     from fints_repro.tasks import build_task
 
     load_methods()
-    real_pairs = rm_mod._user_pairs
     out: dict = {"every": args.every, "seeds": {}}
     totals = [0, 0, 0]  # held-out pairs, ranked right trained, ranked right untrained
     for seed in args.seeds:
@@ -78,22 +77,18 @@ def main() -> None:
         lm = load_model(cfg.model, cfg.cache_dir)
         task = build_task(cfg.dataset, cfg.generation, cfg.eval)
         res = Resources(cfg, lm, task, overrides)
-        pairs = real_pairs(cfg.steering, samples, res)
+        pairs = rm_mod.reward_pairs(cfg.steering, samples, res)
         train, held = split(pairs, args.every)
-        rm_mod._user_pairs = lambda steering, s, r, train=train: train  # noqa: E731
-        try:
-            bb = build_backbone(cfg.backbone, task, res.retriever)
-            t0 = time.perf_counter()
-            bb.fit(lm, samples, res, cfg.steering)
-            fit_s = time.perf_counter() - t0
-        finally:
-            rm_mod._user_pairs = real_pairs
+        bb = build_backbone(cfg.backbone, task, res.retriever)
+        t0 = time.perf_counter()
+        bb.fit(lm, samples, res, cfg.steering, pairs=train)
+        fit_s = time.perf_counter() - t0
         rows = [(Sample(f"{p.user}:{p.item_id}", p.user, p.question, None), p)
                 for ps in held.values() for p in ps]
         scores = bb.reward_scores([s for s, _ in rows], [[p.chosen, p.rejected] for _, p in rows])
         # the floor: the same encoder and heads before training (no adapter, pristine head)
         bb.encoder.reset_heads()
-        seqs = [bb._ids(p.question, c) for _, p in rows for c in (p.chosen, p.rejected)]
+        seqs = [bb.sequence_ids(p.question, c) for _, p in rows for c in (p.chosen, p.rejected)]
         raw = rm_mod.score_sequences(bb.encoder.model, seqs, lm.tokenizer.pad_token_id,
                                      bb.rm.score_batch_size)
         bb.close(lm)

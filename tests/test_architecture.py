@@ -79,7 +79,7 @@ def test_a_method_decodes_with_its_own_generation_settings_and_nulls_are_the_che
     """Decoding per method (the authors sample their steered rows at T = 0.1 and leave the
     unsteered ones to the checkpoint's generation config): a method's generation overrides
     hold for it alone, and null takes the checkpoint's value."""
-    from fints_repro.generation import resolve_decoding
+    from fints_repro.models.generation import resolve_decoding
     from fints_repro.models.loading import load_model
 
     ov = ["+exp=demo", *tiny_overrides, "generation.do_sample=null", "generation.top_p=null",

@@ -35,9 +35,10 @@ from torch import nn
 from fints_repro.config import DatasetConfig, ModelConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.models.loading import LoadedModel, load_model
+from fints_repro.preferences.pairs import Pair
 from fints_repro.steering.extract import pair_vectors
 from fints_repro.steering.hooks import steer
-from fints_repro.steering.pairs import Pair, extract_answer, generator_prompt, item_question
+from fints_repro.tasks.prompts import extract_answer, generator_prompt, item_question
 
 from tests.conftest import compose
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fints_repro.config import BiPOConfig
+from fints_repro.preferences.pairs import Pair
 from fints_repro.steering.extract import pad_batch
 from fints_repro.steering.logprob import packed, sequence_logprobs
 from fints_repro.steering.methods.bipo import _reference, bipo_loss, train_vector
-from fints_repro.steering.pairs import Pair
 from fints_repro.steering.sites import decoder_layers
 from tests.conftest import assert_config_error, run
 

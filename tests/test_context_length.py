@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import fints_repro.steering.pairs as pairs_mod
+import fints_repro.preferences.pairs as pairs_mod
 from fints_repro.config import DatasetConfig, ModelConfig, PairsConfig
 from fints_repro.data.demo import generate_demo_news
 from fints_repro.errors import DataError
 from fints_repro.models.chat import TRUNCATION_MARK, fit_token_sequence
 from fints_repro.models.loading import LoadedModel, load_model
+from fints_repro.preferences.pairs import Pair, build_pairs
 from fints_repro.steering.extract import answer_means, pair_vectors
-from fints_repro.steering.pairs import Pair, build_pairs
 from fints_repro.steering.sites import SteeringError, site_module
 
 DATASET = DatasetConfig(

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fints_repro.cache import content_hash
 from fints_repro.config import ModelConfig
 from fints_repro.models.loading import LoadedModel, load_model
-from fints_repro.cache import content_hash
+from fints_repro.preferences.pairs import Pair
 from fints_repro.steering.extract import answer_means, pair_vectors, tokenize_pair_texts
-from fints_repro.steering.pairs import Pair
 from fints_repro.steering.sites import SteeringError, decoder_layers, site_module
 from fints_repro.steering.store import load_vectors, vector_metadata
 

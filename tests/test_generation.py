@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fints_repro.config import ModelConfig
-from fints_repro.generation import DecodingParams, generate_batches, plan_batches
 from fints_repro.models.chat import render_chat
+from fints_repro.models.generation import DecodingParams, generate_batches, plan_batches
 from fints_repro.models.loading import load_model
 from fints_repro.steering.hooks import steer
 from fints_repro.steering.sites import hidden_size

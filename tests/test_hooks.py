@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fints_repro.config import ModelConfig
-from fints_repro.generation import DecodingParams, generate_batches
+from fints_repro.models.generation import DecodingParams, generate_batches
 from fints_repro.models.loading import load_model
 from fints_repro.models.tiny import tiny_model
 from fints_repro.steering.hooks import capture, steer

@@ -23,12 +23,13 @@ pytest.importorskip("peft")
 
 import fints_repro.backbones.lora as lora_mod  # noqa: E402
 from fints_repro.backbones import build_backbone  # noqa: E402
+from fints_repro.compose import compose_run  # noqa: E402
 from fints_repro.config import (BackboneConfig, DatasetConfig, EvalConfig,  # noqa: E402
                                 GenerationConfig, LoraBackboneConfig, ModelConfig, TrainConfig)
 from fints_repro.data.schema import HistoryItem, Sample  # noqa: E402
 from fints_repro.errors import ConfigError  # noqa: E402
-from fints_repro.generation import DecodingParams, generate_batches  # noqa: E402
 from fints_repro.models.chat import render_chat  # noqa: E402
+from fints_repro.models.generation import DecodingParams, generate_batches  # noqa: E402
 from fints_repro.models.loading import LoadedModel, load_model  # noqa: E402
 from fints_repro.steering.hooks import steer  # noqa: E402
 from fints_repro.tasks import build_task  # noqa: E402
@@ -441,3 +442,23 @@ def test_lora_and_lora_plus_steering_through_the_pipeline(tiny_overrides, tmp_pa
     assert [r["prompt"] for r in rows["lora"]] == [r["prompt"] for r in rows["zero_shot"]]
     assert [r["cache_key"] for r in rows["lora"]] != [r["cache_key"] for r in rows["zero_shot"]]
     assert m["lora+fine_grained"]["steering_n_pairs"] > 0
+
+
+@pytest.mark.parametrize("ratio,steps", [(0.0, 0), (0.1, 4), (0.25, 10), (0.99, 40)])
+def test_warmup_ratio_is_the_share_of_steps_both_trainers_warm_up_for(tmp_path, ratio, steps) -> None:
+    """``backbone.*.train.warmup_ratio`` reaches transformers as a ratio of the run's steps
+    (not as a number of steps): 40 steps at 0.25 warm up for 10."""
+    from transformers import TrainingArguments
+    from trl import RewardConfig
+
+    from fints_repro.backbones.adapters import trainer_arguments
+    from fints_repro.config import TrainConfig
+
+    kw = trainer_arguments(TrainConfig(warmup_ratio=ratio), output_dir=str(tmp_path), seed=0, cpu=True)
+    assert TrainingArguments(**kw).get_warmup_steps(40) == steps
+    assert RewardConfig(**kw).get_warmup_steps(40) == steps
+
+
+def test_a_warmup_ratio_of_one_or_more_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"backbone\.lora\.train\.warmup_ratio=1\.0: must be in \[0, 1\)"):
+        compose_run(["backbone.lora.train.warmup_ratio=1.0"])

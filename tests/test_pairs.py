@@ -13,13 +13,13 @@ from typing import Callable, Iterator
 import pytest
 from rouge_score import rouge_scorer
 
-import fints_repro.steering.pairs as pairs_mod
+import fints_repro.preferences.pairs as pairs_mod
 from fints_repro.config import DatasetConfig, ModelConfig, PairsConfig
 from fints_repro.data.demo import generate_demo_news
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel, load_model
-from fints_repro.steering.pairs import build_pairs, pair_stats, user_history
+from fints_repro.preferences.pairs import build_pairs, pair_stats, user_history
 
 K = 2
 DATASET = DatasetConfig(

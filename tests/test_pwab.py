@@ -189,7 +189,7 @@ def test_a_reward_model_reads_call_candidates_as_the_pairs_sides_are_written(tmp
     from fints_repro.data.pwab import call_json
     from fints_repro.data.schema import Sample
     from fints_repro.models.loading import load_model
-    from fints_repro.steering.pairs import Pair
+    from fints_repro.preferences.pairs import Pair
 
     task = _task()
     fenced = "Here:\n```json\n" + json.dumps(CALL) + "\n```"
@@ -198,7 +198,7 @@ def test_a_reward_model_reads_call_candidates_as_the_pairs_sides_are_written(tmp
     other = call_json("add_product_review", {"review": "fine"})
     pairs = {U1: [Pair(U1, f"t{i}", f"USER {U1}: a lamp {i}", call_json(CALL["name"], CALL["arguments"]),
                        other, 0.0, 0) for i in range(4)]}
-    monkeypatch.setattr(rm_mod, "_user_pairs", lambda steering, samples, resources: pairs)
+    monkeypatch.setattr(rm_mod, "reward_pairs", lambda steering, samples, resources: pairs)
     seen: list[str] = []
     real = rm_mod.reward_sequence
     monkeypatch.setattr(rm_mod, "reward_sequence",
@@ -405,7 +405,7 @@ def test_call_serialisation_same_by_default_authors_as_an_option() -> None:
 
 
 def test_pairs_are_made_from_training_tasks_with_other_users_memory(tmp_path) -> None:
-    from fints_repro.steering.pairs import build_pairs
+    from fints_repro.preferences.pairs import build_pairs
     from fints_repro.models.loading import load_model
     from fints_repro.compose import compose_run
 
@@ -418,7 +418,7 @@ def test_pairs_are_made_from_training_tasks_with_other_users_memory(tmp_path) ->
     for s in train:
         items.setdefault(s.user, []).append(_train_item(s))
     prompts = []
-    from fints_repro.steering import pairs as pairs_mod
+    from fints_repro.preferences import pairs as pairs_mod
 
     real = pairs_mod._generate_cached
 

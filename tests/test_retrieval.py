@@ -203,7 +203,7 @@ def test_dense_semantic_sanity() -> None:
 
 def test_dense_memo_encodes_each_text_once(monkeypatch) -> None:
     r = DenseRetriever(MINILM)
-    model = dense_mod._load(r.path, r.cfg.pooling)  # the lru-cached instance rank_many uses
+    model = dense_mod.sentence_model(r.path, r.cfg.pooling)  # the lru-cached instance rank_many uses
     encoded: list[list[str]] = []
     real_encode = model.encode
 

@@ -30,7 +30,7 @@ from fints_repro.config import (BackboneConfig, DatasetConfig, EvalConfig,  # no
 from fints_repro.data.schema import Sample  # noqa: E402
 from fints_repro.errors import ConfigError  # noqa: E402
 from fints_repro.models.loading import LoadedModel, load_model  # noqa: E402
-from fints_repro.steering.pairs import Pair  # noqa: E402
+from fints_repro.preferences.pairs import Pair  # noqa: E402
 from fints_repro.tasks import build_task  # noqa: E402
 from tests.conftest import run  # noqa: E402
 
@@ -74,7 +74,7 @@ def _samples(users=("alice", "bob"), n: int = 2) -> list[Sample]:
 def _backbone(tmp_path: Path, monkeypatch, pairs: dict, reward: str = "trained",
               train: TrainConfig = QUICK, n: int = 3, **rm) -> tuple:
     """A reward_model backbone on zero-shot prompts whose pairs are ``pairs``."""
-    monkeypatch.setattr(rm_mod, "_user_pairs", lambda steering, samples, resources: pairs)
+    monkeypatch.setattr(rm_mod, "reward_pairs", lambda steering, samples, resources: pairs)
     cfg = BackboneConfig(name="reward_model", reward_model=RewardModelBackboneConfig(
         base="zero_shot", n=n, reward=reward, train=train, **rm))
     task = build_task(DATASET, GenerationConfig(), EvalConfig())
@@ -88,7 +88,7 @@ def _backbone(tmp_path: Path, monkeypatch, pairs: dict, reward: str = "trained",
 
 
 def test_best_of_n_keeps_the_argmax_and_samples_its_candidates(tmp_path, monkeypatch) -> None:
-    from fints_repro.generation import DecodingParams
+    from fints_repro.models.generation import DecodingParams
 
     bb, _ = _backbone(tmp_path, monkeypatch, {}, temperature=0.7, top_p=0.8)
     assert bb.n_candidates == 3
@@ -129,7 +129,7 @@ def test_a_trained_reward_model_prefers_its_users_held_out_chosen(tmp_path, monk
         assert bb.metrics()["backbone_n_reward_models_trained"] == 1
         # the same encoder and head before training: no adapter, the pristine head
         bb.encoder.reset_heads()
-        seqs = [bb._ids(p.question, c) for p in held for c in (p.chosen, p.rejected)]
+        seqs = [bb.sequence_ids(p.question, c) for p in held for c in (p.chosen, p.rejected)]
         raw = rm_mod.score_sequences(bb.encoder.model, seqs, lm.tokenizer.pad_token_id, 8)
         untrained = _accuracy(list(zip(raw[0::2], raw[1::2])))
         bb.close(lm)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fints_repro.steering.methods.common as common
+import fints_repro.preferences.pairs as pairs_mod
 from fints_repro.config import (
     CAAConfig,
     DatasetConfig,
@@ -37,13 +37,13 @@ from fints_repro.config import (
 from fints_repro.data.schema import Sample
 from fints_repro.errors import FintsError
 from fints_repro.models.loading import LoadedModel, load_model
+from fints_repro.preferences.pairs import Pair
 from fints_repro.retrieval.bm25 import BM25Retriever
 from fints_repro.steering import SteeringInputs, SteeringPlan
 from fints_repro.steering.extract import answer_means
 from fints_repro.steering.hooks import steer
 from fints_repro.steering.methods.caa import caa
 from fints_repro.steering.methods.fine_grained import fine_grained
-from fints_repro.steering.pairs import Pair
 from fints_repro.steering.sites import hidden_size
 from fints_repro.tasks import build_task
 
@@ -102,7 +102,7 @@ class FakeBuildPairs:
 @pytest.fixture
 def fake_pairs(monkeypatch) -> FakeBuildPairs:
     fake = FakeBuildPairs()
-    monkeypatch.setattr(common, "build_pairs", fake)
+    monkeypatch.setattr(pairs_mod, "build_pairs", fake)
     return fake
 
 

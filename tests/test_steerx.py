@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fints_repro.steering.methods.steerx as steerx_mod
+from fints_repro.preferences.pairs import Pair
 from fints_repro.steering.methods.steerx import causal_effects, preference_tokens, select_tokens
-from fints_repro.steering.pairs import Pair
 from tests.conftest import assert_config_error, run
 
 

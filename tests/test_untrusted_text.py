@@ -37,10 +37,10 @@ from fints_repro.cache import append_jsonl, read_jsonl_lenient, write_jsonl_atom
 from fints_repro.config import (DatasetConfig, EvalConfig, GenerationConfig, PairsConfig)
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.eval.rouge_pkg import MAX_WORDS, _scorer, rouge_l_f
-from fints_repro.steering.pairs import extract_answer
 from fints_repro.tasks import build_task
 from fints_repro.tasks.function_calling import parse_call
 from fints_repro.tasks.json_scan import MAX_DEPTH, JsonScan, fence_bodies
+from fints_repro.tasks.prompts import extract_answer
 from fints_repro.text import pattern, search, valid_strings, valid_unicode
 from tests.conftest import FIXTURES
 

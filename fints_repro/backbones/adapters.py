@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from fints_repro.cache import content_hash, lock_for, make_dir, remove_temporaries, write_error
+from fints_repro.config import TrainConfig
 from fints_repro.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -225,3 +226,17 @@ class TrainTally:
 
     def mean_loss(self) -> float | None:
         return round(sum(self.losses) / len(self.losses), 4) if self.losses else None
+
+
+def trainer_arguments(train: TrainConfig, *, output_dir: str, seed: int, cpu: bool) -> dict:
+    """The settings a per-user training run gives transformers' ``TrainingArguments`` (or
+    TRL's ``RewardConfig``, its subclass): ``backbone.*.train`` plus no saving, logging or
+    progress bar. ``warmup_ratio`` is passed as ``warmup_steps``, which transformers 5
+    reads, below 1, as the fraction of the run's steps (it has no ``warmup_ratio``)."""
+    return dict(output_dir=output_dir, per_device_train_batch_size=train.batch_size,
+                num_train_epochs=train.epochs, learning_rate=train.lr,
+                weight_decay=train.weight_decay, warmup_steps=float(train.warmup_ratio),
+                lr_scheduler_type=train.lr_scheduler, max_grad_norm=train.max_grad_norm,
+                optim=train.optimizer, seed=seed, data_seed=seed, report_to="none",
+                save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=cpu,
+                dataloader_num_workers=0)

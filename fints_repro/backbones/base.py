@@ -44,7 +44,7 @@ from fints_repro.retrieval import Retriever
 
 if TYPE_CHECKING:
     from fints_repro.config import SteeringConfig
-    from fints_repro.generation import DecodingParams
+    from fints_repro.models.generation import DecodingParams
     from fints_repro.models.loading import LoadedModel
     from fints_repro.tasks import Task
 

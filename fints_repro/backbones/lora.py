@@ -36,14 +36,17 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
-                                            save_adapter, scratch_dir, train_once)
+                                            save_adapter, scratch_dir, train_once,
+                                            trainer_arguments)
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
 from fints_repro.cache import content_hash
+from fints_repro.checks import check_lora
 from fints_repro.config import BackboneConfig, TrainConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.chat import fit_token_sequence, render_chat
-from fints_repro.validate import check_lora
+from fints_repro.preferences.pairs import user_history
+from fints_repro.tasks.prompts import item_question
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +123,8 @@ def train_adapter(model, tok, examples: list[dict], lora_cfg, targets: list[str]
     try:
         with scratch_dir(out_dir) as scratch, _right_padding(tok):
             args = TrainingArguments(
-                output_dir=scratch, per_device_train_batch_size=train.batch_size,
-                num_train_epochs=train.epochs, learning_rate=train.lr,
-                weight_decay=train.weight_decay, warmup_steps=train.warmup_ratio,
-                lr_scheduler_type=train.lr_scheduler, max_grad_norm=train.max_grad_norm,
-                optim=train.optimizer, seed=seed, data_seed=seed, report_to="none",
-                save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                use_cpu=model.device.type == "cpu", dataloader_num_workers=0,
+                **trainer_arguments(train, output_dir=scratch, seed=seed,
+                                    cpu=model.device.type == "cpu"),
                 remove_unused_columns=False)
             trainer = Trainer(model=peft_model, args=args,
                               train_dataset=Dataset.from_list(examples),
@@ -170,8 +168,6 @@ class LoRA(Backbone):
     def _examples(self, lm, items: Sequence[HistoryItem]) -> list[dict]:
         """The user's training texts: each item's task question (as pairs and extraction
         phrase it) -> its output."""
-        from fints_repro.steering.pairs import item_question
-
         d = self.task.dataset
         t = self.lcfg.train
         return [training_example(lm.tokenizer, h, item_question(h, d), self.lcfg.train_template,
@@ -179,8 +175,6 @@ class LoRA(Backbone):
                 for h in items if h.output.strip()]
 
     def fit(self, lm, samples, resources, steering=None) -> None:
-        from fints_repro.steering.pairs import user_history
-
         cache_dir = Path(resources.cfg.cache_dir) / "adapters"
         seed = resources.cfg.seed
         progress = resources.cfg.progress

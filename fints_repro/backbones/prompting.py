@@ -6,36 +6,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt
-from fints_repro.config import DatasetConfig
 from fints_repro.data.schema import HistoryItem, Sample
-
-
-def truncate_words(text: str, n: int | None) -> str:
-    if n is None:
-        return text
-    words = text.split()
-    return text if len(words) <= n else " ".join(words[:n]) + " ..."
-
-
-def render_with_history(d: DatasetConfig, text: str, items: Sequence[HistoryItem]) -> str:
-    """``text`` after ``items`` by the dataset's RAG templates (``{i}``: the item's 0-based
-    position, the authors' "Historical sample i"); no items: ``text`` alone."""
-    if not items:
-        return text
-    shown = [d.history_template.format(i=i, input=truncate_words(h.input, d.history_max_words),
-                                       output=h.output)
-             for i, h in enumerate(items)]
-    return d.rag_prompt_template.format(history=d.history_separator.join(shown), input=text)
-
-
-def zero_shot_prompt(d: DatasetConfig, text: str) -> str:
-    """``text`` in ``dataset.zero_shot_template``; an input that starts with
-    ``dataset.zero_shot_keep_prefix`` keeps its own opening (the template's text before
-    ``{input}`` is left out)."""
-    template = d.zero_shot_template
-    if d.zero_shot_keep_prefix and text.startswith(d.zero_shot_keep_prefix):
-        template = "{input}" + template.split("{input}", 1)[1]
-    return template.format(input=text)
+from fints_repro.tasks.prompts import render_with_history, zero_shot_prompt
 
 
 @BACKBONES.register("zero_shot")

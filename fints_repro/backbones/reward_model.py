@@ -7,7 +7,7 @@
   on the base backbone (its per-row vectors, N rows per sample).
 - **Training data**: each user's contrastive pairs (chosen = the user's output, rejected =
   the generator's), made as the method's ``steering.pairs`` says and cached by
-  ``build_pairs`` (``steering.methods.common.user_pairs``, the same pairs steering uses).
+  ``build_pairs`` (``preferences.user_pairs``, the same pairs steering uses).
   The reward reads (question, answer) with the item's *task question*
   (``dataset.question_template``), at test time the sample's: the same text on both sides,
   whatever ``steering.pairs.question`` stores for extraction.
@@ -52,15 +52,20 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
 from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
-                                            save_adapter, scratch_dir, train_once)
+                                            save_adapter, scratch_dir, train_once,
+                                            trainer_arguments)
+from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
 from fints_repro.backbones.lora import target_modules
 from fints_repro.cache import content_hash
-from fints_repro.config import BackboneConfig
+from fints_repro.checks import check_reward_model
+from fints_repro.config import BackboneConfig, SteeringConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
 from fints_repro.models.chat import fit_token_sequence, render_chat
+from fints_repro.models.generation import greedy_cached
+from fints_repro.preferences import user_history, user_pairs
+from fints_repro.tasks.prompts import item_question, truncate_words
 from fints_repro.text import WHITESPACE, pattern, search
 
 log = logging.getLogger(__name__)
@@ -86,18 +91,13 @@ def reward_sequence(tok, question: str, answer: str, system_prompt: str | None,
 def task_question(item_input: str, dataset) -> str:
     """The task question of an item or a sample input (``dataset.question_template``; an
     input that already is the whole question stays as it is)."""
-    from fints_repro.steering.pairs import item_question
-
     return item_question(HistoryItem("", item_input, ""), dataset)
 
 
-def _user_pairs(steering, samples: Sequence[Sample], resources) -> dict:
+def reward_pairs(steering, samples: Sequence[Sample], resources) -> dict:
     """{user: pairs}, each pair's question the item's task question (``task_question``)."""
-    from fints_repro.steering.methods.common import user_pairs
-    from fints_repro.steering.pairs import user_history
-
     inputs = resources.steering_inputs(steering)
-    by_user = user_pairs(steering, samples, inputs)
+    by_user = user_pairs(steering.pairs, samples, inputs)
     items = {(u, h.id): h for u, hs in user_history(samples).items() for h in hs}
     if steering.pairs.source == "train_samples" and inputs.pair_items:
         items.update({(u, h.id): h for u, hs in inputs.pair_items().items() for h in hs})
@@ -204,7 +204,7 @@ def build_encoder(name: str, lm, resources, seed: int) -> Encoder:
 def _local_encoder(path: Path, lm, seed: int) -> Encoder:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fints_repro.models.loading import _local_fingerprint
+    from fints_repro.models.loading import local_fingerprint
 
     ref = next(lm.model.parameters())
     tok = AutoTokenizer.from_pretrained(str(path))
@@ -219,7 +219,7 @@ def _local_encoder(path: Path, lm, seed: int) -> Encoder:
     prefix = seq.base_model_prefix
     heads = {n: copy.deepcopy(c) for n, c in seq.named_children()
              if n != prefix and any(True for _ in c.parameters())}
-    fp = content_hash(["local", _local_fingerprint(path), str(ref.dtype), ref.device.type])
+    fp = content_hash(["local", local_fingerprint(path), str(ref.dtype), ref.device.type])
     return Encoder(seq, tok, f"{path.name}-{fp}", None, heads)
 
 
@@ -264,13 +264,8 @@ def train_reward_model(enc: Encoder, examples: list[dict], rm, targets: list[str
         try:
             with scratch_dir(out_dir) as scratch:
                 args = RewardConfig(
-                    output_dir=scratch, per_device_train_batch_size=t.batch_size,
-                    num_train_epochs=t.epochs, learning_rate=t.lr, weight_decay=t.weight_decay,
-                    warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler,
-                    max_grad_norm=t.max_grad_norm, optim=t.optimizer, seed=seed, data_seed=seed,
-                    report_to="none", save_strategy="no", logging_strategy="no",
-                    disable_tqdm=True, use_cpu=ref.device.type == "cpu",
-                    dataloader_num_workers=0,
+                    **trainer_arguments(t, output_dir=scratch, seed=seed,
+                                        cpu=ref.device.type == "cpu"),
                     # the decoder may be the run's own: no checkpointing flags, no dropout
                     # rates changed on it; mixed precision only for a bf16 model
                     activation_checkpointing=False, disable_dropout=False,
@@ -380,7 +375,6 @@ class RewardModel(Backbone):
 
     def __init__(self, cfg: BackboneConfig, task, retriever):
         super().__init__(cfg, task, retriever)
-        from fints_repro.validate import check_reward_model
 
         check_reward_model(cfg)
         self.rm = cfg.reward_model
@@ -406,12 +400,12 @@ class RewardModel(Backbone):
         return dataclasses.replace(params, do_sample=True, temperature=self.rm.temperature,
                                    top_p=self.rm.top_p)
 
-    def fit(self, lm, samples, resources, steering=None) -> None:
-        from fints_repro.config import SteeringConfig
-
+    def fit(self, lm, samples, resources, steering=None, pairs: dict | None = None) -> None:
+        """``pairs``: {user: pairs} made elsewhere (e.g. a held-out split of
+        ``reward_pairs``); None: made here as ``steering.pairs`` says."""
         steering = steering if steering is not None else SteeringConfig()
         self.lm, self.resources, self.samples = lm, resources, list(samples)
-        self.pairs = _user_pairs(steering, samples, resources)
+        self.pairs = pairs if pairs is not None else reward_pairs(steering, samples, resources)
         self.stats = {"backbone_n_pairs": sum(len(v) for v in self.pairs.values())}
         if self.rm.reward == "trained":
             self._fit_trained(lm, resources)
@@ -442,7 +436,7 @@ class RewardModel(Backbone):
 
     # ------------------------------------------------------------------ trained
 
-    def _ids(self, question: str, answer: str) -> list[int]:
+    def sequence_ids(self, question: str, answer: str) -> list[int]:
         enc = self.encoder
         return reward_sequence(enc.tokenizer, question, answer, enc.system_prompt,
                                self.rm.train.max_length)
@@ -470,8 +464,8 @@ class RewardModel(Backbone):
                              "SEQ_CLS", heads=sorted(self.encoder.heads))
         for user in tqdm(with_pairs, desc="reward models", unit="user",
                          disable=not resources.cfg.progress, leave=False):
-            examples = [{"chosen_ids": self._ids(p.question, p.chosen),
-                         "rejected_ids": self._ids(p.question, p.rejected)} for p in self.pairs[user]]
+            examples = [{"chosen_ids": self.sequence_ids(p.question, p.chosen),
+                         "rejected_ids": self.sequence_ids(p.question, p.rejected)} for p in self.pairs[user]]
             self.keys[user] = content_hash([recipe, examples])
             path = self._path(user)
             done = train_once(path, f"reward_model: the reward model of user {user!r}", spec,
@@ -526,7 +520,7 @@ class RewardModel(Backbone):
                 rows.setdefault(s.user, []).append(i)
         d = self.task.dataset
         for user, idx in rows.items():
-            seqs = [self._ids(task_question(samples[i].input, d), self.task.reward_text(c))
+            seqs = [self.sequence_ids(task_question(samples[i].input, d), self.task.reward_text(c))
                     for i in idx for c in candidates[i]]
             with self.reward_of(user) as model:
                 scores = score_sequences(model, seqs, self.encoder.tokenizer.pad_token_id,
@@ -564,8 +558,6 @@ class RewardModel(Backbone):
                  describe: Callable[[int, int], Exception]) -> list[str]:
         """Greedy generations of the run's LLM for chat-rendered ``user_texts``, batched
         (``generation.batch_size``) and cached per prompt in ``<cache_dir>/judge/``."""
-        from fints_repro.generation import greedy_cached
-
         cache_dir, seed, progress, batch_size, overlength = self._settings()
         out, n_new = greedy_cached(self.lm, user_texts, max_new_tokens, store_dir=cache_dir / "judge",
                                    seed=seed, batch_size=batch_size, overlength=overlength,
@@ -576,8 +568,6 @@ class RewardModel(Backbone):
     def persona_prompt(self, pairs: Sequence) -> str:
         """Up to ``persona_max_pairs`` of the user's pairs (first attempts first, then in
         item order), each by ``persona_pair_template``, in ``persona_template``."""
-        from fints_repro.backbones.prompting import truncate_words
-
         words = self.task.dataset.history_max_words
         order = sorted(range(len(pairs)), key=lambda j: (pairs[j].attempt, j))
         shown = sorted(order[:self.rm.persona_max_pairs])

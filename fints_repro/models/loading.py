@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fints_repro.cache import content_hash, lock_for, make_dir, remove_temporaries
 from fints_repro.config import ModelConfig
-from fints_repro.models.cpu import tune_malloc
 from fints_repro.errors import CacheError, ConfigError, hub_unavailable
+from fints_repro.models.cpu import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     log.info("converted in %.1fs", time.time() - t0)
 
 
-def _local_fingerprint(path: Path) -> str:
+def local_fingerprint(path: Path) -> str:
     parts = [(path / "config.json").read_text() if (path / "config.json").exists() else ""]
     for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         parts.append((f.name, f.stat().st_size))
@@ -293,7 +293,7 @@ def resolve_weights(cfg: ModelConfig, cache_dir: str | Path) -> tuple[str, str]:
         path = Path(cfg.id).expanduser()
         if not (path / "config.json").exists():
             raise ConfigError(f"model {cfg.name}: no config.json in local folder {path}")
-        return str(path), _local_fingerprint(path)
+        return str(path), local_fingerprint(path)
     if cfg.source == "gguf_wheel":
         gguf = find_wheel_file(cfg.id, cfg.gguf_file)
         fp = content_hash(["gguf", cfg.id, md.version(cfg.id), cfg.gguf_file, gguf.stat().st_size])

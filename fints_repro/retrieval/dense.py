@@ -34,7 +34,7 @@ def resolve_sentence_model(spec: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load(path: str, pooling: str, max_seq_length: int | None = None):
+def sentence_model(path: str, pooling: str, max_seq_length: int | None = None):
     """A sentence-transformers model (one per process and setting); ``max_seq_length``:
     the tokens it reads (None: the model's own)."""
     from sentence_transformers import SentenceTransformer, models
@@ -65,7 +65,7 @@ class DenseRetriever:
         """The sentence-transformers model (loaded once per process); a hub id that cannot
         be loaded is a ConfigError naming it and the offline choices."""
         try:
-            return _load(self.path, self.cfg.pooling)
+            return sentence_model(self.path, self.cfg.pooling)
         except OSError as e:
             if Path(self.path).is_dir():
                 raise

@@ -17,33 +17,22 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from fints_repro.config import DatasetConfig, SteeringConfig
-from fints_repro.tasks import Task
-from fints_repro.data.schema import HistoryItem, Sample
+from fints_repro.config import SteeringConfig
+from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
+from fints_repro.preferences.pairs import PairSource
 from fints_repro.registry import Registry
 from fints_repro.retrieval import Retriever
 from fints_repro.steering.hooks import SiteKey, steer
 
 
-@dataclass
-class SteeringInputs:
-    """What a method may use besides the model and the samples."""
+@dataclass(kw_only=True)
+class SteeringInputs(PairSource):
+    """What a method may use besides the model and the samples: what pairs are made from
+    (``PairSource``), the retrievers, and the backbone's per-user model context."""
 
-    dataset: DatasetConfig
-    task: Task  # prompt pieces (retrieval query, history documents) and the pair criterion
-    cache_dir: str
-    seed: int
     retriever: Callable[..., Retriever]  # (name=None): the run's, or a retriever option
-    generator: Callable[[], LoadedModel]  # writes the rejected side of the pairs
     layers_path: str = ""
-    progress: bool = True
-    # steering.pairs.source=train_samples: the items pairs are made from, per user (the
-    # users' training-split samples); None = their profile items.
-    pair_items: Optional[Callable[[], dict[str, list[HistoryItem]]]] = None
-    # generation.overlength: a generator prompt or an extraction sequence longer than the
-    # model's context is an error (naming it) or is cut in its middle
-    overlength: str = "error"
     # A backbone with per-user adapters (steering.extract_with_adapter): the context to run
     # a forward pass of the given users' rows in (it yields the forward's extra keyword
     # arguments), and what of a user's decides the activations (part of the vector key).

@@ -30,8 +30,8 @@ from fints_repro.cache import content_hash
 from fints_repro.models.chat import OVERLENGTH, fit_token_sequence
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
+from fints_repro.preferences.pairs import Pair
 from fints_repro.steering.hooks import capture
-from fints_repro.steering.pairs import Pair
 from fints_repro.steering.sites import SITES, SteeringError
 from fints_repro.steering.store import load_vectors, save_vectors
 

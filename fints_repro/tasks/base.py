@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.registry import Registry
+from fints_repro.tasks.prompts import extract_answer, generator_prompt
 from fints_repro.text import pattern, search, valid_unicode
 
 
@@ -143,14 +144,10 @@ class Task:
 
     def pair_prompt(self, others: Sequence[HistoryItem], item: HistoryItem, layout: str) -> str:
         """The generator's user turn for ``item`` with ``others`` (other users' items)."""
-        from fints_repro.steering.pairs import generator_prompt
-
         return generator_prompt(others, item, self.dataset, layout)
 
     def pair_answer(self, generation: str, layout: str) -> str:
         """What a generation contributes as the rejected side ("" = no pair)."""
-        from fints_repro.steering.pairs import extract_answer
-
         return extract_answer(self.read(generation), self.dataset, layout)
 
     def task_text(self, item: HistoryItem) -> str:

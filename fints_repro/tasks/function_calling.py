@@ -38,11 +38,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fints_repro.config import PairsConfig
+from fints_repro.data.load import pwab_files
 from fints_repro.data.pwab import ARGUMENT_OF_TOOL, TOOL_OF_TYPE, call_json, product_text
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
+from fints_repro.retrieval.bm25 import BM25Retriever
 from fints_repro.tasks.base import TASKS, PairVerdict, Scores, Task
 from fints_repro.tasks.json_scan import JsonScan, fence_bodies
+from fints_repro.tasks.prompts import render_with_history
 from fints_repro.text import valid_unicode
 
 log = logging.getLogger(__name__)
@@ -190,8 +193,6 @@ class ToolEnvironment:
 
     @functools.cached_property
     def _bm25(self):
-        from fints_repro.retrieval.bm25 import BM25Retriever
-
         return BM25Retriever(k1=self.cfg.bm25_k1, b=self.cfg.bm25_b)
 
     def search(self, queries: Sequence[str]) -> list[list[str]]:
@@ -216,9 +217,9 @@ class ToolEnvironment:
 
     @functools.cached_property
     def _encoder(self):
-        from fints_repro.retrieval.dense import _load, resolve_sentence_model
+        from fints_repro.retrieval.dense import resolve_sentence_model, sentence_model
 
-        return _load(resolve_sentence_model(self.cfg.review_encoder), "mean",
+        return sentence_model(resolve_sentence_model(self.cfg.review_encoder), "mean",
                      self.cfg.review_max_tokens)
 
     def review_similarity(self, written: Sequence[str], gold: Sequence[str]) -> list[float]:
@@ -312,8 +313,6 @@ class FunctionCallingTask(Task):
 
     @functools.cached_property
     def environment(self) -> ToolEnvironment:
-        from fints_repro.data.load import pwab_files
-
         files = pwab_files(self.dataset, self.seed)
         return ToolEnvironment(files.products, files.history, self.dataset.pwab)
 
@@ -369,8 +368,6 @@ class FunctionCallingTask(Task):
         return pool
 
     def pair_prompt(self, others: Sequence[HistoryItem], item: HistoryItem, layout: str) -> str:
-        from fints_repro.backbones.prompting import render_with_history
-
         return render_with_history(self.dataset, item.input, others)
 
     def pair_answer(self, generation: str, layout: str) -> str:

@@ -34,12 +34,12 @@ from fints_repro.config import BiPOConfig, SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel
+from fints_repro.preferences.pairs import Pair, attempt_stats, user_pairs
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
-from fints_repro.steering.hooks import steer
 from fints_repro.steering.extract import answer_weights, pad_batch
+from fints_repro.steering.hooks import steer
 from fints_repro.steering.logprob import packed, sequence_logprobs
-from fints_repro.steering.methods.common import strength, user_pairs, validate
-from fints_repro.steering.pairs import Pair, attempt_stats
+from fints_repro.steering.methods.common import strength, validate
 from fints_repro.steering.sites import hidden_size
 from fints_repro.steering.store import load_vectors, save_vectors
 
@@ -143,7 +143,7 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
     (SteerX); None: every token."""
     own = cfg.bipo
     layer = validate(cfg, lm, inputs.layers_path)
-    by_user = user_pairs(cfg, samples, inputs)
+    by_user = user_pairs(cfg.pairs, samples, inputs)
     groups = ({u: ps for u, ps in by_user.items() if ps} if own.scope == "user"
               else {"*": [p for ps in by_user.values() for p in ps]})
     groups = {g: ps for g, ps in groups.items() if ps}

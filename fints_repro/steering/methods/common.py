@@ -9,14 +9,14 @@ from typing import Sequence
 
 import torch
 
+from fints_repro.checks import check_layer, check_steering
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
+from fints_repro.preferences.pairs import Pair, attempt_stats, user_pairs
 from fints_repro.steering import SteeringInputs
 from fints_repro.steering.extract import pair_vectors
-from fints_repro.steering.pairs import Pair, attempt_stats, build_pairs, pair_stats
 from fints_repro.steering.sites import decoder_layers, default_layer
-from fints_repro.validate import check_layer, check_steering
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +43,12 @@ class PairVectors:
     attempts: dict = field(default_factory=dict)  # pairs.attempt_stats of the pairs
 
 
-def user_pairs(cfg: SteeringConfig, samples: Sequence[Sample],
-               inputs: SteeringInputs) -> dict[str, list[Pair]]:
-    """{user: contrastive pairs} for the users of ``samples``, as ``cfg.pairs`` says they
-    are made (from the profile items, or the users' training-split items), by the
-    generator of ``inputs``; cached by ``build_pairs``. What steering methods extract
-    vectors from and what a reward-model backbone trains on."""
-    items = None
-    if cfg.pairs.source == "train_samples" and inputs.pair_items:
-        # the run's users only: the other users' items in a generator prompt come from the
-        # sampled users, as in the authors' code, not from every user of the split
-        users = {s.user for s in samples}
-        items = {u: v for u, v in inputs.pair_items().items() if u in users}
-    by_user = build_pairs(samples, inputs.generator(), inputs.dataset, cfg.pairs, items_by_user=items,
-                          task=inputs.task, overlength=inputs.overlength,
-                          cache_dir=inputs.cache_dir, seed=inputs.seed, progress=inputs.progress)
-    log.info("contrastive pairs: %s", pair_stats(by_user))
-    return by_user
-
-
 def prepare(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
             inputs: SteeringInputs, chosen_weights=None) -> PairVectors:
     """Pairs and one vector per pair. ``chosen_weights(pairs)``: per pair, weights over
     the chosen side's answer tokens (SteerX's selected tokens); None: the plain mean."""
     layer = validate(cfg, lm, inputs.layers_path)
-    by_user = user_pairs(cfg, samples, inputs)
+    by_user = user_pairs(cfg.pairs, samples, inputs)
     pairs: list[Pair] = []
     rows: dict[str, list[int]] = {}
     for user, ps in by_user.items():

@@ -37,18 +37,19 @@ from typing import Sequence
 
 import torch
 
-from fints_repro.backbones.prompting import render_with_history
 from fints_repro.cache import atomic_file, content_hash
 from fints_repro.config import SteeringConfig, SteerXConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
+from fints_repro.models.generation import greedy_cached
 from fints_repro.models.loading import LoadedModel
+from fints_repro.preferences.pairs import Pair, user_history
 from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.extract import answer_means
 from fints_repro.steering.logprob import token_logprobs
 from fints_repro.steering.methods.common import extraction_context, prepare, strength
-from fints_repro.steering.pairs import Pair, user_history
 from fints_repro.steering.store import load_vectors, save_vectors
+from fints_repro.tasks.prompts import render_with_history
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,6 @@ def describe_users(lm: LoadedModel, tokens: dict[str, list[str]], own: SteerXCon
                    inputs: SteeringInputs) -> dict[str, str]:
     """Per user with tokens, one sentence of the run's LLM about the user's preference
     (greedy, no task system prompt, cached per prompt in ``<cache_dir>/steerx/``)."""
-    from fints_repro.generation import greedy_cached
-
     users = [u for u in sorted(tokens) if tokens[u]]
     prompts = [own.description_prompt.format(tokens=", ".join(tokens[u])) for u in users]
 

@@ -21,6 +21,9 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fints_repro.cache import GenerationStore, content_hash
+from fints_repro.models.chat import fit_chat_prompts
+from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -171,10 +174,6 @@ def greedy_cached(lm: LoadedModel, user_texts: Sequence[str], max_new_tokens: in
     descriptions). A prompt too long for the context with ``max_new_tokens`` is the error
     ``describe(index, n_tokens)`` or, under ``overlength="truncate"``, cut in its middle.
     Returns the generations and how many were generated (not read from the store)."""
-    from fints_repro.cache import GenerationStore, content_hash
-    from fints_repro.models.chat import fit_chat_prompts
-    from fints_repro.models.inspect import shape_of
-
     system = lm.system_prompt if system_prompt is _MODELS else system_prompt
     texts, over = fit_chat_prompts(lm.tokenizer, list(user_texts), system,  # type: ignore[arg-type]
                                    shape_of(lm.model).max_positions, max_new_tokens,

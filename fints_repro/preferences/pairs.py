@@ -32,19 +32,18 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 
-from fints_repro.backbones.prompting import truncate_words
 from fints_repro.cache import GenerationStore, content_hash
 from fints_repro.config import DatasetConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
-from fints_repro.generation import DecodingParams, generate_batches
 from fints_repro.models.chat import fit_chat_prompts
+from fints_repro.models.generation import DecodingParams, generate_batches
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
-from fints_repro.text import pattern, search
+from fints_repro.tasks.prompts import item_question
 
 if TYPE_CHECKING:
     from fints_repro.tasks import Task
@@ -55,6 +54,25 @@ QUESTION_MODES = ("task", "generation_prompt", "task_text")
 PROMPT_LAYOUTS = ("compact", "authors")
 ROUGE_IMPLS = ("rouge_score", "rouge")
 SOURCES = ("profile", "train_samples")
+
+
+@dataclass(kw_only=True)
+class PairSource:
+    """What making a run's pairs needs besides its samples (a steering method's inputs
+    extend it)."""
+
+    dataset: DatasetConfig
+    task: "Task"  # the pair generator's prompt, how its answer is read, the pair criterion
+    cache_dir: str
+    seed: int
+    generator: Callable[[], LoadedModel]  # writes the rejected side of the pairs
+    progress: bool = True
+    # steering.pairs.source=train_samples: the items pairs are made from, per user (the
+    # users' training-split samples); None = their profile items.
+    pair_items: Optional[Callable[[], dict[str, list[HistoryItem]]]] = None
+    # generation.overlength: a generator prompt longer than the generator's context is an
+    # error (naming it) or is cut in its middle
+    overlength: str = "error"
 
 
 @dataclass(frozen=True)
@@ -100,69 +118,6 @@ def user_history(samples: Sequence[Sample]) -> dict[str, list[HistoryItem]]:
         for h in s.history:
             items.setdefault(h.id, h)
     return {u: list(seen[u].values()) for u in sorted(seen)}
-
-
-def _inner(text: str, template: str) -> str:
-    """``text`` without the template's fixed beginning when it already has it (a training
-    sample's full input, "Generate a headline for the following article: ..."), so the
-    template does not add it twice."""
-    prefix = template.split("{input}")[0] if "{input}" in template else ""
-    return text[len(prefix):] if prefix and text.startswith(prefix) else text
-
-
-def item_question(item: HistoryItem, dataset: DatasetConfig, layout: str = "compact") -> str:
-    """An item's task question. ``compact``: ``dataset.question_template`` (an input that
-    already is the whole question stays as it is); ``authors``: the item's input as it is
-    when it starts with ``dataset.authors_keep_prefix`` (their ``startswith('Generate')``),
-    else ``dataset.authors_question_template``."""
-    if layout == "authors":
-        keep = dataset.authors_keep_prefix
-        if keep and item.input.startswith(keep):
-            return item.input
-        return dataset.authors_question_template.format(input=item.input)
-    t = dataset.question_template
-    return t.format(input=_inner(item.input, t))
-
-
-def generator_prompt(others: Sequence[HistoryItem], item: HistoryItem, dataset: DatasetConfig,
-                     layout: str = "compact") -> str:
-    """The generator's user turn (before any chat template).
-
-    ``compact``: the other users' items as ``Historical sample`` lines (as task questions,
-    their inputs cut to ``dataset.history_max_words`` like RAG prompts), a blank line, then
-    the item's question. ``authors``: ``dataset.pair_prompt_template`` with the item's task
-    input and the other users' items by ``dataset.authors_history_template`` (raw inputs,
-    untruncated, numbered from 0, joined by ``dataset.authors_history_separator``)."""
-    if layout == "authors":
-        history = dataset.authors_history_separator.join(
-            dataset.authors_history_template.format(i=i, input=o.input, output=o.output)
-            for i, o in enumerate(others))
-        return dataset.pair_prompt_template.format(input=item_question(item, dataset, layout),
-                                                   history=history)
-    t = dataset.question_template
-    lines = [
-        f"Historical sample {i}:\n Q: "
-        f"{t.format(input=truncate_words(_inner(o.input, t), dataset.history_max_words))}"
-        f". \n A: {o.output}."
-        for i, o in enumerate(others)
-    ]
-    return "\n".join(lines) + "\n\n" + item_question(item, dataset)
-
-
-def extract_answer(generation: str, dataset: DatasetConfig, layout: str = "compact") -> str:
-    """What a generation contributes as the ``rejected`` side ("" = no pair).
-
-    ``compact``: the stripped generation. ``authors`` (their ``generate``): the stripped
-    text after the last ``</think>``, then group 1 of the first ``dataset.pair_answer_regex``
-    match, as it is ("" without a match; a null regex keeps the whole text)."""
-    text = generation.strip()
-    if layout != "authors":
-        return text
-    text = text.split("</think>")[-1]
-    if dataset.pair_answer_regex is None:
-        return text
-    m = search(pattern(dataset.pair_answer_regex, "dataset.pair_answer_regex"), text)
-    return m.group(1) if m else ""
 
 
 def _draw_others(
@@ -359,3 +314,22 @@ def attempt_stats(pairs: dict[str, list[Pair]]) -> dict[str, Any]:
             "pair_attempts_per_user": dict(sorted(attempts.items())),
             "pairs_per_user": {u: len(ps) for u, ps in sorted(pairs.items())},
             "pair_outcomes": dict(getattr(pairs, "outcomes", {}))}
+
+
+def user_pairs(cfg: PairsConfig, samples: Sequence[Sample], source: PairSource
+               ) -> dict[str, list[Pair]]:
+    """{user: contrastive pairs} for the users of ``samples``, as ``cfg`` (the run's
+    ``steering.pairs``) says they are made (from the profile items, or the users'
+    training-split items), by the generator of ``source``; cached by ``build_pairs``. What
+    steering methods extract vectors from and what a reward-model backbone trains on."""
+    items = None
+    if cfg.source == "train_samples" and source.pair_items:
+        # the run's users only: the other users' items in a generator prompt come from the
+        # sampled users, as in the authors' code, not from every user of the split
+        users = {s.user for s in samples}
+        items = {u: v for u, v in source.pair_items().items() if u in users}
+    by_user = build_pairs(samples, source.generator(), source.dataset, cfg, items_by_user=items,
+                          task=source.task, overlength=source.overlength,
+                          cache_dir=source.cache_dir, seed=source.seed, progress=source.progress)
+    log.info("contrastive pairs: %s", pair_stats(by_user))
+    return by_user

@@ -5,8 +5,9 @@
 the run with a ``ConfigError`` that names its key (``generation.batch_size=0: must be at
 least 1``). Names of registered components (tasks, backbones, steering methods, metrics,
 post-processing rules, retrievers, loaders, trackers) are checked against their
-registries by :func:`check_names`; the steered layer against the model's depth by
-:func:`check_layer` once the model's config (not its weights) is known.
+registries where the run is composed (``compose.check_names``); the steered layer
+against the model's depth by :func:`check_layer` once the model's config (not its
+weights) is known.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from fints_repro.errors import ConfigError
 from fints_repro.text import pattern
 
 if TYPE_CHECKING:
-    from fints_repro.config import BackboneConfig, RunConfig, SteeringConfig, TrainConfig
+    from fints_repro.config import (BackboneConfig, DatasetConfig, RunConfig, SteeringConfig,
+                                    TrainConfig)
 
 POSITIONS = ("all", "prompt", "generated")
 SITES = ("resid", "attn", "mlp")
@@ -58,11 +60,13 @@ def finite(key: str, value: Any) -> None:
         _fail(key, value, "must be a finite number")
 
 
-def in_range(key: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and value <= high and (
-        value > low if low_open else value >= low)
+def in_range(key: str, value: Any, low: float, high: float, *, low_open: bool = False,
+             high_open: bool = False) -> None:
+    ok = (isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
     if not ok:
-        _fail(key, value, f"must be in {'(' if low_open else '['}{low}, {high}]")
+        _fail(key, value, f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
 
 
 def one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
@@ -135,7 +139,8 @@ def check_train(t: "TrainConfig", prefix: str) -> None:
     positive(f"{prefix}.epochs", t.epochs)
     at_least(f"{prefix}.batch_size", t.batch_size, 1)
     at_least(f"{prefix}.weight_decay", t.weight_decay, 0)
-    in_range(f"{prefix}.warmup_ratio", t.warmup_ratio, 0, 1)
+    # the share of the steps spent warming up; 1 would never reach the learning rate
+    in_range(f"{prefix}.warmup_ratio", t.warmup_ratio, 0, 1, high_open=True)
     positive(f"{prefix}.max_grad_norm", t.max_grad_norm)
     at_least(f"{prefix}.max_length", t.max_length, 2)
 
@@ -252,33 +257,6 @@ def check_run_config(cfg: "RunConfig") -> None:
     for i, spec in enumerate(cfg.methods):
         if not spec.backbone:
             _fail(f"methods[{i}].backbone", spec.backbone, "names no backbone")
-
-
-def check_names(cfg: "RunConfig", methods: Iterable[Any] = ()) -> None:
-    """Every component name against its registry (imports the registering modules)."""
-    from fints_repro.backbones import BACKBONES
-    from fints_repro.data.load import LOADERS
-    from fints_repro.eval.metrics import METRICS
-    from fints_repro.eval.postprocess import POSTPROCESS
-    from fints_repro.retrieval.base import RETRIEVERS
-    from fints_repro.steering import STEERING, load_methods
-    from fints_repro.tasks import TASKS, load_tasks
-    from fints_repro.tracking import TRACKERS
-
-    load_methods()
-    load_tasks()
-    TASKS.get(cfg.dataset.task_type, "dataset.task_type")
-    LOADERS.get(cfg.dataset.loader, "dataset.loader")
-    if getattr(TASKS.get(cfg.dataset.task_type), "scores_with_metric_functions", False):
-        for name in cfg.dataset.metrics:
-            METRICS.get(name, "dataset.metrics")
-    POSTPROCESS.get(cfg.generation.postprocess, "generation.postprocess")
-    RETRIEVERS.get(cfg.retriever.name, "retriever.name")
-    TRACKERS.get(cfg.logger.name, "logger.name")
-    for method in methods or [cfg]:
-        BACKBONES.get(method.backbone.name, "backbone.name")
-        STEERING.get(method.steering.name, "steering.name")
-        check_steering(method.steering, "steering")
 
 
 def check_layer(layer: int | None, n_layers: int, key: str = "steering.layer") -> None:
