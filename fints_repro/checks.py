@@ -12,6 +12,7 @@ weights) is known.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import TYPE_CHECKING, Any, Iterable
@@ -27,7 +28,6 @@ POSITIONS = ("all", "prompt", "generated")
 SITES = ("resid", "attn", "mlp")
 ATTN_READS = ("output", "residual")
 ANSWER_TOKENIZATIONS = ("separate", "joint")
-AGGREGATES = ("mean", "softmax")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGGER_MODES = ("offline", "online", "disabled")
 REWARD_BASES = ("zero_shot", "rag")
@@ -37,7 +37,7 @@ LORA_TRAIN_ON = ("auto", "history", "train_samples")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def _fail(key: str, value: Any, why: str) -> None:
+def fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"{key}={value!r}: {why}")
 
 
@@ -45,19 +45,19 @@ def at_least(key: str, value: Any, low: float, *, optional: bool = False) -> Non
     if value is None and optional:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low:
-        _fail(key, value, f"must be at least {low}")
+        fail(key, value, f"must be at least {low}")
 
 
 def positive(key: str, value: Any, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        _fail(key, value, "must be a positive number")
+        fail(key, value, "must be a positive number")
 
 
 def finite(key: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
+        fail(key, value, "must be a finite number")
 
 
 def in_range(key: str, value: Any, low: float, high: float, *, low_open: bool = False,
@@ -66,72 +66,44 @@ def in_range(key: str, value: Any, low: float, high: float, *, low_open: bool = 
           and (value > low if low_open else value >= low)
           and (value < high if high_open else value <= high))
     if not ok:
-        _fail(key, value, f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        fail(key, value, f"must be in {left}{low}, {high}{right}")
 
 
 def one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = list(allowed)
     if value not in allowed:
-        _fail(key, value, f"expected one of {allowed}")
+        fail(key, value, f"expected one of {allowed}")
 
 
 def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
-    """The steering values that need no model: sites, positions, strengths, method nodes."""
+    """The steering values that need no model: sites, positions, strengths, pairs, and each
+    method's own node (its settings' ``check(key, steering)``)."""
     if s.layer is not None and s.layer < 0:
-        _fail(f"{prefix}.layer", s.layer, "is outside the model (layers count from 0)")
+        fail(f"{prefix}.layer", s.layer, "is outside the model (layers count from 0)")
     if not s.sites:
-        _fail(f"{prefix}.sites", list(s.sites), "is empty: name at least one site")
+        fail(f"{prefix}.sites", list(s.sites), "is empty: name at least one site")
     for site in s.sites:
         if site not in SITES:
-            _fail(f"{prefix}.sites", site, f"unknown site; expected one of {list(SITES)}")
+            fail(f"{prefix}.sites", site, f"unknown site; expected one of {list(SITES)}")
     if len(set(s.sites)) != len(s.sites):
-        _fail(f"{prefix}.sites", list(s.sites), "names a site twice")
+        fail(f"{prefix}.sites", list(s.sites), "names a site twice")
     for name in ("alpha", "beta", "gamma", "scale"):
         finite(f"{prefix}.{name}", getattr(s, name))
     one_of(f"{prefix}.positions", s.positions, POSITIONS)
     one_of(f"{prefix}.attn_read", s.attn_read, ATTN_READS)
     one_of(f"{prefix}.answer_tokenization", s.answer_tokenization, ANSWER_TOKENIZATIONS)
     at_least(f"{prefix}.extract_batch_size", s.extract_batch_size, 1)
-    fg = s.fine_grained
-    at_least(f"{prefix}.fine_grained.top_k", fg.top_k, 1)
-    one_of(f"{prefix}.fine_grained.aggregate", fg.aggregate, AGGREGATES)
-    positive(f"{prefix}.fine_grained.tau", fg.tau)
-    at_least(f"{prefix}.caa.min_pairs", s.caa.min_pairs, 1)
-    b = s.bipo
-    one_of(f"{prefix}.bipo.scope", b.scope, ("user", "all"))
-    positive(f"{prefix}.bipo.beta", b.beta)
-    positive(f"{prefix}.bipo.lr", b.lr)
-    at_least(f"{prefix}.bipo.weight_decay", b.weight_decay, 0)
-    at_least(f"{prefix}.bipo.batch_size", b.batch_size, 1)
-    at_least(f"{prefix}.bipo.epochs", b.epochs, 1)
-    at_least(f"{prefix}.bipo.max_steps", b.max_steps, 1, optional=True)
-    at_least(f"{prefix}.bipo.warmup_steps", b.warmup_steps, 0)
-    positive(f"{prefix}.bipo.max_grad_norm", b.max_grad_norm, optional=True)
-    x = s.steerx
-    one_of(f"{prefix}.steerx.backbone", x.backbone, ("caa", "bipo", "fine_grained"))
-    one_of(f"{prefix}.steerx.effect", x.effect, ("logprob", "prob"))
-    if not (isinstance(x.tau, (int, float)) and (math.isfinite(x.tau) or x.tau == -math.inf)):
-        _fail(f"{prefix}.steerx.tau", x.tau, "must be a finite number (or -inf: every token)")
-    in_range(f"{prefix}.steerx.top_q", x.top_q, 0, 1, low_open=True)
-    at_least(f"{prefix}.steerx.k", x.k, 1, optional=True)
-    at_least(f"{prefix}.steerx.batch_size", x.batch_size, 1)
-    at_least(f"{prefix}.steerx.description_tokens", x.description_tokens, 1)
-    at_least(f"{prefix}.steerx.description_max_new_tokens", x.description_max_new_tokens, 1)
-    if x.use_description and not x.description:
-        _fail(f"{prefix}.steerx.use_description", x.use_description,
-              "needs the description: set steering.steerx.description=true")
-    _placeholders(f"{prefix}.steerx.description_prompt", x.description_prompt, ["tokens"])
-    _placeholders(f"{prefix}.steerx.description_question_template",
-                  x.description_question_template, ["question", "description"])
-    if s.name == "steerx" and s.answer_tokenization != "separate":
-        _fail(f"{prefix}.answer_tokenization", s.answer_tokenization,
-              "steering=steerx selects answer tokens as tokenised apart: set it to separate")
     p = s.pairs
     at_least(f"{prefix}.pairs.attempts", p.attempts, 1)
     at_least(f"{prefix}.pairs.k_other", p.k_other, 1, optional=True)
     at_least(f"{prefix}.pairs.batch_size", p.batch_size, 1)
     positive(f"{prefix}.pairs.temperature", p.temperature)
     one_of(f"{prefix}.pairs.call_serialisation", p.call_serialisation, ("same", "authors"))
+    for f in dataclasses.fields(s):
+        node = getattr(s, f.name)
+        if callable(getattr(node, "check", None)):
+            node.check(f"{prefix}.{f.name}", s)
 
 
 def check_train(t: "TrainConfig", prefix: str) -> None:
@@ -145,10 +117,10 @@ def check_train(t: "TrainConfig", prefix: str) -> None:
     at_least(f"{prefix}.max_length", t.max_length, 2)
 
 
-def _placeholders(key: str, template: str, names: Iterable[str]) -> None:
+def has_placeholders(key: str, template: str, names: Iterable[str]) -> None:
     missing = [n for n in names if "{" + n + "}" not in template]
     if missing:
-        _fail(key, template, f"lacks the placeholder(s) {', '.join('{' + n + '}' for n in missing)}")
+        fail(key, template, f"lacks the placeholder(s) {', '.join('{' + n + '}' for n in missing)}")
 
 
 def check_lora(b: "BackboneConfig", prefix: str = "backbone.lora") -> None:
@@ -160,7 +132,7 @@ def check_lora(b: "BackboneConfig", prefix: str = "backbone.lora") -> None:
     one_of(f"{prefix}.train_template", lc.train_template, LORA_TEMPLATES)
     one_of(f"{prefix}.train_on", lc.train_on, LORA_TRAIN_ON)
     if lc.target_modules is not None and not lc.target_modules:
-        _fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
+        fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
     check_train(lc.train, f"{prefix}.train")
 
 
@@ -176,14 +148,14 @@ def check_reward_model(b: "BackboneConfig", prefix: str = "backbone.reward_model
     positive(f"{prefix}.lora_alpha", r.lora_alpha)
     in_range(f"{prefix}.lora_dropout", r.lora_dropout, 0, 1)
     if r.target_modules is not None and not r.target_modules:
-        _fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
+        fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
     check_train(r.train, f"{prefix}.train")
     at_least(f"{prefix}.score_batch_size", r.score_batch_size, 1)
     at_least(f"{prefix}.judge_max_new_tokens", r.judge_max_new_tokens, 1)
     at_least(f"{prefix}.persona_max_new_tokens", r.persona_max_new_tokens, 1)
     at_least(f"{prefix}.persona_max_pairs", r.persona_max_pairs, 1)
-    _placeholders(f"{prefix}.persona_template", r.persona_template, ["pairs"])
-    _placeholders(f"{prefix}.judge_template", r.judge_template, ["persona", "input", "a", "b"])
+    has_placeholders(f"{prefix}.persona_template", r.persona_template, ["pairs"])
+    has_placeholders(f"{prefix}.judge_template", r.judge_template, ["persona", "input", "a", "b"])
 
 
 def check_pwab(d: "DatasetConfig") -> None:
@@ -192,7 +164,7 @@ def check_pwab(d: "DatasetConfig") -> None:
     one_of("dataset.pwab.parse", w.parse, ("lenient", "strict"))
     one_of("dataset.pwab.recommender", w.recommender, ("cooccurrence", "sasrec"))
     if w.recommender == "sasrec" and not (w.sasrec_checkpoint and w.sasrec_item_ids):
-        _fail("dataset.pwab.recommender", w.recommender,
+        fail("dataset.pwab.recommender", w.recommender,
               "needs dataset.pwab.sasrec_checkpoint and dataset.pwab.sasrec_item_ids")
     for key in ("search_k", "recommend_k", "max_sequence"):
         at_least(f"dataset.pwab.{key}", getattr(w, key), 1)
@@ -224,7 +196,7 @@ def check_run_config(cfg: "RunConfig") -> None:
     one_of("dataset.users_from", d.users_from, ("eval_split", "both_splits", "unseen"))
     at_least("dataset.n_seen_users", d.n_seen_users, 1, optional=True)
     if d.users_from != "eval_split" and d.train_split == d.split:
-        _fail("dataset.users_from", d.users_from,
+        fail("dataset.users_from", d.users_from,
               f"compares the evaluation split with the training split, and both are {d.split!r} "
               "(dataset.train_split)")
     in_range("dataset.history_fraction", d.history_fraction, 0, 1, low_open=True)
@@ -232,14 +204,14 @@ def check_run_config(cfg: "RunConfig") -> None:
     at_least("dataset.pair_k_other", d.pair_k_other, 1)
     at_least("dataset.history_max_words", d.history_max_words, 1, optional=True)
     if d.users is not None and not d.users:
-        _fail("dataset.users", [], "is empty (null selects every user)")
+        fail("dataset.users", [], "is empty (null selects every user)")
     if not d.metrics:
-        _fail("dataset.metrics", [], "must name at least one metric")
+        fail("dataset.metrics", [], "must name at least one metric")
     for key, regex in (("dataset.query_regex", d.query_regex),
                        ("dataset.pair_answer_regex", d.pair_answer_regex)):
         if regex is not None and pattern(regex, key, dotall=key == "dataset.query_regex").groups < 1:
-            _fail(key, regex, "has no group: group 1 of its first match is what is kept")
-    _placeholders("dataset.zero_shot_template", d.zero_shot_template, ["input"])
+            fail(key, regex, "has no group: group 1 of its first match is what is kept")
+    has_placeholders("dataset.zero_shot_template", d.zero_shot_template, ["input"])
     at_least("backbone.k", cfg.backbone.k, 0, optional=True)
     one_of("backbone.memory", cfg.backbone.memory, ("retrieved", "last"))
     check_pwab(d)
@@ -250,15 +222,15 @@ def check_run_config(cfg: "RunConfig") -> None:
     at_least("threads", cfg.threads, 1, optional=True)
     one_of("model.dtype", m.dtype, DTYPES)
     if not _DEVICE.match(m.device):
-        _fail("model.device", m.device, "expected auto, cpu, mps, cuda or cuda:N")
+        fail("model.device", m.device, "expected auto, cpu, mps, cuda or cuda:N")
     one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     at_least("logger.n_table_rows", cfg.logger.n_table_rows, 0)
     check_steering(cfg.steering)
     for i, spec in enumerate(cfg.methods):
         if not spec.backbone:
-            _fail(f"methods[{i}].backbone", spec.backbone, "names no backbone")
+            fail(f"methods[{i}].backbone", spec.backbone, "names no backbone")
 
 
 def check_layer(layer: int | None, n_layers: int, key: str = "steering.layer") -> None:
     if layer is not None and not 0 <= layer < n_layers:
-        _fail(key, layer, f"is outside the model (layers 0..{n_layers - 1})")
+        fail(key, layer, f"is outside the model (layers 0..{n_layers - 1})")

@@ -12,18 +12,21 @@ the preset, unless a method sets its own layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from fints_repro.checks import check_steering
-from fints_repro.config import (BackboneConfig, GenerationConfig, RunConfig, SteeringConfig,
-                                register_configs)
+from fints_repro.config import BackboneConfig, GenerationConfig, RunConfig, SteeringConfig
 from fints_repro.errors import ConfigError
+from fints_repro.steering import steering_schema
 
 CONFIG_MODULE = "fints_repro.conf"
 # The groups a method chooses (fidelity: optionally); its overrides may only touch these
@@ -33,6 +36,29 @@ METHOD_GROUPS = ("backbone", "steering")
 METHOD_OVERRIDES = (*METHOD_GROUPS, "generation")
 # Generation settings that hold for the whole run (the task parses every method's rows alike).
 RUN_WIDE = ("generation.postprocess",)
+
+
+@functools.cache
+def run_schema() -> type:
+    """``RunConfig`` whose ``steering`` node holds every registered method's settings."""
+    steering = steering_schema()
+    schema = dataclasses.make_dataclass(
+        "RunSchema", [("steering", steering, dataclasses.field(default_factory=steering))],
+        bases=(RunConfig,))
+    schema.__module__ = __name__  # found by name through __getattr__ (pickle, multirun)
+    return schema
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RunSchema":
+        return run_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_configs() -> None:
+    """Store the run's schema in Hydra's ConfigStore (``schema``, the first default of
+    ``conf/config.yaml``)."""
+    ConfigStore.instance().store(name="schema", node=run_schema())
 
 
 @dataclass
@@ -46,16 +72,42 @@ class Method:
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
 
 
+# Keys that were renamed, old -> new: an old key (in an override, a preset or a yaml)
+# stops the run with an error naming the new one.
+RENAMED = {
+    "steering.steerx.backbone": "steering.steerx.base",
+}
+
+
+def renamed_key_error(text: str) -> ConfigError | None:
+    """The error for the first renamed key that ``text`` (an override or Hydra's message)
+    names, or None."""
+    for old, new in RENAMED.items():
+        if re.search(rf"(?<![\w.]){re.escape(old)}(?![\w])", text):
+            return ConfigError(f"{old} is now {new}: rename it (in the override, the preset "
+                               "or the yaml that sets it)")
+    return None
+
+
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``python -m fints_repro.run <overrides>`` runs with (without ``hydra``).
 
     Inside a running Hydra app (``@hydra.main``, also in a multirun job) the app's own
     config search path is used; elsewhere (tests, scripts) the package's ``conf/``."""
     register_configs()
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name="config", overrides=list(overrides))
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    for o in overrides:
+        if (e := renamed_key_error(o.split("=", 1)[0].lstrip("+~"))) is not None:
+            raise e
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return hydra_compose(config_name="config", overrides=list(overrides))
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as e:
+        renamed = renamed_key_error(str(e))
+        if renamed is None:
+            raise
+        raise renamed from e
 
 
 def group_options(group: str) -> list[str]:
@@ -166,12 +218,10 @@ def check_names(cfg: "RunConfig", methods: Iterable[Any] = ()) -> None:
     from fints_repro.eval.metrics import METRICS
     from fints_repro.eval.postprocess import POSTPROCESS
     from fints_repro.retrieval.base import RETRIEVERS
-    from fints_repro.steering import STEERING, load_methods
-    from fints_repro.tasks import TASKS, load_tasks
+    from fints_repro.steering import STEERING
+    from fints_repro.tasks import TASKS
     from fints_repro.tracking import TRACKERS
 
-    load_methods()
-    load_tasks()
     TASKS.get(cfg.dataset.task_type, "dataset.task_type")
     LOADERS.get(cfg.dataset.loader, "dataset.loader")
     if getattr(TASKS.get(cfg.dataset.task_type), "scores_with_metric_functions", False):

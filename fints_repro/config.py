@@ -1,10 +1,12 @@
 """Typed configuration: the schema every Hydra config is merged into.
 
 Each config group (``dataset``, ``model``, ``backbone``, ``steering``, ``retriever``,
-``logger``) has a dataclass here. ``register_configs()`` stores the top-level schema in
-Hydra's ConfigStore as ``schema``; ``conf/config.yaml`` lists it first in its defaults, so
-every group file and command-line override is merged into a typed, struct node: a
-misspelt key or a wrong type stops the run at start-up with Hydra's message naming the key.
+``logger``) has a dataclass here; a plug-in's own settings (``steering.caa.*``) are declared
+in its module and joined to these where the run is composed (``compose.register_configs``
+stores the whole schema in Hydra's ConfigStore as ``schema``; ``conf/config.yaml`` lists it
+first in its defaults), so every group file and command-line override is merged into a
+typed, struct node: a misspelt key or a wrong type stops the run at start-up with Hydra's
+message naming the key.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fints_repro.checks import check_run_config
@@ -385,100 +386,13 @@ class PairsConfig:
 
 
 @dataclass
-class CAAConfig:
-    """``steering=caa``: one vector per user, the mean of all the user's pair vectors."""
-
-    # Users with fewer pairs than this are left unsteered (1: every user with a pair).
-    min_pairs: int = 1
-    # The authors' train.py creates its activation lists once, outside the loop over users:
-    # a user's vector is the mean over the pairs of every user processed so far (in the
-    # order users first appear in the training split; otherwise sorted), a user without
-    # pairs gets the earlier users' mean. false (ours): each user's own pairs.
-    across_users: bool = False
-
-
-@dataclass
-class FineGrainedConfig:
-    """``steering=fine_grained`` (Fints): per test input, the top-K of its user's pairs."""
-
-    top_k: int = 5
-    aggregate: str = "mean"  # mean | softmax (weights softmax(score / tau))
-    tau: float = 0.1
-    # The retriever (a `retriever` group option) that ranks a user's pairs for an input;
-    # null = the run's. The authors rank with Contriever (mean pooling, dot product).
-    retriever: Optional[str] = None
-    # The authors' PerSteer.py stores a user's vectors in a dict keyed by the pair's
-    # question: pairs with the same question (two attempts of one PersonalWAB task) share
-    # the vectors of the last of them. false (ours): each pair its own.
-    key_by_question: bool = False
-
-
-@dataclass
-class BiPOConfig:
-    """``steering=bipo``: a vector trained by bi-directional preference optimisation
-    (defaults: the BiPO code's). One optimiser step per batch of pairs; ``epochs`` passes
-    over the pairs unless ``max_steps`` is set."""
-
-    scope: str = "user"  # user: one vector per user from their pairs; all: one for every pair
-    beta: float = 0.1
-    lr: float = 5e-4
-    # Their train.py declares weight_decay=0.05 but never passes it to the trainer, whose
-    # default (0.0) is what runs.
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    # The BiPO code trains 5-20 epochs over thousands of pairs; a demo user has 10-14
-    # pairs, so 20 epochs are 20 * ceil(pairs / 4) = 60-80 steps.
-    epochs: int = 20
-    max_steps: Optional[int] = None
-    # Their trainer's schedule (bipo_trainer.py, train.py, transformers' Trainer): the EOS
-    # token appended to both answers (its log-probability in the loss), a linear warm-up
-    # over the first warmup_steps steps of the cosine schedule, and the gradient's norm
-    # clipped at max_grad_norm (null: no clipping).
-    append_eos: bool = True
-    warmup_steps: int = 100
-    max_grad_norm: Optional[float] = 1.0
-
-
-@dataclass
-class SteerXConfig:
-    """``steering=steerx`` (our reading of SteerX, arXiv 2510.22256): vectors of the
-    ``backbone`` method built from the preference-driven tokens of each user's outputs
-    only, the tokens whose log-probability the user's own history raises by more than
-    ``tau`` (README: "SteerX")."""
-
-    backbone: str = "caa"  # caa | bipo | fine_grained
-    # logprob: delta_t = log p(y_t | x, H) - log p(y_t | x, no history); prob: the
-    # difference of probabilities (NextQuill's, with tau 0.05)
-    effect: str = "logprob"
-    tau: float = 0.0
-    # an output with no token above tau keeps its top ceil(top_q * n) tokens by delta
-    top_q: float = 0.2
-    # history items of the user in H (the item's RAG prompt; null = dataset.rag_k)
-    k: Optional[int] = None
-    batch_size: int = 8
-    # 3. The user's preference in words, written greedily by the run's LLM (no task system
-    # prompt) from the user's selected tokens: the `description_tokens` distinct ones of
-    # largest summed delta; cached, in predictions.jsonl as `steerx_description`.
-    description: bool = True
-    description_tokens: int = 30
-    description_max_new_tokens: int = 48
-    description_prompt: str = (
-        "These words are the ones a user's own texts use because of who the user is:\n"
-        "{tokens}\n\nIn one sentence, describe what this user prefers (topics, style, "
-        "wording).")
-    # 4. use_description: add, at each steered site, the mean over the user's pairs of the
-    # chosen side's activations under "question + description" minus under the question
-    # (times the site's strength); off = SteerX is its backbone on the selected tokens.
-    use_description: bool = False
-    description_question_template: str = "{question}\n\nAbout this user: {description}"
-
-
-@dataclass
 class SteeringConfig:
-    """What every steering method shares (where and how strongly vectors are added, how
-    pairs are made and read), and one typed node per method for its own settings
-    (``steering.fine_grained.top_k``, ...): a method's parameter never collides with
-    another's. ``name`` picks the method; the nodes of the others are ignored."""
+    """What every steering method shares: where and how strongly vectors are added, how
+    pairs are made and read. Each method's own settings are a typed node next to these
+    (``steering.fine_grained.top_k``), declared in the method's module and added to the
+    schema when the run is composed (``steering.steering_schema``): a method's parameter
+    never collides with another's. ``name`` picks the method; the others' nodes are
+    ignored."""
 
     name: str = "none"  # none | caa | fine_grained | bipo | steerx
     # Decoder layer to steer (0-based); null = round(2/3 of the depth).
@@ -503,11 +417,6 @@ class SteeringConfig:
     # adapter active (the model the steering acts on); false = with the base model.
     extract_with_adapter: bool = True
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    # One node per method.
-    caa: CAAConfig = field(default_factory=CAAConfig)
-    fine_grained: FineGrainedConfig = field(default_factory=FineGrainedConfig)
-    bipo: BiPOConfig = field(default_factory=BiPOConfig)
-    steerx: SteerXConfig = field(default_factory=SteerXConfig)
 
 
 @dataclass
@@ -599,6 +508,3 @@ class RunConfig:
         # data or model is loaded, with the key named (fints_repro/checks.py).
         check_run_config(self)
 
-
-def register_configs() -> None:
-    ConfigStore.instance().store(name="schema", node=RunConfig)

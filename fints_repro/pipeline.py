@@ -47,7 +47,7 @@ from fints_repro.models.inspect import shape_from_config, shape_of
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.report import FAILED, INTERRUPTED, markdown
 from fints_repro.retrieval import Retriever, build_retriever
-from fints_repro.steering import STEERING, SteeringInputs, load_methods
+from fints_repro.steering import STEERING, SteeringInputs
 from fints_repro.tasks import Task, build_task
 from fints_repro.tracking import open_tracker
 
@@ -388,7 +388,6 @@ def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | Non
 def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | None) -> dict[str, Any]:
     # Start-up checks, before any data or model is loaded: every method is composed and
     # every name and value checked (RunConfig's own values were checked when it was made).
-    load_methods()
     methods = resolve_methods(cfg, overrides)
     check_names(cfg, methods)
     shape = shape_from_config(cfg.model, cfg.cache_dir)

@@ -22,7 +22,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fints_repro.cache import write_text_atomic
-from fints_repro.config import RunConfig, register_configs
+from fints_repro.compose import register_configs
+from fints_repro.config import RunConfig
 from fints_repro.errors import FintsError
 from fints_repro.report import FAILED, INTERRUPTED
 from fints_repro.signals import Interrupted, stop_on_signals

@@ -59,10 +59,9 @@ def main() -> None:
     from fints_repro.models.chat import render_chat
     from fints_repro.models.loading import load_model
     from fints_repro.pipeline import Resources
-    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.steering import STEERING
     from fints_repro.tasks import build_task
 
-    load_methods()
     overrides = ["+exp=demo", "backbone=lora", "logger=none", "progress=false", "fidelity=ours",
                  "steering.pairs.max_new_tokens=null"]
     cfg = compose_run(overrides)

@@ -43,11 +43,10 @@ def main() -> None:
     from fints_repro.models.loading import load_model
     from fints_repro.pipeline import Resources, with_task_system_prompt
     from fints_repro.report import markdown
-    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.steering import STEERING
     from fints_repro.preferences import user_pairs
     from fints_repro.tasks import build_task
 
-    load_methods()
     base = [f"+exp={args.exp}", "logger=none", "progress=false", f"seed={args.seed}", *args.overrides]
     cfg = compose_run(base)
     samples = load_samples(cfg.dataset, seed=cfg.seed)
@@ -57,7 +56,7 @@ def main() -> None:
         Path(__file__).resolve().parents[1] / "conf" / "exp" / f"{args.exp}.yaml"))["methods"]
         if m.get("steering")]
     methods.append({"steering": "steerx", "name": "rag+steerx(caa)+description",
-                    "overrides": {"steering.steerx.backbone": "caa",
+                    "overrides": {"steering.steerx.base": "caa",
                                   "steering.steerx.use_description": True}})
     if args.only:
         methods = [m for m in methods if (m.get("name") or f"rag+{m['steering']}") in args.only]

@@ -82,12 +82,11 @@ def main() -> None:
     from fints_repro.models.chat import render_chat
     from fints_repro.pipeline import Resources
     from fints_repro.models.loading import load_model
-    from fints_repro.steering import STEERING, load_methods
+    from fints_repro.steering import STEERING
     from fints_repro.steering.extract import answer_means
     from fints_repro.steering.methods.common import prepare
     from fints_repro.tasks import build_task
 
-    load_methods()
     # The vectors only need to exist: our pairs (fidelity=ours) are the quick ones to make.
     overrides = ["+exp=demo", "logger=none", "progress=false", "fidelity=ours",
                  "steering.pairs.max_new_tokens=null"]  # as the demo's rag+...(ours) rows

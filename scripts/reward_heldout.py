@@ -63,10 +63,8 @@ def main() -> None:
     from fints_repro.data.schema import Sample
     from fints_repro.models.loading import load_model
     from fints_repro.pipeline import Resources
-    from fints_repro.steering import load_methods
     from fints_repro.tasks import build_task
 
-    load_methods()
     out: dict = {"every": args.every, "seeds": {}}
     totals = [0, 0, 0]  # held-out pairs, ranked right trained, ranked right untrained
     for seed in args.seeds:

@@ -178,28 +178,59 @@ def test_names_and_the_layer_fail_before_data_or_model_load(override, key, tiny_
 # ------------------------------------------------------------------ registries
 
 
-def test_every_component_kind_has_one_registry_that_rejects_duplicates() -> None:
+def test_every_component_kind_has_one_registry_that_finds_its_plugins_by_itself() -> None:
+    """Each registry imports its package's modules on first use: every built-in plug-in is
+    there without a list of imports; a duplicate names both places; a miss suggests the
+    near names."""
     from fints_repro.backbones import BACKBONES
     from fints_repro.data.load import LOADERS
     from fints_repro.eval.metrics import METRICS
     from fints_repro.eval.postprocess import POSTPROCESS
-    from fints_repro.registry import Registry
     from fints_repro.retrieval.base import RETRIEVERS
-    from fints_repro.steering import STEERING, load_methods
-    from fints_repro.tasks import TASKS, load_tasks
+    from fints_repro.steering import STEERING
+    from fints_repro.tasks import TASKS
     from fints_repro.tracking import TRACKERS
 
-    load_methods()
-    load_tasks()
-    expected = {TASKS: "text_gen", BACKBONES: "rag", STEERING: "fine_grained", METRICS: "rouge",
-                POSTPROCESS: "fints_first_line", RETRIEVERS: "bm25", LOADERS: "lamp",
-                TRACKERS: "wandb"}
-    for registry, name in expected.items():
-        assert isinstance(registry, Registry) and name in registry.names()
-        with pytest.raises(ValueError, match="registered twice"):
-            registry.register(name)(object())
-        with pytest.raises(ConfigError, match="known"):
-            registry.get("no-such-thing")
+    expected = {TASKS: ["function_calling", "text_gen"],
+                BACKBONES: ["lora", "rag", "reward_model", "zero_shot"],
+                STEERING: ["bipo", "caa", "fine_grained", "none", "steerx"],
+                METRICS: ["meteor", "rouge"], POSTPROCESS: ["fints_first_line", "strip"],
+                RETRIEVERS: ["bm25", "contriever", "dense", "minilm"],
+                LOADERS: ["demo", "demo_pwab", "lamp", "longlamp", "pwab"],
+                TRACKERS: ["none", "wandb"]}
+    for registry, names in expected.items():  # (this file registers a probe backbone)
+        assert [n for n in registry.names() if not registry.origin(n).startswith("tests.")] == names
+        with pytest.raises(ValueError, match=rf"{registry.kind} {names[0]!r} is registered twice: "
+                                             r"by fints_repro\.\S+ and by builtins\.object"):
+            registry.copy().register(names[0])(object)
+    with pytest.raises(ConfigError) as e:
+        STEERING.get("fine_graned", "steering.name")
+    assert str(e.value) == ("unknown steering.name='fine_graned' (steering method); did you mean "
+                            "'fine_grained'? known: ['bipo', 'caa', 'fine_grained', 'none', 'steerx']")
+    with pytest.raises(ConfigError) as e:
+        TRACKERS.get("tensorboard", "logger.name")
+    assert str(e.value) == "unknown logger.name='tensorboard' (tracker); known: ['none', 'wandb']"
+
+
+def test_a_registry_imports_every_module_of_its_package_once(tmp_path, monkeypatch) -> None:
+    from fints_repro.registry import Registry
+
+    pkg = tmp_path / "plugins_for_test"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from fints_repro.registry import Registry\n"
+                                     "R = Registry('widget', package='plugins_for_test')\n")
+    for name in ("alpha", "beta"):
+        (pkg / f"{name}.py").write_text(f"from plugins_for_test import R\n"
+                                        f"IMPORTS = globals().get('IMPORTS', 0) + 1\n"
+                                        f"@R.register('{name}')\ndef make():\n    return '{name}'\n")
+    (pkg / "_helper.py").write_text("raise RuntimeError('a private module is not a plug-in')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    R = importlib.import_module("plugins_for_test").R
+    assert isinstance(R, Registry) and R._items == {}  # nothing imported yet
+    assert R.get("beta")() == "beta" and R.names() == ["alpha", "beta"]
+    assert R.get("alpha")() == "alpha"  # a second lookup imports nothing again
+    assert importlib.import_module("plugins_for_test.alpha").IMPORTS == 1
 
 
 # ------------------------------------------------------------------ the text-generation task
@@ -472,9 +503,9 @@ def _get(node, dotted: str):
 
 
 def test_paper_presets_run_the_authors_pipeline_and_fidelity_ours_switches_it_back() -> None:
-    from fints_repro.config import SteeringConfig
+    from fints_repro.steering import steering_schema
 
-    ours = SteeringConfig()
+    ours = steering_schema()()
     for preset in ("lamp_news", "longlamp_abstract"):
         for m in _methods([f"+exp={preset}"]).values():
             assert {k: _get(m.steering, k) for k in AUTHORS} == AUTHORS, (preset, m.name)

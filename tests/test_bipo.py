@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fints_repro.config import BiPOConfig
 from fints_repro.preferences.pairs import Pair
 from fints_repro.steering.extract import pad_batch
 from fints_repro.steering.logprob import packed, sequence_logprobs
-from fints_repro.steering.methods.bipo import _reference, bipo_loss, train_vector
+from fints_repro.steering.methods.bipo import BiPOSettings, _reference, bipo_loss, train_vector
 from fints_repro.steering.sites import decoder_layers
 from tests.conftest import assert_config_error, run
 
@@ -147,12 +146,12 @@ def test_the_schedule_warms_up_and_clips_as_their_trainer(lm, monkeypatch) -> No
         return real(self, *a, **kw)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    cfg = BiPOConfig(lr=0.01, batch_size=2, beta=50.0, max_steps=4)  # beta 50: large gradients
+    cfg = BiPOSettings(lr=0.01, batch_size=2, beta=50.0, max_steps=4)  # beta 50: large gradients
     train_vector(lm, PAIRS, 1, cfg, seed=0)
     assert [lr for lr, _ in seen] == pytest.approx([0.01 * s / 100 for s in range(4)])
     assert all(norm <= 1.0 + 1e-6 for _, norm in seen)
     seen.clear()
-    train_vector(lm, PAIRS, 1, BiPOConfig(lr=0.01, batch_size=2, beta=50.0, max_steps=4,
+    train_vector(lm, PAIRS, 1, BiPOSettings(lr=0.01, batch_size=2, beta=50.0, max_steps=4,
                                           warmup_steps=0, max_grad_norm=None), seed=0)
     import math
     assert [lr for lr, _ in seen] == pytest.approx(
@@ -168,7 +167,7 @@ def test_training_raises_the_chosen_markers_log_probability(lm) -> None:
     texts = ["rain again today", "markets fall", "cup glory", "new phone out", "city votes",
              "storm warning", "art show opens", "bus fares rise"]
     pairs = [Pair("u", str(i), f"Headline {i}:", f"ZQX {t}", t, 0.0, 0) for i, t in enumerate(texts)]
-    v, losses = train_vector(lm, pairs, 1, BiPOConfig(lr=0.05, epochs=8, batch_size=4, beta=0.5,
+    v, losses = train_vector(lm, pairs, 1, BiPOSettings(lr=0.05, epochs=8, batch_size=4, beta=0.5,
                                                       warmup_steps=0), seed=0)
     assert len(losses) == 16 and losses[-1] < losses[0]
     qs = [p.question for p in pairs]

@@ -22,11 +22,12 @@ import pytest
 import torch
 
 from fints_repro.compose import compose_run, resolve_methods
-from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig, SteeringConfig
+from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig
 from fints_repro.data.load import load_samples
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
 from fints_repro.preferences.pairs import Pair
+from fints_repro.steering import steering_schema
 from fints_repro.tasks import build_task
 from tests.conftest import FIXTURES, run
 
@@ -228,7 +229,7 @@ def test_caa_across_users_is_the_mean_over_every_user_so_far(monkeypatch) -> Non
     inputs = SimpleNamespace(pair_items=lambda: order, layers_path="")
     lm = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(hidden_size=4)))
     monkeypatch.setattr("fints_repro.steering.methods.caa.hidden_size", lambda model: 4)
-    cfg = SteeringConfig(name="caa", layer=0, sites=["resid"], gamma=1.0)
+    cfg = steering_schema()(name="caa", layer=0, sites=["resid"], gamma=1.0)
     cfg.pairs.source = "train_samples"
     cfg.caa.across_users = True
     plan = caa(cfg, lm, samples, inputs, pv=pv)

@@ -26,26 +26,26 @@ import torch
 
 import fints_repro.preferences.pairs as pairs_mod
 from fints_repro.config import (
-    CAAConfig,
     DatasetConfig,
     EvalConfig,
-    FineGrainedConfig,
     GenerationConfig,
     ModelConfig,
-    SteeringConfig,
 )
 from fints_repro.data.schema import Sample
 from fints_repro.errors import FintsError
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.preferences.pairs import Pair
 from fints_repro.retrieval.bm25 import BM25Retriever
-from fints_repro.steering import SteeringInputs, SteeringPlan
+from fints_repro.steering import SteeringInputs, SteeringPlan, steering_schema
 from fints_repro.steering.extract import answer_means
 from fints_repro.steering.hooks import steer
-from fints_repro.steering.methods.caa import caa
-from fints_repro.steering.methods.fine_grained import fine_grained
+from fints_repro.steering.methods.caa import CAASettings, caa
+from fints_repro.steering.methods.fine_grained import FineGrainedSettings, fine_grained
 from fints_repro.steering.sites import hidden_size
 from fints_repro.tasks import build_task
+
+# the steering config as a run composes it: the shared fields and every method's node
+SteeringConfig = steering_schema()
 
 PREFIX = "Generate a headline for the following article: "
 DATASET = DatasetConfig(name="demo_news", loader="demo", task="demo_news", path="unused",
@@ -184,7 +184,7 @@ def test_fine_grained_is_strength_times_weighted_top_k(lm, fake_pairs, tmp_path,
                                                        top_k, aggregate, tau) -> None:
     sites = ["attn", "mlp"]
     cfg = SteeringConfig(name="fine_grained", layer=LAYER, sites=sites, **STRENGTH,
-                         fine_grained=FineGrainedConfig(top_k=top_k, aggregate=aggregate, tau=tau))
+                         fine_grained=FineGrainedSettings(top_k=top_k, aggregate=aggregate, tau=tau))
     with caplog.at_level(logging.WARNING):
         plan = fine_grained(cfg, lm, SAMPLES, _inputs(lm, tmp_path))
     per_user = {u: _user_vectors(lm, u, LAYER, sites) for u in ("u1", "u2")}
@@ -229,7 +229,7 @@ def test_fine_grained_is_strength_times_weighted_top_k(lm, fake_pairs, tmp_path,
 
 def test_fine_grained_with_k_one_and_a_single_pair_user_differ(lm, fake_pairs, tmp_path) -> None:
     """Different inputs of one user get different vectors (instance-level, not user-level)."""
-    cfg = SteeringConfig(name="fine_grained", layer=LAYER, fine_grained=FineGrainedConfig(top_k=1))
+    cfg = SteeringConfig(name="fine_grained", layer=LAYER, fine_grained=FineGrainedSettings(top_k=1))
     plan = fine_grained(cfg, lm, SAMPLES, _inputs(lm, tmp_path))
     a = plan.vectors[(LAYER, "attn")]
     assert plan.row_info[1]["pairs"] != plan.row_info[3]["pairs"]
@@ -245,10 +245,10 @@ BAD = [
     (dict(layer=-1), "outside the model"),
     (dict(sites=["attn", "ffn"]), "unknown site"),
     (dict(sites=[]), "empty"),
-    (dict(fine_grained=FineGrainedConfig(top_k=0)), "steering.fine_grained.top_k"),
-    (dict(fine_grained=FineGrainedConfig(aggregate="max")), "steering.fine_grained.aggregate"),
-    (dict(fine_grained=FineGrainedConfig(tau=0.0)), "steering.fine_grained.tau"),
-    (dict(caa=CAAConfig(min_pairs=0)), "steering.caa.min_pairs"),
+    (dict(fine_grained=FineGrainedSettings(top_k=0)), "steering.fine_grained.top_k"),
+    (dict(fine_grained=FineGrainedSettings(aggregate="max")), "steering.fine_grained.aggregate"),
+    (dict(fine_grained=FineGrainedSettings(tau=0.0)), "steering.fine_grained.tau"),
+    (dict(caa=CAASettings(min_pairs=0)), "steering.caa.min_pairs"),
     (dict(positions="middle"), "positions"),
     (dict(attn_read="foo"), "attn_read"),
     (dict(alpha=float("nan")), "alpha"),

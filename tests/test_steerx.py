@@ -142,7 +142,7 @@ def test_every_token_selected_reduces_to_the_backbone_bit_for_bit(backbone, extr
     over = ["+exp=demo", *tiny_overrides, "fidelity=ours", "steering.layer=1",
             "steering.pairs.max_new_tokens=4", *extra,
             f"methods=[{{backbone: rag, steering: {backbone}}}, {{backbone: rag, steering: steerx, "
-            f"name: sx, overrides: {{steering.steerx.backbone: {backbone}, steering.steerx.tau: -inf}}}}]"]
+            f"name: sx, overrides: {{steering.steerx.base: {backbone}, steering.steerx.tau: -inf}}}}]"]
     summary = run(over, tmp_path / "run")
     sx, base = summary["methods"]["sx"], summary["methods"][f"rag+{backbone}"]
     assert sx["steering_steerx_token_share"] == 1.0
@@ -166,7 +166,7 @@ def test_every_token_selected_reduces_to_the_backbone_bit_for_bit(backbone, extr
 @pytest.mark.parametrize("override, key", [
     ("steering.steerx.tau=nan", "steering.steerx.tau"),
     ("steering.steerx.tau=inf", "steering.steerx.tau"),
-    ("steering.steerx.backbone=lora", "steering.steerx.backbone"),
+    ("steering.steerx.base=lora", "steering.steerx.base"),
     ("steering.steerx.top_q=0", "steering.steerx.top_q"),
     ("steering.answer_tokenization=joint", "steering.answer_tokenization"),
     ("steering.steerx.use_description=true steering.steerx.description=false",

@@ -71,7 +71,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None
 def test_slurm_launcher_config_composes() -> None:
     from hydra import compose, initialize_config_module
 
-    from fints_repro.config import register_configs
+    from fints_repro.compose import register_configs
 
     register_configs()
     with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):

@@ -104,7 +104,7 @@ class Backbone:
 
 
 BackboneFactory = Callable[[BackboneConfig, "Task", Callable[[], Retriever]], Backbone]
-BACKBONES: Registry[BackboneFactory] = Registry("backbone")
+BACKBONES: Registry[BackboneFactory] = Registry("backbone", package="fints_repro.backbones")
 
 
 def build_backbone(cfg: BackboneConfig, task: "Task", retriever: Callable[[], Retriever]) -> Backbone:

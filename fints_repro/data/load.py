@@ -56,7 +56,8 @@ def _missing(cfg: DatasetConfig, looked_for: list[str | Path]) -> MissingDataErr
 
 # dataset.loader -> a function (dataset config, seed) -> the split's samples, before any
 # user or history selection.
-LOADERS: Registry[Callable[[DatasetConfig, int], list[Sample]]] = Registry("data loader")
+LOADERS: Registry[Callable[[DatasetConfig, int], list[Sample]]] = Registry(
+    "data loader", package="fints_repro.data")
 
 
 @LOADERS.register("lamp")

@@ -36,7 +36,7 @@ class MetricOptions:
 
 MetricFn = Callable[[Sequence[str], Sequence[str], MetricOptions], tuple[Aggregate, PerSample]]
 
-METRICS: Registry[MetricFn] = Registry("metric")
+METRICS: Registry[MetricFn] = Registry("metric", package="fints_repro.eval")
 
 
 def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:

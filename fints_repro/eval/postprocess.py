@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 
 from fints_repro.registry import Registry
 
-POSTPROCESS: Registry[Callable[[str], str]] = Registry("post-processing rule")
+POSTPROCESS: Registry[Callable[[str], str]] = Registry("post-processing rule",
+                                                      package="fints_repro.eval")
 
 _HEADER_WORDS = ("headline", "title", "abstract")
 

@@ -16,24 +16,9 @@ class Retriever(Protocol):
     ) -> list[Ranking]: ...
 
 
-RETRIEVERS: Registry[Callable[[RetrieverConfig], Retriever]] = Registry("retriever")
-
-
-@RETRIEVERS.register("bm25")
-def _bm25(cfg: RetrieverConfig) -> Retriever:
-    from fints_repro.retrieval.bm25 import BM25Retriever  # imported on use: bm25s is slow to load
-
-    return BM25Retriever()
-
-
-def _dense(cfg: RetrieverConfig) -> Retriever:
-    from fints_repro.retrieval.dense import DenseRetriever
-
-    return DenseRetriever(cfg)
-
-
-for _name in ("minilm", "contriever", "dense"):
-    RETRIEVERS.register(_name)(_dense)
+# Each retriever module (bm25.py, dense.py) registers its options.
+RETRIEVERS: Registry[Callable[[RetrieverConfig], Retriever]] = Registry(
+    "retriever", package="fints_repro.retrieval")
 
 
 def build_retriever(cfg: RetrieverConfig) -> Retriever:

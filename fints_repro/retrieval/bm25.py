@@ -10,7 +10,8 @@ from typing import Sequence
 import bm25s
 import numpy as np
 
-from fints_repro.retrieval.base import Ranking, group_by_docs
+from fints_repro.config import RetrieverConfig
+from fints_repro.retrieval.base import RETRIEVERS, Ranking, group_by_docs
 
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build
 
@@ -50,3 +51,8 @@ class BM25Retriever:
                 order = np.argsort(-scores, kind="stable")[:kk]
                 out[qi] = [(int(j), float(scores[j])) for j in order]
         return out
+
+
+@RETRIEVERS.register("bm25")
+def bm25_retriever(cfg: RetrieverConfig) -> BM25Retriever:
+    return BM25Retriever()

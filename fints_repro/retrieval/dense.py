@@ -16,7 +16,7 @@ import torch
 
 from fints_repro.config import RetrieverConfig
 from fints_repro.errors import ConfigError, hub_unavailable
-from fints_repro.retrieval.base import Ranking, group_by_docs
+from fints_repro.retrieval.base import RETRIEVERS, Ranking, group_by_docs
 
 
 def resolve_sentence_model(spec: str) -> str:
@@ -107,3 +107,7 @@ class DenseRetriever:
                 order = np.argsort(-scores[row], kind="stable")[: min(k, len(docs))]
                 out[qi] = [(int(j), float(scores[row, j])) for j in order]
         return out
+
+
+for _name in ("minilm", "contriever", "dense"):  # the option's yaml names the model
+    RETRIEVERS.register(_name)(DenseRetriever)

@@ -1,16 +1,20 @@
 """Steering plug-ins: from a user's contrastive pairs to per-row vectors injected during
 generation.
 
-A method is one function registered in ``STEERING`` (``methods/*.py``) that turns the run's
-samples into a ``SteeringPlan``: one vector per sample and site (a zero row leaves that
-sample unsteered, exactly). The pipeline enters ``plan.batch_context(rows)`` around each
-generation batch. ``none`` is the unsteered baseline. Adding a method is one file in
-``methods/``, one yaml in ``conf/steering/`` and its typed node in ``SteeringConfig``
-(``steering.<method>.*``: its own settings, which never collide with another method's).
+A method is one module of ``methods/`` holding a function registered in ``STEERING``
+with its typed settings (``@STEERING.register(NAME, settings=...)``: the config node
+``steering.<NAME>.*``, whose ``check(key, steering)`` validates it). The function turns
+the run's samples into a ``SteeringPlan``: one vector per sample and site (a zero row
+leaves that sample unsteered, exactly). The pipeline enters ``plan.batch_context(rows)``
+around each generation batch. ``none`` is the unsteered baseline. Adding a method is that
+one module and a yaml in ``conf/steering/`` that names it; the registry finds the module
+and ``steering_schema()`` adds its settings to the config schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Sequence
@@ -19,6 +23,7 @@ import torch
 
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
+from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import PairSource
 from fints_repro.registry import Registry
@@ -75,7 +80,8 @@ class SteeringPlan:
 SteeringMethod = Callable[
     [SteeringConfig, LoadedModel, Sequence[Sample], SteeringInputs], Optional[SteeringPlan]
 ]
-STEERING: Registry[SteeringMethod] = Registry("steering method")
+STEERING: Registry[SteeringMethod] = Registry("steering method",
+                                              package="fints_repro.steering.methods")
 
 
 @STEERING.register("none")
@@ -84,6 +90,29 @@ def _no_steering(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
     return None
 
 
-def load_methods() -> None:
-    """Import the method modules so they register themselves."""
-    from fints_repro.steering.methods import bipo, caa, fine_grained, steerx  # noqa: F401
+@functools.cache
+def steering_schema() -> type:
+    """``SteeringConfig`` with one node per registered method that has settings
+    (``steering.caa``, ``steering.bipo``, ...): the type Hydra composes ``steering`` into.
+    Made once per process, after the registry has found its methods."""
+    nodes = STEERING.settings()
+    schema = dataclasses.make_dataclass(
+        "SteeringSchema", [(n, t, field(default_factory=t)) for n, t in nodes.items()],
+        bases=(SteeringConfig,))
+    schema.__module__ = __name__  # found by name through __getattr__ (pickle, multirun)
+    return schema
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SteeringSchema":
+        return steering_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def settings_of(cfg: SteeringConfig, name: str) -> Any:
+    """Method ``name``'s own settings in ``cfg`` (``steering.<name>``)."""
+    node = getattr(cfg, name, None)
+    if node is None:
+        raise ConfigError(f"steering.{name}: this steering config has no node for the method "
+                          f"{name!r}: compose it (compose_run) or make it with steering_schema()")
+    return node

@@ -166,15 +166,9 @@ class Task:
 
 
 TaskFactory = Callable[..., Task]
-TASKS: Registry[TaskFactory] = Registry("task")
-
-
-def load_tasks() -> None:
-    """Import the task modules so they register themselves."""
-    from fints_repro.tasks import function_calling, text_gen  # noqa: F401
+TASKS: Registry[TaskFactory] = Registry("task", package="fints_repro.tasks")
 
 
 def build_task(dataset: DatasetConfig, generation: GenerationConfig, evaluation: EvalConfig,
                seed: int = 0) -> Task:
-    load_tasks()
     return TASKS.get(dataset.task_type, "dataset.task_type")(dataset, generation, evaluation, seed)

@@ -24,18 +24,20 @@ import dataclasses
 import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from fints_repro.cache import content_hash
-from fints_repro.config import BiPOConfig, SteeringConfig
+from fints_repro.checks import at_least, one_of, positive
+from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import Pair, attempt_stats, user_pairs
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
 from fints_repro.steering.extract import answer_weights, pad_batch
 from fints_repro.steering.hooks import steer
 from fints_repro.steering.logprob import packed, sequence_logprobs
@@ -46,6 +48,46 @@ from fints_repro.steering.store import load_vectors, save_vectors
 log = logging.getLogger(__name__)
 
 SITE = "resid"
+
+
+NAME = "bipo"
+
+
+@dataclass
+class BiPOSettings:
+    """``steering.bipo.*``: a vector trained by bi-directional preference optimisation
+    (defaults: the BiPO code's). One optimiser step per batch of pairs; ``epochs`` passes
+    over the pairs unless ``max_steps`` is set."""
+
+    scope: str = "user"  # user: one vector per user from their pairs; all: one for every pair
+    beta: float = 0.1
+    lr: float = 5e-4
+    # Their train.py declares weight_decay=0.05 but never passes it to the trainer, whose
+    # default (0.0) is what runs.
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    # The BiPO code trains 5-20 epochs over thousands of pairs; a demo user has 10-14
+    # pairs, so 20 epochs are 20 * ceil(pairs / 4) = 60-80 steps.
+    epochs: int = 20
+    max_steps: Optional[int] = None
+    # Their trainer's schedule (bipo_trainer.py, train.py, transformers' Trainer): the EOS
+    # token appended to both answers (its log-probability in the loss), a linear warm-up
+    # over the first warmup_steps steps of the cosine schedule, and the gradient's norm
+    # clipped at max_grad_norm (null: no clipping).
+    append_eos: bool = True
+    warmup_steps: int = 100
+    max_grad_norm: Optional[float] = 1.0
+
+    def check(self, key: str, steering: SteeringConfig) -> None:
+        one_of(f"{key}.scope", self.scope, ("user", "all"))
+        positive(f"{key}.beta", self.beta)
+        positive(f"{key}.lr", self.lr)
+        at_least(f"{key}.weight_decay", self.weight_decay, 0)
+        at_least(f"{key}.batch_size", self.batch_size, 1)
+        at_least(f"{key}.epochs", self.epochs, 1)
+        at_least(f"{key}.max_steps", self.max_steps, 1, optional=True)
+        at_least(f"{key}.warmup_steps", self.warmup_steps, 0)
+        positive(f"{key}.max_grad_norm", self.max_grad_norm, optional=True)
 
 
 def bipo_loss(model: torch.nn.Module, layer: int, v: torch.Tensor, d: float, beta: float,
@@ -82,7 +124,7 @@ def with_eos(seqs: list[tuple[list[int], int]], tok) -> list[tuple[list[int], in
     return [(ids if ids[-1] == eos else [*ids, eos], start) for ids, start in seqs]
 
 
-def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOConfig, *,
+def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOSettings, *,
                  tokenization: str = "separate", layers_path: str = "", seed: int = 0,
                  chosen_weights: Sequence[Sequence[float]] | None = None,
                  ) -> tuple[torch.Tensor, list[float]]:
@@ -136,12 +178,12 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOCo
     return v.detach().float().cpu(), losses
 
 
-@STEERING.register("bipo")
+@STEERING.register(NAME, settings=BiPOSettings)
 def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
          inputs: SteeringInputs, chosen_weights=None) -> SteeringPlan:
     """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
     (SteerX); None: every token."""
-    own = cfg.bipo
+    own: BiPOSettings = settings_of(cfg, NAME)
     layer = validate(cfg, lm, inputs.layers_path)
     by_user = user_pairs(cfg.pairs, samples, inputs)
     groups = ({u: ps for u, ps in by_user.items() if ps} if own.scope == "user"

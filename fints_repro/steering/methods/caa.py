@@ -10,30 +10,53 @@ come from the profile items)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from fints_repro.checks import at_least
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
 from fints_repro.steering.methods.common import PairVectors, plan_stats, prepare, strength
 from fints_repro.steering.sites import hidden_size
 
 
-@STEERING.register("caa")
+NAME = "caa"
+
+
+@dataclass
+class CAASettings:
+    """``steering.caa.*``: one vector per user, the mean of all the user's pair vectors."""
+
+    # Users with fewer pairs than this are left unsteered (1: every user with a pair).
+    min_pairs: int = 1
+    # The authors' train.py creates its activation lists once, outside the loop over users:
+    # a user's vector is the mean over the pairs of every user processed so far (in the
+    # order users first appear in the training split; otherwise sorted), a user without
+    # pairs gets the earlier users' mean. false (ours): each user's own pairs.
+    across_users: bool = False
+
+    def check(self, key: str, steering: SteeringConfig) -> None:
+        at_least(f"{key}.min_pairs", self.min_pairs, 1)
+
+
+@STEERING.register(NAME, settings=CAASettings)
 def caa(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-        inputs: SteeringInputs, pv: PairVectors | None = None) -> SteeringPlan:
-    """``pv``: pairs and pair vectors made elsewhere (SteerX); None: made here."""
-    pv = pv if pv is not None else prepare(cfg, lm, samples, inputs)
+        inputs: SteeringInputs, chosen_weights=None, pv: PairVectors | None = None) -> SteeringPlan:
+    """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
+    (SteerX); ``pv``: pairs and pair vectors made elsewhere; None: made here."""
+    own: CAASettings = settings_of(cfg, NAME)
+    pv = pv if pv is not None else prepare(cfg, lm, samples, inputs, chosen_weights=chosen_weights)
     rows = pv.rows
-    if cfg.caa.across_users:
+    if own.across_users:
         rows, seen = {}, []
         for u in user_order(cfg, samples, inputs):
             seen = seen + pv.rows.get(u, [])
             rows[u] = seen
-    enough = {u for u, r in rows.items() if r and len(r) >= cfg.caa.min_pairs}
+    enough = {u for u, r in rows.items() if r and len(r) >= own.min_pairs}
     steered = [s.user in enough for s in samples]
     H = hidden_size(lm.model)
     vectors = {}

@@ -1,6 +1,6 @@
 """Fints fine-grained, instance-tailored steering (README: "Fidelity to the authors' code").
 
-Settings in ``steering.fine_grained`` (``FineGrainedConfig``). For each test input: the
+Settings in ``steering.fine_grained`` (``FineGrainedSettings``). For each test input: the
 top-K of its user's pairs by the run's retriever (query = the
 input without its instruction prefix; documents = question + chosen), combined with equal
 weights (``mean``) or ``softmax(score / tau)``; then ``alpha * v_attn`` is added to the
@@ -13,18 +13,44 @@ a dict keyed by question): pairs with the same question steer with the last one'
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
+from fints_repro.checks import at_least, one_of, positive
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
 from fints_repro.steering.methods.common import PairVectors, plan_stats, prepare, strength
 from fints_repro.steering.sites import hidden_size
 
 log = logging.getLogger(__name__)
+
+NAME = "fine_grained"
+AGGREGATES = ("mean", "softmax")
+
+
+@dataclass
+class FineGrainedSettings:
+    """``steering.fine_grained.*`` (Fints): per test input, the top-K of its user's pairs."""
+
+    top_k: int = 5
+    aggregate: str = "mean"  # mean | softmax (weights softmax(score / tau))
+    tau: float = 0.1
+    # The retriever (a `retriever` group option) that ranks a user's pairs for an input;
+    # null = the run's. The authors rank with Contriever (mean pooling, dot product).
+    retriever: Optional[str] = None
+    # The authors' PerSteer.py stores a user's vectors in a dict keyed by the pair's
+    # question: pairs with the same question (two attempts of one PersonalWAB task) share
+    # the vectors of the last of them. false (ours): each pair its own.
+    key_by_question: bool = False
+
+    def check(self, key: str, steering: SteeringConfig) -> None:
+        at_least(f"{key}.top_k", self.top_k, 1)
+        one_of(f"{key}.aggregate", self.aggregate, AGGREGATES)
+        positive(f"{key}.tau", self.tau)
 
 
 def pair_weights(scores: Sequence[float], aggregate: str, tau: float) -> torch.Tensor:
@@ -46,12 +72,14 @@ def vector_rows(pv: PairVectors, key_by_question: bool) -> list[int]:
     return rows
 
 
-@STEERING.register("fine_grained")
+@STEERING.register(NAME, settings=FineGrainedSettings)
 def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-                 inputs: SteeringInputs, pv: PairVectors | None = None) -> SteeringPlan:
-    """``pv``: pairs and pair vectors made elsewhere (SteerX); None: made here."""
-    own = cfg.fine_grained
-    pv = pv if pv is not None else prepare(cfg, lm, samples, inputs)
+                 inputs: SteeringInputs, chosen_weights=None,
+                 pv: PairVectors | None = None) -> SteeringPlan:
+    """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
+    (SteerX); ``pv``: pairs and pair vectors made elsewhere; None: made here."""
+    own: FineGrainedSettings = settings_of(cfg, NAME)
+    pv = pv if pv is not None else prepare(cfg, lm, samples, inputs, chosen_weights=chosen_weights)
     rows = [i for i, s in enumerate(samples) if pv.rows.get(s.user)]
     retriever = inputs.retriever(own.retriever) if own.retriever else inputs.retriever()
     rankings = retriever.rank_many(

@@ -28,23 +28,26 @@ each row's user's top tokens and description are in ``predictions.jsonl``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from fints_repro.cache import atomic_file, content_hash
-from fints_repro.config import SteeringConfig, SteerXConfig
+from fints_repro.checks import at_least, fail, has_placeholders, in_range, one_of
+from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
 from fints_repro.models.generation import greedy_cached
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import Pair, user_history
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
 from fints_repro.steering.extract import answer_means
 from fints_repro.steering.logprob import token_logprobs
 from fints_repro.steering.methods.common import extraction_context, prepare, strength
@@ -52,6 +55,67 @@ from fints_repro.steering.store import load_vectors, save_vectors
 from fints_repro.tasks.prompts import render_with_history
 
 log = logging.getLogger(__name__)
+
+
+NAME = "steerx"
+
+
+@dataclass
+class SteerXSettings:
+    """``steering.steerx.*`` (our reading of SteerX, arXiv 2510.22256): vectors of the
+    ``base`` method built from the preference-driven tokens of each user's outputs
+    only, the tokens whose log-probability the user's own history raises by more than
+    ``tau`` (README: "SteerX")."""
+
+    # the steering method whose vectors are built from the selected tokens: any registered
+    # method that takes chosen_weights (caa, bipo, fine_grained)
+    base: str = "caa"
+    # logprob: delta_t = log p(y_t | x, H) - log p(y_t | x, no history); prob: the
+    # difference of probabilities (NextQuill's, with tau 0.05)
+    effect: str = "logprob"
+    tau: float = 0.0
+    # an output with no token above tau keeps its top ceil(top_q * n) tokens by delta
+    top_q: float = 0.2
+    # history items of the user in H (the item's RAG prompt; null = dataset.rag_k)
+    k: Optional[int] = None
+    batch_size: int = 8
+    # 3. The user's preference in words, written greedily by the run's LLM (no task system
+    # prompt) from the user's selected tokens: the `description_tokens` distinct ones of
+    # largest summed delta; cached, in predictions.jsonl as `steerx_description`.
+    description: bool = True
+    description_tokens: int = 30
+    description_max_new_tokens: int = 48
+    description_prompt: str = (
+        "These words are the ones a user's own texts use because of who the user is:\n"
+        "{tokens}\n\nIn one sentence, describe what this user prefers (topics, style, "
+        "wording).")
+    # 4. use_description: add, at each steered site, the mean over the user's pairs of the
+    # chosen side's activations under "question + description" minus under the question
+    # (times the site's strength); off = SteerX is its backbone on the selected tokens.
+    use_description: bool = False
+    description_question_template: str = "{question}\n\nAbout this user: {description}"
+
+    def check(self, key: str, steering: SteeringConfig) -> None:
+        if self.base == NAME or "chosen_weights" not in inspect.signature(STEERING.get(self.base, f"{key}.base")).parameters:
+            fail(f"{key}.base", self.base, "is not a steering method that takes token weights "
+                 "(chosen_weights): e.g. caa, bipo, fine_grained")
+        one_of(f"{key}.effect", self.effect, ("logprob", "prob"))
+        if not (isinstance(self.tau, (int, float)) and (math.isfinite(self.tau) or self.tau == -math.inf)):
+            fail(f"{key}.tau", self.tau, "must be a finite number (or -inf: every token)")
+        in_range(f"{key}.top_q", self.top_q, 0, 1, low_open=True)
+        at_least(f"{key}.k", self.k, 1, optional=True)
+        at_least(f"{key}.batch_size", self.batch_size, 1)
+        at_least(f"{key}.description_tokens", self.description_tokens, 1)
+        at_least(f"{key}.description_max_new_tokens", self.description_max_new_tokens, 1)
+        if self.use_description and not self.description:
+            fail(f"{key}.use_description", self.use_description,
+                 f"needs the description: set {key}.description=true")
+        has_placeholders(f"{key}.description_prompt", self.description_prompt, ["tokens"])
+        has_placeholders(f"{key}.description_question_template",
+                         self.description_question_template, ["question", "description"])
+        if steering.name == NAME and steering.answer_tokenization != "separate":
+            fail(key.rsplit(".", 1)[0] + ".answer_tokenization", steering.answer_tokenization,
+                 "steering=steerx selects answer tokens as tokenised apart: set it to separate")
 
 
 def history_prompts(pairs: Sequence[Pair], history: dict[str, list[HistoryItem]],
@@ -143,7 +207,7 @@ def preference_tokens(lm: LoadedModel, pairs: Sequence[Pair], deltas: Sequence[t
     return {u: sorted(m, key=lambda w: -m[w])[:n] for u, m in total.items()}
 
 
-def describe_users(lm: LoadedModel, tokens: dict[str, list[str]], own: SteerXConfig,
+def describe_users(lm: LoadedModel, tokens: dict[str, list[str]], own: SteerXSettings,
                    inputs: SteeringInputs) -> dict[str, str]:
     """Per user with tokens, one sentence of the run's LLM about the user's preference
     (greedy, no task system prompt, cached per prompt in ``<cache_dir>/steerx/``)."""
@@ -170,7 +234,7 @@ def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pa
     chosen side's mean activation (over its answer tokens) under
     ``description_question_template`` minus under the question alone; read as extraction
     reads (``steering.attn_read``, the user's adapter), cached like pair vectors."""
-    own = cfg.steerx
+    own: SteerXSettings = settings_of(cfg, NAME)
     mine = [p for p in pairs if p.user in descriptions]
     if not mine:
         return {}
@@ -204,10 +268,10 @@ def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pa
     return {u: {s: diff[s][r].mean(0) for s in sites} for u, r in rows.items()}
 
 
-@STEERING.register("steerx")
+@STEERING.register(NAME, settings=SteerXSettings)
 def steerx(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
            inputs: SteeringInputs) -> SteeringPlan:
-    own = cfg.steerx
+    own: SteerXSettings = settings_of(cfg, NAME)
     history = user_history(samples)
     k = own.k if own.k is not None else inputs.dataset.rag_k
     seen: list[tuple[Pair, torch.Tensor, list[float]]] = []  # every pair weighted, in order
@@ -221,20 +285,8 @@ def steerx(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
                  sum(map(len, w)), own.tau, own.effect)
         return w
 
-    if own.backbone == "bipo":
-        from fints_repro.steering.methods.bipo import bipo
-
-        plan = bipo(cfg, lm, samples, inputs, chosen_weights=weights)
-    else:
-        pv = prepare(cfg, lm, samples, inputs, chosen_weights=weights)
-        if own.backbone == "caa":
-            from fints_repro.steering.methods.caa import caa
-
-            plan = caa(cfg, lm, samples, inputs, pv=pv)
-        else:
-            from fints_repro.steering.methods.fine_grained import fine_grained
-
-            plan = fine_grained(cfg, lm, samples, inputs, pv=pv)
+    plan = STEERING.get(own.base, "steering.steerx.base")(cfg, lm, samples, inputs,
+                                                          chosen_weights=weights)
     pairs = [p for p, _, _ in seen]
     n_sel, n_all = sum(sum(w) for *_, w in seen), sum(len(w) for *_, w in seen)
     tokens = preference_tokens(lm, pairs, [d for _, d, _ in seen], [w for *_, w in seen],
