@@ -21,8 +21,7 @@ from fints_repro.errors import ConfigError
 from fints_repro.text import pattern
 
 if TYPE_CHECKING:
-    from fints_repro.config import (BackboneConfig, DatasetConfig, RunConfig, SteeringConfig,
-                                    TrainConfig)
+    from fints_repro.config import DatasetConfig, RunConfig, SteeringConfig, TrainConfig
 
 POSITIONS = ("all", "prompt", "generated")
 SITES = ("resid", "attn", "mlp")
@@ -30,10 +29,6 @@ ATTN_READS = ("output", "residual")
 ANSWER_TOKENIZATIONS = ("separate", "joint")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOGGER_MODES = ("offline", "online", "disabled")
-REWARD_BASES = ("zero_shot", "rag")
-REWARDS = ("trained", "judge")
-LORA_TEMPLATES = ("chat", "raw")
-LORA_TRAIN_ON = ("auto", "history", "train_samples")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -100,10 +95,16 @@ def check_steering(s: "SteeringConfig", prefix: str = "steering") -> None:
     at_least(f"{prefix}.pairs.batch_size", p.batch_size, 1)
     positive(f"{prefix}.pairs.temperature", p.temperature)
     one_of(f"{prefix}.pairs.call_serialisation", p.call_serialisation, ("same", "authors"))
-    for f in dataclasses.fields(s):
-        node = getattr(s, f.name)
+    check_nodes(s, prefix)
+
+
+def check_nodes(cfg: Any, prefix: str) -> None:
+    """Each plug-in's own node of a group config (a field whose value has
+    ``check(key, group_config)``), by its own check."""
+    for f in dataclasses.fields(cfg):
+        node = getattr(cfg, f.name)
         if callable(getattr(node, "check", None)):
-            node.check(f"{prefix}.{f.name}", s)
+            node.check(f"{prefix}.{f.name}", cfg)
 
 
 def check_train(t: "TrainConfig", prefix: str) -> None:
@@ -121,41 +122,6 @@ def has_placeholders(key: str, template: str, names: Iterable[str]) -> None:
     missing = [n for n in names if "{" + n + "}" not in template]
     if missing:
         fail(key, template, f"lacks the placeholder(s) {', '.join('{' + n + '}' for n in missing)}")
-
-
-def check_lora(b: "BackboneConfig", prefix: str = "backbone.lora") -> None:
-    """``backbone.lora.*`` (checked whatever the backbone, like every other node)."""
-    lc = b.lora
-    at_least(f"{prefix}.r", lc.r, 1)
-    positive(f"{prefix}.lora_alpha", lc.lora_alpha)
-    in_range(f"{prefix}.lora_dropout", lc.lora_dropout, 0, 1)
-    one_of(f"{prefix}.train_template", lc.train_template, LORA_TEMPLATES)
-    one_of(f"{prefix}.train_on", lc.train_on, LORA_TRAIN_ON)
-    if lc.target_modules is not None and not lc.target_modules:
-        fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
-    check_train(lc.train, f"{prefix}.train")
-
-
-def check_reward_model(b: "BackboneConfig", prefix: str = "backbone.reward_model") -> None:
-    """``backbone.reward_model.*`` (checked whatever the backbone, like every other node)."""
-    r = b.reward_model
-    one_of(f"{prefix}.base", r.base, REWARD_BASES)
-    at_least(f"{prefix}.n", r.n, 1)
-    positive(f"{prefix}.temperature", r.temperature)
-    in_range(f"{prefix}.top_p", r.top_p, 0, 1, low_open=True)
-    one_of(f"{prefix}.reward", r.reward, REWARDS)
-    at_least(f"{prefix}.lora_r", r.lora_r, 1)
-    positive(f"{prefix}.lora_alpha", r.lora_alpha)
-    in_range(f"{prefix}.lora_dropout", r.lora_dropout, 0, 1)
-    if r.target_modules is not None and not r.target_modules:
-        fail(f"{prefix}.target_modules", [], "is empty (null = the architecture's default)")
-    check_train(r.train, f"{prefix}.train")
-    at_least(f"{prefix}.score_batch_size", r.score_batch_size, 1)
-    at_least(f"{prefix}.judge_max_new_tokens", r.judge_max_new_tokens, 1)
-    at_least(f"{prefix}.persona_max_new_tokens", r.persona_max_new_tokens, 1)
-    at_least(f"{prefix}.persona_max_pairs", r.persona_max_pairs, 1)
-    has_placeholders(f"{prefix}.persona_template", r.persona_template, ["pairs"])
-    has_placeholders(f"{prefix}.judge_template", r.judge_template, ["persona", "input", "a", "b"])
 
 
 def check_pwab(d: "DatasetConfig") -> None:
@@ -215,8 +181,7 @@ def check_run_config(cfg: "RunConfig") -> None:
     at_least("backbone.k", cfg.backbone.k, 0, optional=True)
     one_of("backbone.memory", cfg.backbone.memory, ("retrieved", "last"))
     check_pwab(d)
-    check_lora(cfg.backbone)
-    check_reward_model(cfg.backbone)
+    check_nodes(cfg.backbone, "backbone")
     at_least("eval.bootstrap", cfg.eval.bootstrap, 0)
     at_least("eval.max_read_chars", cfg.eval.max_read_chars, 1)
     at_least("threads", cfg.threads, 1, optional=True)

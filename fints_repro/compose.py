@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from fints_repro.backbones import backbone_schema
 from fints_repro.checks import check_steering
 from fints_repro.config import BackboneConfig, GenerationConfig, RunConfig, SteeringConfig
 from fints_repro.errors import ConfigError
@@ -40,10 +41,11 @@ RUN_WIDE = ("generation.postprocess",)
 
 @functools.cache
 def run_schema() -> type:
-    """``RunConfig`` whose ``steering`` node holds every registered method's settings."""
-    steering = steering_schema()
+    """``RunConfig`` whose ``backbone`` and ``steering`` nodes hold every registered
+    backbone's and steering method's own settings."""
+    nodes = {"backbone": backbone_schema(), "steering": steering_schema()}
     schema = dataclasses.make_dataclass(
-        "RunSchema", [("steering", steering, dataclasses.field(default_factory=steering))],
+        "RunSchema", [(n, t, dataclasses.field(default_factory=t)) for n, t in nodes.items()],
         bases=(RunConfig,))
     schema.__module__ = __name__  # found by name through __getattr__ (pickle, multirun)
     return schema

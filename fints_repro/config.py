@@ -256,81 +256,11 @@ class TrainConfig:
 
 
 @dataclass
-class LoraBackboneConfig:
-    """``backbone=lora``: one LoRA adapter per user (OPPU), trained on that user's items
-    (``train_on``; question -> output, loss on the output tokens, EOS appended)."""
-
-    r: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.05
-    # Modules the adapters wrap; null = per architecture (q_proj + v_proj; GPT-2: c_attn).
-    target_modules: Optional[list[str]] = None
-    # `chat`: training text in the chat template the run generates with (ours);
-    # `raw`: dataset.lora_raw_template, no template (the authors' OPPU code).
-    train_template: str = "chat"
-    # What each user's adapter learns from: `history` = the user's history items (OPPU on
-    # LaMP / LongLaMP); `train_samples` = the user's training-split samples and their gold
-    # outputs (function calling: the training tasks' gold calls); `auto` = the task's
-    # choice (text generation: history; function calling: train_samples).
-    train_on: str = "auto"
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@dataclass
-class RewardModelBackboneConfig:
-    """``backbone=reward_model``: N sampled candidates from a base backbone, the one a
-    personalized reward ranks highest is the prediction."""
-
-    base: str = "rag"  # the backbone that writes the candidates: zero_shot | rag
-    n: int = 4
-    temperature: float = 0.8
-    top_p: float = 0.95
-    # `trained`: a scalar reward model per user (Bradley-Terry on the user's contrastive
-    # pairs, TRL's RewardTrainer); `judge`: the run's LLM as a pairwise judge with a persona
-    # written from the user's pairs, knock-out over the candidates (the authors' runs).
-    reward: str = "trained"
-    # trained: the reward model's backbone; "" = the run's model with a scalar head, else
-    # a model group option or a local path.
-    encoder: str = ""
-    # trained: one LoRA adapter per user on the encoder (and its scalar head trained whole),
-    # so a user's reward model is small; target_modules null = PEFT's per-architecture
-    # default (q_proj + v_proj; GPT-2: c_attn).
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: Optional[list[str]] = None
-    # lr 1e-4: a rate for a LoRA adapter and a new head (TRL's RewardConfig default).
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=1e-4, epochs=2.0, batch_size=4, weight_decay=0.0, warmup_ratio=0.1,
-        max_grad_norm=1.0, max_length=1024))
-    # trained: (question + candidate) sequences per forward when candidates are scored
-    score_batch_size: int = 8
-    # judge: decoding of its verdicts and persona
-    judge_max_new_tokens: int = 8
-    persona_max_new_tokens: int = 96
-    persona_max_pairs: int = 8
-    # judge: the persona prompt ({pairs}: up to persona_max_pairs of the user's pairs, each
-    # by persona_pair_template with {question}, {chosen}, {rejected}, blank-line separated).
-    persona_template: str = (
-        "Here are examples of what one user wrote. For each task, the user preferred their own "
-        "answer over an alternative.\n\n{pairs}\n\nDescribe this user's preferences and "
-        "writing style in a few sentences, so that someone could tell which answer this user "
-        "would prefer.")
-    persona_pair_template: str = "Task: {question}\nPreferred: {chosen}\nNot preferred: {rejected}"
-    # judge: one comparison ({persona}, {input}: the task input, {a}, {b}: the current winner
-    # and the challenger); the verdict is the A or B its answer starts with.
-    judge_template: str = (
-        "Which of two answers would a specific user prefer?\n\nThe user:\n{persona}\n\n"
-        "The task:\n{input}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\nWhich answer would this "
-        "user prefer? Reply with one letter: A or B.")
-    # judge: the persona of a user without pairs (a generic judge, as the authors' code).
-    no_persona: str = "Nothing is known about this user."
-
-
-@dataclass
 class BackboneConfig:
-    """``name`` picks the backbone; each parametric backbone has its own typed node
-    (``backbone.lora.r``, ``backbone.reward_model.n``); the nodes of the others are ignored."""
+    """What every backbone shares. ``name`` picks the backbone; each parametric backbone
+    declares its own typed node in its module (``backbone.lora.r``,
+    ``backbone.reward_model.n``), added to the schema when the run is composed
+    (``backbones.backbone_schema``); the nodes of the others are ignored."""
 
     name: str = MISSING  # zero_shot | rag | lora | reward_model
     # History items in the prompt: rag (null = the dataset's rag_k); lora (0 = OPPU alone,
@@ -339,8 +269,6 @@ class BackboneConfig:
     # Which k history items: `retrieved` = the top k by the run's retriever for the input;
     # `last` = the k most recent (by timestamp), most recent first.
     memory: str = "retrieved"
-    lora: LoraBackboneConfig = field(default_factory=LoraBackboneConfig)
-    reward_model: RewardModelBackboneConfig = field(default_factory=RewardModelBackboneConfig)
 
 
 @dataclass

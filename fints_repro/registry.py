@@ -12,6 +12,7 @@ near names and lists the known ones.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import pkgutil
@@ -30,6 +31,7 @@ class Registry(Generic[T]):
         self._settings: dict[str, type] = {}
         self._where: dict[str, str] = {}
         self._discovered = package is None
+        self._schema: Optional[type] = None
 
     def register(self, name: str, *, settings: Optional[type] = None) -> Callable[[T], T]:
         """Register the decorated object as ``name``; ``settings``: its typed settings."""
@@ -73,6 +75,20 @@ class Registry(Generic[T]):
         self.discover()
         return dict(sorted(self._settings.items()))
 
+    def schema(self, base: type, module: str) -> type:
+        """``base`` (a config dataclass) with one node per entry that has settings
+        (``<name>: <its settings>``): the type Hydra composes the entries' config group
+        into. Made once, after the package's modules are found; ``module`` is where the
+        type is found by its name (a module ``__getattr__``: pickling, multirun workers)."""
+        if self._schema is None:
+            nodes = self.settings()
+            self._schema = dataclasses.make_dataclass(
+                base.__name__.removesuffix("Config") + "Schema",
+                [(n, t, dataclasses.field(default_factory=t)) for n, t in nodes.items()],
+                bases=(base,))
+            self._schema.__module__ = module
+        return self._schema
+
     def origin(self, name: str) -> str:
         """Where ``name`` was registered (``module.qualname``)."""
         self.get(name)
@@ -92,3 +108,12 @@ class Registry(Generic[T]):
     def __contains__(self, name: Any) -> bool:
         self.discover()
         return name in self._items
+
+
+def settings_of(cfg: Any, name: str, group: str) -> Any:
+    """Entry ``name``'s own settings in the ``group`` config ``cfg`` (``<group>.<name>``)."""
+    node = getattr(cfg, name, None)
+    if node is None:
+        raise ConfigError(f"{group}.{name}: this {group} config has no node for {name!r}: "
+                          f"compose it (compose_run) or make it from the {group} schema")
+    return node

@@ -22,10 +22,11 @@ import torch
 pytest.importorskip("peft")
 
 import fints_repro.backbones.lora as lora_mod  # noqa: E402
-from fints_repro.backbones import build_backbone  # noqa: E402
+from fints_repro.backbones import backbone_schema, build_backbone  # noqa: E402
+from fints_repro.backbones.lora import LoraSettings  # noqa: E402
 from fints_repro.compose import compose_run  # noqa: E402
-from fints_repro.config import (BackboneConfig, DatasetConfig, EvalConfig,  # noqa: E402
-                                GenerationConfig, LoraBackboneConfig, ModelConfig, TrainConfig)
+from fints_repro.config import (DatasetConfig, EvalConfig, GenerationConfig,  # noqa: E402
+                                ModelConfig, TrainConfig)
 from fints_repro.data.schema import HistoryItem, Sample  # noqa: E402
 from fints_repro.errors import ConfigError  # noqa: E402
 from fints_repro.models.chat import render_chat  # noqa: E402
@@ -60,7 +61,7 @@ def _samples(users=("alice", "bob"), n_hist: int = 6) -> list[Sample]:
 
 
 def _backbone(tmp_path: Path, k: int = 0, **lora) -> tuple:
-    cfg = BackboneConfig(name="lora", k=k, lora=LoraBackboneConfig(train=FAST, **lora))
+    cfg = backbone_schema()(name="lora", k=k, lora=LoraSettings(train=FAST, **lora))
     task = build_task(DATASET, GenerationConfig(), EvalConfig())
     resources = SimpleNamespace(cfg=SimpleNamespace(cache_dir=str(tmp_path), seed=0, progress=False))
     return build_backbone(cfg, task, lambda: None), resources

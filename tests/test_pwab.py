@@ -185,7 +185,9 @@ def test_a_reward_model_reads_call_candidates_as_the_pairs_sides_are_written(tmp
 
     import fints_repro.backbones.reward_model as rm_mod
     from fints_repro.backbones import build_backbone
-    from fints_repro.config import BackboneConfig, ModelConfig, RewardModelBackboneConfig, TrainConfig
+    from fints_repro.backbones import backbone_schema
+    from fints_repro.backbones.reward_model import RewardModelSettings
+    from fints_repro.config import ModelConfig, TrainConfig
     from fints_repro.data.pwab import call_json
     from fints_repro.data.schema import Sample
     from fints_repro.models.loading import load_model
@@ -203,7 +205,7 @@ def test_a_reward_model_reads_call_candidates_as_the_pairs_sides_are_written(tmp
     real = rm_mod.reward_sequence
     monkeypatch.setattr(rm_mod, "reward_sequence",
                         lambda tok, q, a, *rest: seen.append(a) or real(tok, q, a, *rest))
-    cfg = BackboneConfig(name="reward_model", reward_model=RewardModelBackboneConfig(
+    cfg = backbone_schema()(name="reward_model", reward_model=RewardModelSettings(
         base="zero_shot", n=2, train=TrainConfig(lr=3e-3, epochs=1, batch_size=4, max_length=256)))
     bb = build_backbone(cfg, task, lambda: None)
     res = SimpleNamespace(cfg=SimpleNamespace(cache_dir=str(tmp_path), seed=0, progress=False,

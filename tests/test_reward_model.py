@@ -23,10 +23,10 @@ pytest.importorskip("peft")
 pytest.importorskip("trl")
 
 import fints_repro.backbones.reward_model as rm_mod  # noqa: E402
-from fints_repro.backbones import build_backbone  # noqa: E402
-from fints_repro.config import (BackboneConfig, DatasetConfig, EvalConfig,  # noqa: E402
-                                GenerationConfig, ModelConfig, RewardModelBackboneConfig,
-                                TrainConfig)
+from fints_repro.backbones import backbone_schema, build_backbone  # noqa: E402
+from fints_repro.backbones.reward_model import RewardModelSettings  # noqa: E402
+from fints_repro.config import (DatasetConfig, EvalConfig, GenerationConfig,  # noqa: E402
+                                ModelConfig, TrainConfig)
 from fints_repro.data.schema import Sample  # noqa: E402
 from fints_repro.errors import ConfigError  # noqa: E402
 from fints_repro.models.loading import LoadedModel, load_model  # noqa: E402
@@ -75,7 +75,7 @@ def _backbone(tmp_path: Path, monkeypatch, pairs: dict, reward: str = "trained",
               train: TrainConfig = QUICK, n: int = 3, **rm) -> tuple:
     """A reward_model backbone on zero-shot prompts whose pairs are ``pairs``."""
     monkeypatch.setattr(rm_mod, "reward_pairs", lambda steering, samples, resources: pairs)
-    cfg = BackboneConfig(name="reward_model", reward_model=RewardModelBackboneConfig(
+    cfg = backbone_schema()(name="reward_model", reward_model=RewardModelSettings(
         base="zero_shot", n=n, reward=reward, train=train, **rm))
     task = build_task(DATASET, GenerationConfig(), EvalConfig())
     resources = SimpleNamespace(cfg=SimpleNamespace(

@@ -107,6 +107,18 @@ BackboneFactory = Callable[[BackboneConfig, "Task", Callable[[], Retriever]], Ba
 BACKBONES: Registry[BackboneFactory] = Registry("backbone", package="fints_repro.backbones")
 
 
+def backbone_schema() -> type:
+    """``BackboneConfig`` with one node per registered backbone that has settings
+    (``backbone.lora``, ``backbone.reward_model``): the type Hydra composes ``backbone`` into."""
+    return BACKBONES.schema(BackboneConfig, __name__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BackboneSchema":
+        return backbone_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_backbone(cfg: BackboneConfig, task: "Task", retriever: Callable[[], Retriever]) -> Backbone:
     """``retriever`` is a thunk, so backbones that need none never load one."""
     return BACKBONES.get(cfg.name, "backbone.name")(cfg, task, retriever)

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass, field
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -40,17 +41,54 @@ from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, s
                                             trainer_arguments)
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
 from fints_repro.cache import content_hash
-from fints_repro.checks import check_lora
+from fints_repro.checks import at_least, check_train, fail, in_range, one_of, positive
 from fints_repro.config import BackboneConfig, TrainConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.chat import fit_token_sequence, render_chat
 from fints_repro.preferences.pairs import user_history
+from fints_repro.registry import settings_of
 from fints_repro.tasks.prompts import item_question
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+NAME = "lora"
+LORA_TEMPLATES = ("chat", "raw")
+LORA_TRAIN_ON = ("auto", "history", "train_samples")
+
+
+@dataclass
+class LoraSettings:
+    """``backbone.lora.*``: one LoRA adapter per user (OPPU), trained on that user's items
+    (``train_on``; question -> output, loss on the output tokens, EOS appended)."""
+
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.05
+    # Modules the adapters wrap; null = per architecture (q_proj + v_proj; GPT-2: c_attn).
+    target_modules: Optional[list[str]] = None
+    # `chat`: training text in the chat template the run generates with (ours);
+    # `raw`: dataset.lora_raw_template, no template (the authors' OPPU code).
+    train_template: str = "chat"
+    # What each user's adapter learns from: `history` = the user's history items (OPPU on
+    # LaMP / LongLaMP); `train_samples` = the user's training-split samples and their gold
+    # outputs (function calling: the training tasks' gold calls); `auto` = the task's
+    # choice (text generation: history; function calling: train_samples).
+    train_on: str = "auto"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, key: str, backbone: BackboneConfig) -> None:
+        at_least(f"{key}.r", self.r, 1)
+        positive(f"{key}.lora_alpha", self.lora_alpha)
+        in_range(f"{key}.lora_dropout", self.lora_dropout, 0, 1)
+        one_of(f"{key}.train_template", self.train_template, LORA_TEMPLATES)
+        one_of(f"{key}.train_on", self.train_on, LORA_TRAIN_ON)
+        if self.target_modules is not None and not self.target_modules:
+            fail(f"{key}.target_modules", [], "is empty (null = the architecture's default)")
+        check_train(self.train, f"{key}.train")
 
 
 def target_modules(model: Any, configured: Sequence[str] | None) -> list[str]:
@@ -145,14 +183,14 @@ def _adapter_name(i: int) -> str:
     return f"user{i}"
 
 
-@BACKBONES.register("lora")
+@BACKBONES.register(NAME, settings=LoraSettings)
 class LoRA(Backbone):
-    name = "lora"
+    name = NAME
 
     def __init__(self, cfg: BackboneConfig, task, retriever):
         super().__init__(cfg, task, retriever)
-        self.lcfg = cfg.lora
-        check_lora(cfg)  # as at start-up, for a backbone built directly
+        self.lcfg: LoraSettings = settings_of(cfg, NAME, "backbone")
+        self.lcfg.check(f"backbone.{NAME}", cfg)  # as at start-up, for a backbone built directly
         self.train_on = task.lora_train_on if self.lcfg.train_on == "auto" else self.lcfg.train_on
         k = cfg.k or 0
         base = dataclasses.replace(cfg, name="rag" if k > 0 else "zero_shot", k=k)

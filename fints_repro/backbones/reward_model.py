@@ -43,11 +43,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from dataclasses import dataclass, field
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,13 +59,14 @@ from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, s
 from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
 from fints_repro.backbones.lora import target_modules
 from fints_repro.cache import content_hash
-from fints_repro.checks import check_reward_model
-from fints_repro.config import BackboneConfig, SteeringConfig
+from fints_repro.checks import at_least, check_train, fail, has_placeholders, in_range, one_of, positive
+from fints_repro.config import BackboneConfig, SteeringConfig, TrainConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
 from fints_repro.models.chat import fit_token_sequence, render_chat
 from fints_repro.models.generation import greedy_cached
 from fints_repro.preferences import user_history, user_pairs
+from fints_repro.registry import settings_of
 from fints_repro.tasks.prompts import item_question, truncate_words
 from fints_repro.text import WHITESPACE, pattern, search
 
@@ -72,6 +74,81 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the reward's input
+
+
+NAME = "reward_model"
+REWARD_BASES = ("zero_shot", "rag")
+REWARDS = ("trained", "judge")
+
+
+@dataclass
+class RewardModelSettings:
+    """``backbone.reward_model.*``: N sampled candidates from a base backbone, the one a
+    personalized reward ranks highest is the prediction."""
+
+    base: str = "rag"  # the backbone that writes the candidates: zero_shot | rag
+    n: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    # `trained`: a scalar reward model per user (Bradley-Terry on the user's contrastive
+    # pairs, TRL's RewardTrainer); `judge`: the run's LLM as a pairwise judge with a persona
+    # written from the user's pairs, knock-out over the candidates (the authors' runs).
+    reward: str = "trained"
+    # trained: the reward model's backbone; "" = the run's model with a scalar head, else
+    # a model group option or a local path.
+    encoder: str = ""
+    # trained: one LoRA adapter per user on the encoder (and its scalar head trained whole),
+    # so a user's reward model is small; target_modules null = PEFT's per-architecture
+    # default (q_proj + v_proj; GPT-2: c_attn).
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+    # lr 1e-4: a rate for a LoRA adapter and a new head (TRL's RewardConfig default).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-4, epochs=2.0, batch_size=4, weight_decay=0.0, warmup_ratio=0.1,
+        max_grad_norm=1.0, max_length=1024))
+    # trained: (question + candidate) sequences per forward when candidates are scored
+    score_batch_size: int = 8
+    # judge: decoding of its verdicts and persona
+    judge_max_new_tokens: int = 8
+    persona_max_new_tokens: int = 96
+    persona_max_pairs: int = 8
+    # judge: the persona prompt ({pairs}: up to persona_max_pairs of the user's pairs, each
+    # by persona_pair_template with {question}, {chosen}, {rejected}, blank-line separated).
+    persona_template: str = (
+        "Here are examples of what one user wrote. For each task, the user preferred their own "
+        "answer over an alternative.\n\n{pairs}\n\nDescribe this user's preferences and "
+        "writing style in a few sentences, so that someone could tell which answer this user "
+        "would prefer.")
+    persona_pair_template: str = "Task: {question}\nPreferred: {chosen}\nNot preferred: {rejected}"
+    # judge: one comparison ({persona}, {input}: the task input, {a}, {b}: the current winner
+    # and the challenger); the verdict is the A or B its answer starts with.
+    judge_template: str = (
+        "Which of two answers would a specific user prefer?\n\nThe user:\n{persona}\n\n"
+        "The task:\n{input}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\nWhich answer would this "
+        "user prefer? Reply with one letter: A or B.")
+    # judge: the persona of a user without pairs (a generic judge, as the authors' code).
+    no_persona: str = "Nothing is known about this user."
+
+    def check(self, key: str, backbone: BackboneConfig) -> None:
+        one_of(f"{key}.base", self.base, REWARD_BASES)
+        at_least(f"{key}.n", self.n, 1)
+        positive(f"{key}.temperature", self.temperature)
+        in_range(f"{key}.top_p", self.top_p, 0, 1, low_open=True)
+        one_of(f"{key}.reward", self.reward, REWARDS)
+        at_least(f"{key}.lora_r", self.lora_r, 1)
+        positive(f"{key}.lora_alpha", self.lora_alpha)
+        in_range(f"{key}.lora_dropout", self.lora_dropout, 0, 1)
+        if self.target_modules is not None and not self.target_modules:
+            fail(f"{key}.target_modules", [], "is empty (null = the architecture's default)")
+        check_train(self.train, f"{key}.train")
+        at_least(f"{key}.score_batch_size", self.score_batch_size, 1)
+        at_least(f"{key}.judge_max_new_tokens", self.judge_max_new_tokens, 1)
+        at_least(f"{key}.persona_max_new_tokens", self.persona_max_new_tokens, 1)
+        at_least(f"{key}.persona_max_pairs", self.persona_max_pairs, 1)
+        has_placeholders(f"{key}.persona_template", self.persona_template, ["pairs"])
+        has_placeholders(f"{key}.judge_template", self.judge_template, ["persona", "input", "a", "b"])
 
 
 def reward_sequence(tok, question: str, answer: str, system_prompt: str | None,
@@ -369,15 +446,14 @@ def knockout(candidates: Sequence[Sequence[str]],
 # ------------------------------------------------------------------ the backbone
 
 
-@BACKBONES.register("reward_model")
+@BACKBONES.register(NAME, settings=RewardModelSettings)
 class RewardModel(Backbone):
-    name = "reward_model"
+    name = NAME
 
     def __init__(self, cfg: BackboneConfig, task, retriever):
         super().__init__(cfg, task, retriever)
-
-        check_reward_model(cfg)
-        self.rm = cfg.reward_model
+        self.rm: RewardModelSettings = settings_of(cfg, NAME, "backbone")
+        self.rm.check(f"backbone.{NAME}", cfg)  # as at start-up, for a backbone built directly
         self.n_candidates = self.rm.n
         self.base = build_backbone(dataclasses.replace(cfg, name=self.rm.base), task, retriever)
         self.lm = None

@@ -13,8 +13,6 @@ and ``steering_schema()`` adds its settings to the config schema.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Sequence
@@ -23,7 +21,6 @@ import torch
 
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
-from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import PairSource
 from fints_repro.registry import Registry
@@ -90,29 +87,13 @@ def _no_steering(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
     return None
 
 
-@functools.cache
 def steering_schema() -> type:
     """``SteeringConfig`` with one node per registered method that has settings
-    (``steering.caa``, ``steering.bipo``, ...): the type Hydra composes ``steering`` into.
-    Made once per process, after the registry has found its methods."""
-    nodes = STEERING.settings()
-    schema = dataclasses.make_dataclass(
-        "SteeringSchema", [(n, t, field(default_factory=t)) for n, t in nodes.items()],
-        bases=(SteeringConfig,))
-    schema.__module__ = __name__  # found by name through __getattr__ (pickle, multirun)
-    return schema
+    (``steering.caa``, ``steering.bipo``, ...): the type Hydra composes ``steering`` into."""
+    return STEERING.schema(SteeringConfig, __name__)
 
 
 def __getattr__(name: str) -> Any:
     if name == "SteeringSchema":
         return steering_schema()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def settings_of(cfg: SteeringConfig, name: str) -> Any:
-    """Method ``name``'s own settings in ``cfg`` (``steering.<name>``)."""
-    node = getattr(cfg, name, None)
-    if node is None:
-        raise ConfigError(f"steering.{name}: this steering config has no node for the method "
-                          f"{name!r}: compose it (compose_run) or make it with steering_schema()")
-    return node

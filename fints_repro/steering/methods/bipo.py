@@ -37,7 +37,8 @@ from fints_repro.data.schema import Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import Pair, attempt_stats, user_pairs
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
+from fints_repro.registry import settings_of
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.extract import answer_weights, pad_batch
 from fints_repro.steering.hooks import steer
 from fints_repro.steering.logprob import packed, sequence_logprobs
@@ -183,7 +184,7 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
          inputs: SteeringInputs, chosen_weights=None) -> SteeringPlan:
     """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
     (SteerX); None: every token."""
-    own: BiPOSettings = settings_of(cfg, NAME)
+    own: BiPOSettings = settings_of(cfg, NAME, "steering")
     layer = validate(cfg, lm, inputs.layers_path)
     by_user = user_pairs(cfg.pairs, samples, inputs)
     groups = ({u: ps for u, ps in by_user.items() if ps} if own.scope == "user"

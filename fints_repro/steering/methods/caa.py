@@ -19,7 +19,8 @@ from fints_repro.checks import at_least
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
+from fints_repro.registry import settings_of
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.methods.common import PairVectors, plan_stats, prepare, strength
 from fints_repro.steering.sites import hidden_size
 
@@ -48,7 +49,7 @@ def caa(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
         inputs: SteeringInputs, chosen_weights=None, pv: PairVectors | None = None) -> SteeringPlan:
     """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
     (SteerX); ``pv``: pairs and pair vectors made elsewhere; None: made here."""
-    own: CAASettings = settings_of(cfg, NAME)
+    own: CAASettings = settings_of(cfg, NAME, "steering")
     pv = pv if pv is not None else prepare(cfg, lm, samples, inputs, chosen_weights=chosen_weights)
     rows = pv.rows
     if own.across_users:

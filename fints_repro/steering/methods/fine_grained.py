@@ -22,7 +22,8 @@ from fints_repro.checks import at_least, one_of, positive
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
 from fints_repro.models.loading import LoadedModel
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
+from fints_repro.registry import settings_of
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.methods.common import PairVectors, plan_stats, prepare, strength
 from fints_repro.steering.sites import hidden_size
 
@@ -78,7 +79,7 @@ def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
                  pv: PairVectors | None = None) -> SteeringPlan:
     """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
     (SteerX); ``pv``: pairs and pair vectors made elsewhere; None: made here."""
-    own: FineGrainedSettings = settings_of(cfg, NAME)
+    own: FineGrainedSettings = settings_of(cfg, NAME, "steering")
     pv = pv if pv is not None else prepare(cfg, lm, samples, inputs, chosen_weights=chosen_weights)
     rows = [i for i, s in enumerate(samples) if pv.rows.get(s.user)]
     retriever = inputs.retriever(own.retriever) if own.retriever else inputs.retriever()

@@ -47,10 +47,11 @@ from fints_repro.errors import DataError
 from fints_repro.models.generation import greedy_cached
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import Pair, user_history
-from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan, settings_of
+from fints_repro.registry import settings_of
+from fints_repro.steering import STEERING, SteeringInputs, SteeringPlan
 from fints_repro.steering.extract import answer_means
 from fints_repro.steering.logprob import token_logprobs
-from fints_repro.steering.methods.common import extraction_context, prepare, strength
+from fints_repro.steering.methods.common import extraction_context, strength
 from fints_repro.steering.store import load_vectors, save_vectors
 from fints_repro.tasks.prompts import render_with_history
 
@@ -234,7 +235,7 @@ def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pa
     chosen side's mean activation (over its answer tokens) under
     ``description_question_template`` minus under the question alone; read as extraction
     reads (``steering.attn_read``, the user's adapter), cached like pair vectors."""
-    own: SteerXSettings = settings_of(cfg, NAME)
+    own: SteerXSettings = settings_of(cfg, NAME, "steering")
     mine = [p for p in pairs if p.user in descriptions]
     if not mine:
         return {}
@@ -271,7 +272,7 @@ def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pa
 @STEERING.register(NAME, settings=SteerXSettings)
 def steerx(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
            inputs: SteeringInputs) -> SteeringPlan:
-    own: SteerXSettings = settings_of(cfg, NAME)
+    own: SteerXSettings = settings_of(cfg, NAME, "steering")
     history = user_history(samples)
     k = own.k if own.k is not None else inputs.dataset.rag_k
     seen: list[tuple[Pair, torch.Tensor, list[float]]] = []  # every pair weighted, in order
