@@ -136,7 +136,7 @@ class Task:
         calls batches them)."""
         return [self.accept_pair(c, r, pairs) for c, r, _ in triples]
 
-    # ---- how the pair generator is prompted (steering/pairs.py) ------------------------
+    # ---- how the pair generator is prompted (preferences/pairs.py) ---------------------
     def pair_pool(self, items: Mapping[str, Sequence[HistoryItem]]) -> Mapping[str, Sequence[HistoryItem]]:
         """Per user, the items a generator prompt draws *other* users' items from
         (default: the items pairs are made from)."""
