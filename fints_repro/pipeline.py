@@ -63,11 +63,12 @@ def seed_everything(seed: int) -> None:
 
 
 class Resources:
-    """Built on first use and shared by every method of a run: the retriever, and models
-    other than the run's own (e.g. a separate pair generator)."""
+    """Built on first use and shared by every method of a run: the retriever, the users'
+    training-split items, and models other than the run's own (e.g. a separate pair
+    generator). ``lm``, the run's model, may be set after the checks that need none."""
 
-    def __init__(self, cfg: RunConfig, lm: LoadedModel, task: Task, overrides: Sequence[str] = (),
-                 reader: SplitReader | None = None):
+    def __init__(self, cfg: RunConfig, lm: LoadedModel | None, task: Task,
+                 overrides: Sequence[str] = (), reader: SplitReader | None = None):
         self.cfg, self.lm, self.task, self.overrides = cfg, lm, task, list(overrides)
         self.reader = reader or SplitReader()
         self._retrievers: dict[str | None, Retriever] = {}
@@ -85,6 +86,8 @@ class Resources:
 
     def model(self, name: str | None) -> LoadedModel:
         if name is None or name == self.cfg.model.name:
+            if self.lm is None:
+                raise RuntimeError("the run's model is asked for before it was loaded")
             return self.lm
         if name not in self._models:
             mcfg: ModelConfig = compose_group(self.overrides, "model", name)
@@ -410,7 +413,7 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
     n_users = len({s.user for s in samples})
     n_empty = sum(1 for s in samples if not s.history)
     log.info("%d samples of %d users (%d with an empty history)", len(samples), n_users, n_empty)
-    resources = Resources(cfg, None, task, overrides or (), reader)  # type: ignore[arg-type]
+    resources = Resources(cfg, None, task, overrides or (), reader)  # the model: below
     check_pair_sources(cfg, methods, samples, resources)
 
     t0 = time.time()
