@@ -41,7 +41,7 @@ PYTEST_ARGS ?= -n auto
 lint: install  ## the layer contract (.importlinter): an import may only point down the stack
 	$(BIN)/lint-imports
 
-test: install lint  ## everything, the end-to-end checks on the embedded model included (13-14 min on 2 cores)
+test: install lint  ## everything, the end-to-end checks on the embedded model included (15 min on 2 cores)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install  ## without the tests marked slow
