@@ -142,11 +142,11 @@ class DatasetConfig:
     history_max_words: Optional[int] = None
     max_new_tokens: int = 32
     metrics: list[str] = field(default_factory=lambda: ["rouge"])
-    # Contrastive pairs are kept only below this ROUGE-L F (README: Fidelity to the authors' code).
+    # Contrastive pairs are kept only below this ROUGE-L F (docs/fidelity.md).
     pair_rouge_threshold: float = 0.15
     # Other users' history items in the pair generator's prompt (5 LaMP-4, 3 abstracts).
     pair_k_other: int = 5
-    # User and history selection (README: Fidelity to the authors' code). `users`: these user ids only.
+    # User and history selection (docs/fidelity.md). `users`: these user ids only.
     users: Optional[list[str]] = None
     n_users: Optional[int] = None
     # Which users n_users is drawn from: `eval_split` (ours: every user of dataset.split),
@@ -273,7 +273,7 @@ class BackboneConfig:
 
 @dataclass
 class PairsConfig:
-    """Contrastive pairs (README: Fidelity to the authors' code): chosen = the user's own output for a history
+    """Contrastive pairs (docs/fidelity.md): chosen = the user's own output for a history
     item; rejected = what the generator writes when its prompt holds k random history
     items of *other* users; kept when ROUGE-L F(rejected, chosen) < the dataset's threshold."""
 
@@ -369,7 +369,7 @@ class GenerationConfig:
     top_p: Optional[float] = 0.9
     # null: the dataset's max_new_tokens
     max_new_tokens: Optional[int] = None
-    # strip | fints_first_line (the authors' first-line rule; README: Fidelity to the authors' code)
+    # strip | fints_first_line (the authors' first-line rule; docs/fidelity.md)
     postprocess: str = "strip"
     # Sort prompts by length before batching: less padding, same outputs.
     sort_by_length: bool = True

@@ -1,4 +1,4 @@
-"""One steering vector per contrastive pair, site and layer (README: Fidelity to the authors' code):
+"""One steering vector per contrastive pair, site and layer (docs/fidelity.md):
 
     v_i = mean(a(q + chosen)[answer tokens]) - mean(a(q + rejected)[answer tokens])
 

@@ -1,4 +1,4 @@
-"""Fints fine-grained, instance-tailored steering (README: "Fidelity to the authors' code").
+"""Fints fine-grained, instance-tailored steering (docs/fidelity.md).
 
 Settings in ``steering.fine_grained`` (``FineGrainedSettings``). For each test input: the
 top-K of its user's pairs by the run's retriever (query = the

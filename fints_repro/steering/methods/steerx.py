@@ -66,7 +66,7 @@ class SteerXSettings:
     """``steering.steerx.*`` (our reading of SteerX, arXiv 2510.22256): vectors of the
     ``base`` method built from the preference-driven tokens of each user's outputs
     only, the tokens whose log-probability the user's own history raises by more than
-    ``tau`` (README: "SteerX")."""
+    ``tau`` (docs/methods.md)."""
 
     # the steering method whose vectors are built from the selected tokens: any registered
     # method that takes chosen_weights (caa, bipo, fine_grained)
