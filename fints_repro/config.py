@@ -113,7 +113,7 @@ class DatasetConfig:
     name: str = MISSING
     # Which loader reads it: lamp | longlamp | demo
     loader: str = MISSING
-    task: str = MISSING  # the benchmark task: lamp4 | lamp5 | longlamp_abstract | demo_news
+    benchmark: str = MISSING  # the benchmark task: lamp4 | lamp5 | longlamp_abstract | demo_news
     # The registered task class (fints_repro/tasks/): prompt pieces, parsing, scoring,
     # primary metric and the contrastive-pair criterion.
     task_type: str = "text_gen"
@@ -291,7 +291,7 @@ class PairsConfig:
     # the generator's prompt with the other users' items, as the authors' code stores it;
     # `task_text` = the item's undecorated text (their PersonalWAB pairs: the bare task,
     # without "USER <id>:" and a review's product block).
-    question: str = "task"
+    extraction_prompt: str = "task"
     # The generator's prompt: `compact` = the other users' items (inputs cut to
     # dataset.history_max_words), a blank line, the item's question; `authors` = the
     # authors' layout (dataset.pair_prompt_template: the task input, "For your reference,

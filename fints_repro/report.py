@@ -16,7 +16,10 @@ writes, next to them:
   first: layer × strength, or e.g. SteerX's tau × strength): the metric, mean over seeds,
   one panel per steered method, the unsteered baseline in the title;
 - ``vs_<param>.png``: the metric against each swept parameter, one line per method, the
-  unsteered methods drawn as dashed horizontal baselines.
+  unsteered methods drawn as dashed horizontal baselines;
+- ``README.md``: the command, the commit, the date and the machine (as the jobs recorded
+  them in ``metrics.json``), the resolved config's key settings and the table (``seeds.md``
+  where seeds were swept, else ``summary.md``). The findings in prose live in ``docs/``.
 """
 
 from __future__ import annotations
@@ -304,6 +307,76 @@ def write_report(root: Path) -> dict[str, Path]:
             out["heatmap"] = plot_heatmap(rows, *axes, metric, root / f"heatmap_{metric}.png")
         for k in swept:
             out[f"vs_{k}"] = plot_lines(rows, k, metric, root / f"vs_{k}.png")
+    out["readme"] = write_readme(root, out)
+    return out
+
+
+# The resolved config's settings a results README states (those a job has).
+KEY_SETTINGS = ("dataset.name", "dataset.split", "dataset.benchmark", "model.name", "model.dtype",
+                "retriever.name", "backbone.name", "steering.name", "steering.layer",
+                "steering.alpha", "steering.beta", "steering.scale", "fidelity.name",
+                "generation.max_new_tokens", "dataset.max_new_tokens")
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def sweep_command(root: Path) -> str:
+    """The multirun's command line, from Hydra's ``multirun.yaml``."""
+    path = root / "multirun.yaml"
+    if not path.exists():
+        return "(not recorded: no multirun.yaml)"
+    hydra_cfg = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+    over = (hydra_cfg.get("overrides") or {}).get("task") or []
+    sweep = (hydra_cfg.get("sweep") or {}).get("dir") or root.name
+    return " ".join(["python -m fints_repro.run -m", *map(str, over), f"hydra.sweep.dir={sweep}"])
+
+
+def write_readme(root: Path, tables: dict[str, Path]) -> Path:
+    """``README.md`` of a results folder (see the module docstring). Jobs that recorded no
+    provenance (older runs) are said to have none; the date then is their files'."""
+    jobs = sorted(p.parent for p in root.glob("*/metrics.json"))
+    prov = [json.loads((j / "metrics.json").read_text()).get("provenance") for j in jobs]
+    known = [p for p in prov if p]
+    commits = sorted({p["commit"] for p in known})
+    dates = sorted(p["date"] for p in known)
+    if known:
+        m = known[0]["machine"]
+        machine = (f"{m.get('gpu') + ', ' if m.get('gpu') else ''}{m.get('cpu')} "
+                   f"({m.get('cpu_cores')} cores), torch {m.get('torch')}, {m.get('threads')} threads")
+    else:
+        machine = "not recorded by the jobs"
+    if len(known) < len(jobs):
+        import datetime
+        mtimes = [datetime.datetime.fromtimestamp((j / "metrics.json").stat().st_mtime,
+                                                  datetime.timezone.utc) for j in jobs]
+        dates += [d.strftime("%Y-%m-%d %H:%M UTC (file time)") for d in sorted(mtimes)]
+    settings: dict[str, set] = {}
+    for j in jobs:
+        cfg = yaml.safe_load((j / "config.yaml").read_text()) if (j / "config.yaml").exists() else {}
+        for k in KEY_SETTINGS:
+            v = _get(cfg or {}, k)
+            if v is not None:
+                settings.setdefault(k, set()).add(json.dumps(v))
+    table_path = tables.get("seeds") or tables["md"]
+    lines = [f"# {root.name}", "",
+             f"- command: `{sweep_command(root)}`",
+             f"- commit: {', '.join(commits) if commits else 'not recorded by the jobs'}"
+             + (f" ({len(jobs) - len(known)} of {len(jobs)} jobs recorded none)"
+                if known and len(known) < len(jobs) else ""),
+             f"- date: {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "") if dates else "- date: unknown",
+             f"- machine: {machine}",
+             f"- jobs: {len(jobs)}",
+             "- key settings (the jobs' resolved configs; a preset's methods may override some): "
+             + ", ".join(f"`{k}={'|'.join(sorted(v))}`" for k, v in settings.items()),
+             "", f"## {table_path.name}", "", table_path.read_text().rstrip(), ""]
+    out = root / "README.md"
+    write_text_atomic(out, "\n".join(lines), "the results folder's README")
     return out
 
 

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
 
@@ -52,23 +52,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="candidates per prompt (best-of-N)")
     args = ap.parse_args()
 
-    from fints_repro.backbones import build_backbone
+    from fints_repro import stages
+    from fints_repro.backbones import FitContext, build_backbone
     from fints_repro.compose import compose_run
-    from fints_repro.data.load import load_samples
     from fints_repro.models.generation import DecodingParams, generate_batches
     from fints_repro.models.chat import render_chat
-    from fints_repro.models.loading import load_model
-    from fints_repro.pipeline import Resources
-    from fints_repro.steering import STEERING
-    from fints_repro.tasks import build_task
 
     overrides = ["+exp=demo", "backbone=lora", "logger=none", "progress=false", "fidelity=ours",
                  "steering.pairs.max_new_tokens=null"]
-    cfg = compose_run(overrides)
-    samples = load_samples(cfg.dataset, seed=cfg.seed)
-    lm = load_model(cfg.model, cfg.cache_dir)
-    task = build_task(cfg.dataset, cfg.generation, cfg.eval)
-    res = Resources(cfg, lm, task, overrides)
+    res = stages.open_run(overrides)
+    cfg, samples, lm, task = res.cfg, res.samples, res.lm, res.task
+    method = stages.config_method(cfg)  # lora + fine_grained
     out: dict = {"model": lm.fingerprint, "device": str(lm.device),
                  "threads": torch.get_num_threads(), "users": args.users,
                  "load_average_start": [round(x, 2) for x in os.getloadavg()]}
@@ -82,10 +76,9 @@ def main() -> None:
     sub = [samples[i] for u in users for i in by_user[u]]
     with tempfile.TemporaryDirectory() as scratch:
         bb = build_backbone(cfg.backbone, task, res.retriever)
-        scratch_res = SimpleNamespace(cfg=SimpleNamespace(cache_dir=scratch, seed=cfg.seed,
-                                                          progress=False))
+        scratch_ctx = FitContext(cache_dir=Path(scratch), seed=cfg.seed)
         t0 = time.perf_counter()
-        bb.fit(lm, sub[: len(by_user[users[0]])], scratch_res)
+        bb.fit(lm, sub[: len(by_user[users[0]])], scratch_ctx)
         out["lora_train_seconds_one_user"] = round(time.perf_counter() - t0, 2)
         out["lora_train_items_one_user"] = len(samples[by_user[users[0]][0]].history)
         bb.close(lm)
@@ -94,12 +87,11 @@ def main() -> None:
 
     # 1. mixed-adapter batch vs one user at a time (adapters from the run's cache)
     backbone = build_backbone(cfg.backbone, task, res.retriever)
-    backbone.fit(lm, samples, res)
-    plm = backbone.model(lm)
+    plm = stages.fit(res, method, backbone, lm)
     texts = [render_chat(lm.tokenizer, p.text, lm.system_prompt)
              for p in backbone.build_prompts([samples[i] for i in rows])]
     params = DecodingParams(max_new_tokens=cfg.dataset.max_new_tokens)
-    plan = STEERING.get("fine_grained")(cfg.steering, plm, samples, res.steering_inputs(cfg.steering))
+    plan = stages.steering_plan(res, method, backbone, plm)
 
     def gen(batch: int, steered: bool) -> None:
         def ctx(rs):

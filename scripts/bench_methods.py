@@ -38,20 +38,14 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from fints_repro.compose import compose_run
-    from fints_repro.data.load import load_samples
-    from fints_repro.models.loading import load_model
-    from fints_repro.pipeline import Resources, with_task_system_prompt
+    from fints_repro import stages
+    from fints_repro.backbones import build_backbone
     from fints_repro.report import markdown
-    from fints_repro.steering import STEERING
     from fints_repro.preferences import user_pairs
-    from fints_repro.tasks import build_task
 
     base = [f"+exp={args.exp}", "logger=none", "progress=false", f"seed={args.seed}", *args.overrides]
-    cfg = compose_run(base)
-    samples = load_samples(cfg.dataset, seed=cfg.seed)
-    lm = with_task_system_prompt(load_model(cfg.model, cfg.cache_dir), cfg.dataset.system_prompt)
-    task = build_task(cfg.dataset, cfg.generation, cfg.eval, cfg.seed)
+    run = stages.open_run(base)
+    samples, lm, task = run.samples, run.lm, run.task
     methods = [m for m in OmegaConf.to_container(OmegaConf.load(
         Path(__file__).resolve().parents[1] / "conf" / "exp" / f"{args.exp}.yaml"))["methods"]
         if m.get("steering")]
@@ -68,15 +62,17 @@ def main() -> None:
         over = [f"steering={m['steering']}",
                 *(f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
                   for k, v in (m.get("overrides") or {}).items())]
-        mcfg = compose_run(base + over)
-        res = Resources(mcfg, lm, task, base + over)
+        res = stages.open_run(base + over, with_model=False)
+        res.lm = lm
+        mcfg = res.cfg
         # the pairs from the project's cache (made once), everything after them cold
         user_pairs(mcfg.steering.pairs, samples, res.steering_inputs(mcfg.steering))
         with tempfile.TemporaryDirectory() as cold:
             os.symlink(Path(mcfg.cache_dir).resolve() / "pairs", Path(cold) / "pairs")
-            inputs = dataclasses.replace(res.steering_inputs(mcfg.steering), cache_dir=cold)
+            res.cfg = dataclasses.replace(mcfg, cache_dir=cold)
+            backbone = build_backbone(mcfg.backbone, task, res.retriever)
             t0 = time.perf_counter()
-            plan = STEERING.get(mcfg.steering.name)(mcfg.steering, lm, samples, inputs)
+            plan = stages.steering_plan(res, stages.config_method(mcfg), backbone, lm)
             seconds = time.perf_counter() - t0
         name = m.get("name") or f"rag+{m['steering']}"
         users = len({s.user for s, st in zip(samples, plan.steered) if st})  # steered users

@@ -75,28 +75,21 @@ def main() -> None:
         CLOCK = time.process_time
         torch.set_num_threads(1)
 
+    from fints_repro import stages
     from fints_repro.backbones import build_backbone
-    from fints_repro.compose import compose_run
-    from fints_repro.data.load import load_samples
     from fints_repro.models.generation import DecodingParams, generate_batches
     from fints_repro.models.chat import render_chat
-    from fints_repro.pipeline import Resources
-    from fints_repro.models.loading import load_model
-    from fints_repro.steering import STEERING
     from fints_repro.steering.extract import answer_means
     from fints_repro.steering.methods.common import prepare
-    from fints_repro.tasks import build_task
 
     # The vectors only need to exist: our pairs (fidelity=ours) are the quick ones to make.
     overrides = ["+exp=demo", "logger=none", "progress=false", "fidelity=ours",
                  "steering.pairs.max_new_tokens=null"]  # as the demo's rag+...(ours) rows
-    cfg = compose_run(overrides)
-    samples = load_samples(cfg.dataset, seed=cfg.seed)
-    lm = load_model(cfg.model, cfg.cache_dir)
-    task = build_task(cfg.dataset, cfg.generation, cfg.eval)
-    res = Resources(cfg, lm, task, overrides)
+    res = stages.open_run(overrides)
+    cfg, samples, lm, task = res.cfg, res.samples, res.lm, res.task
+    method = stages.config_method(cfg)  # rag + fine_grained
+    plan = stages.steering_plan(res, method, build_backbone(cfg.backbone, task, res.retriever), lm)
     inputs = res.steering_inputs(cfg.steering)
-    plan = STEERING.get("fine_grained")(cfg.steering, lm, samples, inputs)
     sub = list(range(min(args.n, len(samples))))
     max_new = cfg.dataset.max_new_tokens
     out: dict = {"model": lm.fingerprint, "device": str(lm.device),

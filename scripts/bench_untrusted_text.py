@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     from fints_repro.data.schema import HistoryItem, Sample
     from fints_repro.report import markdown
     from fints_repro.tasks import build_task
-    from fints_repro.backbones.reward_model import parse_verdict
+    from fints_repro.backbones.reward_judge import parse_verdict
     from fints_repro.tasks.function_calling import parse_call
     from fints_repro.text import pattern, search
 

@@ -37,22 +37,16 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from fints_repro.compose import compose_run
-    from fints_repro.data.load import load_samples
-    from fints_repro.models.loading import load_model
-    from fints_repro.pipeline import Resources, with_task_system_prompt
+    from fints_repro.stages import open_run
     from fints_repro.report import markdown
     from fints_repro.steering.methods.bipo import train_vector, validate
     from fints_repro.preferences import user_pairs
-    from fints_repro.tasks import build_task
 
     over = [f"+exp={args.exp}", "logger=none", "progress=false", f"seed={args.seed}",
             "steering=bipo", *args.overrides]
-    cfg = compose_run(over)
-    samples = load_samples(cfg.dataset, seed=cfg.seed)
-    lm = with_task_system_prompt(load_model(cfg.model, cfg.cache_dir), cfg.dataset.system_prompt)
-    task = build_task(cfg.dataset, cfg.generation, cfg.eval, cfg.seed)
-    inputs = Resources(cfg, lm, task, over).steering_inputs(cfg.steering)
+    run = open_run(over)
+    cfg, samples, lm = run.cfg, run.samples, run.lm
+    inputs = run.steering_inputs(cfg.steering)
     by_user = user_pairs(cfg.steering.pairs, samples, inputs)
     user = args.user or next(u for u, ps in by_user.items() if ps)
     if not by_user.get(user):

@@ -57,38 +57,34 @@ def main() -> None:
     args = ap.parse_args()
 
     import fints_repro.backbones.reward_model as rm_mod
+    import fints_repro.backbones.reward_trained as trained
     from fints_repro.backbones import build_backbone
-    from fints_repro.compose import compose_run
-    from fints_repro.data.load import load_samples
     from fints_repro.data.schema import Sample
-    from fints_repro.models.loading import load_model
-    from fints_repro.pipeline import Resources
-    from fints_repro.tasks import build_task
+    from fints_repro.stages import config_method, open_run
 
     out: dict = {"every": args.every, "seeds": {}}
     totals = [0, 0, 0]  # held-out pairs, ranked right trained, ranked right untrained
     for seed in args.seeds:
         overrides = ["+exp=demo_backbones", "backbone=reward_model", "logger=none",
                      "progress=false", f"seed={seed}"]
-        cfg = compose_run(overrides)
-        samples = load_samples(cfg.dataset, seed=cfg.seed)
-        lm = load_model(cfg.model, cfg.cache_dir)
-        task = build_task(cfg.dataset, cfg.generation, cfg.eval)
-        res = Resources(cfg, lm, task, overrides)
-        pairs = rm_mod.reward_pairs(cfg.steering, samples, res)
+        res = open_run(overrides)
+        cfg, samples, lm, task = res.cfg, res.samples, res.lm, res.task
+        fit_ctx = res.fit_context(config_method(cfg))
+        pairs = rm_mod.reward_pairs(cfg.steering.pairs, samples, fit_ctx.pair_source)
         train, held = split(pairs, args.every)
         bb = build_backbone(cfg.backbone, task, res.retriever)
         t0 = time.perf_counter()
-        bb.fit(lm, samples, res, cfg.steering, pairs=train)
+        bb.fit(lm, samples, fit_ctx, pairs=train)
         fit_s = time.perf_counter() - t0
         rows = [(Sample(f"{p.user}:{p.item_id}", p.user, p.question, None), p)
                 for ps in held.values() for p in ps]
-        scores = bb.reward_scores([s for s, _ in rows], [[p.chosen, p.rejected] for _, p in rows])
+        selector = bb.selector
+        scores = selector.reward_scores([s for s, _ in rows], [[p.chosen, p.rejected] for _, p in rows])
         # the floor: the same encoder and heads before training (no adapter, pristine head)
-        bb.encoder.reset_heads()
-        seqs = [bb.sequence_ids(p.question, c) for _, p in rows for c in (p.chosen, p.rejected)]
-        raw = rm_mod.score_sequences(bb.encoder.model, seqs, lm.tokenizer.pad_token_id,
-                                     bb.rm.score_batch_size)
+        selector.encoder.reset_heads()
+        seqs = [selector.sequence_ids(p.question, c) for _, p in rows for c in (p.chosen, p.rejected)]
+        raw = trained.score_sequences(selector.encoder.model, seqs, lm.tokenizer.pad_token_id,
+                                      bb.rm.score_batch_size)
         bb.close(lm)
         per_user: dict[str, list[int]] = {}
         wins = floor = n = 0

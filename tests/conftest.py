@@ -67,3 +67,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+LANES = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each test carries its lane's marker (its folder: tests/unit, tests/integration,
+    tests/e2e), so ``-m "not e2e"`` works across the tree; ``gpu`` tests are skipped where
+    torch sees no CUDA device."""
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    has_gpu = torch.cuda.is_available()
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts and parts[0] in LANES:
+            item.add_marker(getattr(pytest.mark, parts[0]))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(no_gpu)

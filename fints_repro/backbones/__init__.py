@@ -2,6 +2,7 @@
 prompts → model context → N candidates → select; see ``base.py``). Each backbone is one
 module of this package that registers itself in ``BACKBONES``."""
 
-from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, backbone_schema, build_backbone
+from fints_repro.backbones.base import (BACKBONES, Backbone, FitContext, Prompt, backbone_schema,
+                                        build_backbone)
 
-__all__ = ["BACKBONES", "Backbone", "Prompt", "backbone_schema", "build_backbone"]
+__all__ = ["BACKBONES", "Backbone", "FitContext", "Prompt", "backbone_schema", "build_backbone"]

@@ -2,10 +2,11 @@
 
 A backbone has a lifecycle, run by the pipeline in this order:
 
-1. ``fit(lm, samples, resources, steering)``: per-user preparation (training a user's
-   adapter or reward model), cached by content hash by the backbone itself. Prompting
-   backbones fit nothing. ``steering`` is the method's steering config (its ``pairs``
-   node says how contrastive pairs are made, for a backbone that trains on them).
+1. ``fit(lm, samples, ctx)``: per-user preparation (training a user's adapter or reward
+   model), cached by content hash by the backbone itself. Prompting backbones fit
+   nothing. ``ctx`` (``FitContext``) is what the run lends: the cache folder, the seed,
+   how the method makes contrastive pairs and from what (for a backbone that trains on
+   them), the training-split items, and other models by option name.
 2. ``build_prompts(samples)``: the user-turn text of each sample and the history it used.
 3. ``model(lm)``: the model that generation and extraction run on (default ``lm``; LoRA:
    the PEFT wrapper holding every user's adapter). ``decoding(params)``: the decoding
@@ -27,23 +28,24 @@ content hash, ...): it is part of the generation cache key, so no backbone can r
 another's generations. Prompting backbones return "" (their prompt is all of it: RAG rows
 of a user with no history share zero-shot's generations, rightly).
 
-Adding a backbone is one class registered in ``BACKBONES`` and one yaml in
-``conf/backbone/``.
+Adding a backbone is one module in this package (the class registered in ``BACKBONES``
+with its settings) and one yaml in ``conf/backbone/`` (docs/extending.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Sequence
 
-from fints_repro.config import BackboneConfig
-from fints_repro.data.schema import Sample
+from fints_repro.config import BackboneConfig, PairsConfig
+from fints_repro.data.schema import HistoryItem, Sample
+from fints_repro.preferences import PairSource
 from fints_repro.registry import Registry
 from fints_repro.retrieval import Retriever
 
 if TYPE_CHECKING:
-    from fints_repro.config import SteeringConfig
     from fints_repro.models.generation import DecodingParams
     from fints_repro.models.loading import LoadedModel
     from fints_repro.tasks import Task
@@ -57,6 +59,33 @@ class Prompt:
     history_ids: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FitContext:
+    """What ``Backbone.fit`` may use besides the model and the samples. The pipeline builds
+    one per method (``stages.RunContext.fit_context``); tests build them directly."""
+
+    cache_dir: Path
+    seed: int = 0
+    progress: bool = False
+    # How the method makes contrastive pairs (its steering.pairs) and what from: the
+    # backbones that train on pairs (reward_model) make them through preferences.user_pairs.
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    pair_source: Optional[PairSource] = None
+    # Per user, the items of the training split (backbone.lora.train_on=train_samples).
+    train_items: Callable[[], dict[str, list[HistoryItem]]] = dict
+    # A model option by name (backbone.reward_model.encoder), loaded once per run.
+    model: Optional[Callable[[str], "LoadedModel"]] = None
+    # generation.batch_size and generation.overlength, for a backbone's own generations
+    # (the judge's personas and verdicts).
+    batch_size: int = 8
+    overlength: str = "error"
+
+    def model_option(self, name: str) -> "LoadedModel":
+        if self.model is None:
+            raise RuntimeError(f"model option {name!r} asked for, and this fit context loads none")
+        return self.model(name)
+
+
 class Backbone:
     """Base class with the lifecycle's defaults (see the module docstring)."""
 
@@ -66,8 +95,7 @@ class Backbone:
     def __init__(self, cfg: BackboneConfig, task: "Task", retriever: Callable[[], Retriever]):
         self.cfg, self.task, self._retriever = cfg, task, retriever
 
-    def fit(self, lm: "LoadedModel", samples: Sequence[Sample], resources: Any,
-            steering: "SteeringConfig | None" = None) -> None:
+    def fit(self, lm: "LoadedModel", samples: Sequence[Sample], ctx: FitContext) -> None:
         """Per-user preparation before prompts are built (cached by the backbone)."""
 
     def build_prompts(self, samples: Sequence[Sample]) -> list[Prompt]:

@@ -39,13 +39,13 @@ import torch
 from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
                                             save_adapter, scratch_dir, train_once,
                                             trainer_arguments)
-from fints_repro.backbones.base import BACKBONES, Backbone, Prompt, build_backbone
+from fints_repro.backbones.base import BACKBONES, Backbone, FitContext, Prompt, build_backbone
 from fints_repro.cache import content_hash
 from fints_repro.checks import at_least, check_train, fail, in_range, one_of, positive
 from fints_repro.config import BackboneConfig, TrainConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
-from fints_repro.models.chat import fit_token_sequence, render_chat
+from fints_repro.models.chat import clip_token_sequence, render_chat
 from fints_repro.preferences.pairs import user_history
 from fints_repro.registry import settings_of
 from fints_repro.tasks.prompts import item_question
@@ -122,7 +122,7 @@ def training_example(tok, item: HistoryItem, question: str, template: str, raw_t
         head = raw_template.split("{output}", 1)[0]
         prompt_ids = tok(head.format(input=item.input))["input_ids"]
     answer = tok(item.output + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
-    fitted = fit_token_sequence(prompt_ids + answer, len(prompt_ids), max_length)
+    fitted = clip_token_sequence(prompt_ids + answer, len(prompt_ids), max_length)
     if fitted is None:  # the output alone fills the cut-off: keep its start
         ids, start = (prompt_ids[:1] + answer)[:max_length], 1
     else:
@@ -212,10 +212,10 @@ class LoRA(Backbone):
                                  d.lora_raw_template, lm.system_prompt, t.max_length)
                 for h in items if h.output.strip()]
 
-    def fit(self, lm, samples, resources, steering=None) -> None:
-        cache_dir = Path(resources.cfg.cache_dir) / "adapters"
-        seed = resources.cfg.seed
-        progress = resources.cfg.progress
+    def fit(self, lm, samples, ctx: FitContext) -> None:
+        cache_dir = Path(ctx.cache_dir) / "adapters"
+        seed = ctx.seed
+        progress = ctx.progress
         targets = target_modules(lm.model, self.lcfg.target_modules)
         recipe = {"model": lm.fingerprint, "r": self.lcfg.r, "alpha": self.lcfg.lora_alpha,
                   "dropout": self.lcfg.lora_dropout, "targets": targets,
@@ -225,7 +225,7 @@ class LoRA(Backbone):
         self.samples = list(samples)
         history = user_history(samples)
         if self.train_on == "train_samples":  # the user's training tasks, gold outputs
-            split = resources.train_items()
+            split = ctx.train_items()
             history = {u: split.get(u, []) for u in history}
         tally = TrainTally()
         from tqdm.auto import tqdm

@@ -37,14 +37,14 @@ _DOWNLOAD = {"lamp4": "lamp4", "lamp5": "lamp5", "longlamp_abstract": "longlamp_
 
 def _missing(cfg: DatasetConfig, looked_for: list[str | Path]) -> MissingDataError:
     names = "\n  ".join(str(p) for p in looked_for)
-    if cfg.task == "pwab":
+    if cfg.benchmark == "pwab":
         from fints_repro.data.pwab import HINT
 
         return MissingDataError(
             f"dataset {cfg.name!r}: data files not found. Looked for:\n  {names}\n{HINT}; "
             f"then point the run at them with data.root=<data root> (or FINTS_DATA_ROOT).\n"
             f"To try the task without real data: python -m fints_repro.run +exp=demo_pwab")
-    task = _DOWNLOAD.get(cfg.task, cfg.task)
+    task = _DOWNLOAD.get(cfg.benchmark, cfg.benchmark)
     return MissingDataError(
         f"dataset {cfg.name!r}: data files not found. Looked for:\n  {names}\n"
         f"Get them (on a machine with internet) with:\n"
@@ -65,11 +65,11 @@ def _read_lamp(cfg: DatasetConfig, seed: int) -> list[Sample]:
     """LaMP-4/5 from ``dataset.path``, in either layout ``lamp_candidates`` knows."""
     from fints_repro.data.lamp import lamp_candidates, lamp_paths, load_lamp
 
-    questions, outputs = lamp_paths(Path(cfg.path), cfg.split, cfg.task)
+    questions, outputs = lamp_paths(Path(cfg.path), cfg.split, cfg.benchmark)
     if not questions.exists():
         raise _missing(cfg, [f"{q} (with {o.name} beside it)"
-                             for q, o in lamp_candidates(Path(cfg.path), cfg.split, cfg.task)])
-    return load_lamp(questions, outputs if outputs.exists() else None, task=cfg.task)
+                             for q, o in lamp_candidates(Path(cfg.path), cfg.split, cfg.benchmark)])
+    return load_lamp(questions, outputs if outputs.exists() else None, task=cfg.benchmark)
 
 
 @LOADERS.register("longlamp")

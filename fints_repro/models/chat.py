@@ -43,7 +43,7 @@ def fit_user_text(tok: PreTrainedTokenizerBase, user_text: str, system_prompt: s
     raise ValueError(f"the chat template alone needs {overhead} of the {budget} tokens")
 
 
-def fit_chat_prompts(tok: PreTrainedTokenizerBase, user_texts: Sequence[str],
+def clip_chat_prompts(tok: PreTrainedTokenizerBase, user_texts: Sequence[str],
                      system_prompt: str | None, limit: int | None, max_new_tokens: int,
                      overlength: str, describe: Callable[[int, int], Exception],
                      ) -> tuple[list[str], list[int]]:
@@ -68,7 +68,7 @@ def fit_chat_prompts(tok: PreTrainedTokenizerBase, user_texts: Sequence[str],
     return texts, over
 
 
-def fit_token_sequence(ids: list[int], start: int, limit: int | None) -> tuple[list[int], int] | None:
+def clip_token_sequence(ids: list[int], start: int, limit: int | None) -> tuple[list[int], int] | None:
     """A question + answer token sequence (answer from ``start``) cut to ``limit`` tokens
     by dropping question tokens from its middle, the answer kept whole; ``(ids, start)``
     unchanged when it fits, None when the answer alone (plus one question token) does not."""

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fints_repro.cache import GenerationStore, content_hash
-from fints_repro.models.chat import fit_chat_prompts
+from fints_repro.models.chat import clip_chat_prompts
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 
@@ -175,7 +175,7 @@ def greedy_cached(lm: LoadedModel, user_texts: Sequence[str], max_new_tokens: in
     ``describe(index, n_tokens)`` or, under ``overlength="truncate"``, cut in its middle.
     Returns the generations and how many were generated (not read from the store)."""
     system = lm.system_prompt if system_prompt is _MODELS else system_prompt
-    texts, over = fit_chat_prompts(lm.tokenizer, list(user_texts), system,  # type: ignore[arg-type]
+    texts, over = clip_chat_prompts(lm.tokenizer, list(user_texts), system,  # type: ignore[arg-type]
                                    shape_of(lm.model).max_positions, max_new_tokens,
                                    overlength, describe)
     if over:

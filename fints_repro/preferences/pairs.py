@@ -39,7 +39,7 @@ from fints_repro.cache import GenerationStore, content_hash
 from fints_repro.config import DatasetConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
-from fints_repro.models.chat import fit_chat_prompts
+from fints_repro.models.chat import clip_chat_prompts
 from fints_repro.models.generation import DecodingParams, generate_batches
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUESTION_MODES = ("task", "generation_prompt", "task_text")
+EXTRACTION_PROMPTS = ("task", "generation_prompt", "task_text")
 PROMPT_LAYOUTS = ("compact", "authors")
 ROUGE_IMPLS = ("rouge_score", "rouge")
 SOURCES = ("profile", "train_samples")
@@ -173,7 +173,7 @@ def _generate_cached(
 
 
 def _check(cfg: PairsConfig, items_by_user) -> None:
-    for name, allowed in (("question", QUESTION_MODES), ("prompt_layout", PROMPT_LAYOUTS),
+    for name, allowed in (("extraction_prompt", EXTRACTION_PROMPTS), ("prompt_layout", PROMPT_LAYOUTS),
                           ("rouge_impl", ROUGE_IMPLS), ("source", SOURCES)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"steering.pairs.{name}={getattr(cfg, name)!r}: expected one of {allowed}")
@@ -251,7 +251,7 @@ def build_pairs(
             "them (steering.pairs.k_other, steering.pairs.max_new_tokens).", record=a.item.id)
 
     limit = shape_of(lm.model).max_positions
-    texts, over = fit_chat_prompts(lm.tokenizer, prompts, lm.system_prompt, limit, max_new,
+    texts, over = clip_chat_prompts(lm.tokenizer, prompts, lm.system_prompt, limit, max_new,
                                    overlength, too_long)
     if over:
         log.warning("pairs: %d generator prompt(s) longer than the context (%d tokens with %d "
@@ -276,7 +276,7 @@ def build_pairs(
         if verdict.keep:
             question = {"task": lambda: item_question(p.item, dataset, layout),
                         "task_text": lambda: task.task_text(p.item),
-                        "generation_prompt": lambda: p.prompt}[cfg.question]()
+                        "generation_prompt": lambda: p.prompt}[cfg.extraction_prompt]()
             chosen, rejected = task.pair_sides(p.item.output, rejected, cfg)
             out[p.user].append(Pair(p.user, p.item.id, question, chosen, rejected,
                                     verdict.score, p.attempt))

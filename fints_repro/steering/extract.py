@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fints_repro.cache import content_hash
-from fints_repro.models.chat import OVERLENGTH, fit_token_sequence
+from fints_repro.models.chat import OVERLENGTH, clip_token_sequence
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import Pair
@@ -156,7 +156,7 @@ def _fit_context(seqs: list[tuple[list[int], int]], limit: int | None, overlengt
     out = []
     over = 0
     for (ids, start), name in zip(seqs, names):
-        fitted = fit_token_sequence(ids, start, limit) if overlength == "truncate" else (
+        fitted = clip_token_sequence(ids, start, limit) if overlength == "truncate" else (
             (ids, start) if limit is None or len(ids) <= limit else None)
         if fitted is None:
             how = ("its answer alone has %d tokens" % (len(ids) - start) if overlength == "truncate"

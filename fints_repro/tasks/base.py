@@ -151,7 +151,7 @@ class Task:
         return extract_answer(self.read(generation), self.dataset, layout)
 
     def task_text(self, item: HistoryItem) -> str:
-        """An item's own text, undecorated (``steering.pairs.question=task_text``)."""
+        """An item's own text, undecorated (``steering.pairs.extraction_prompt=task_text``)."""
         return item.input
 
     def pair_sides(self, chosen: str, rejected: str, pairs: PairsConfig | None = None

@@ -61,7 +61,7 @@ class BiPOSettings:
     over the pairs unless ``max_steps`` is set."""
 
     scope: str = "user"  # user: one vector per user from their pairs; all: one for every pair
-    beta: float = 0.1
+    dpo_beta: float = 0.1
     lr: float = 5e-4
     # Their train.py declares weight_decay=0.05 but never passes it to the trainer, whose
     # default (0.0) is what runs.
@@ -81,7 +81,7 @@ class BiPOSettings:
 
     def check(self, key: str, steering: SteeringConfig) -> None:
         one_of(f"{key}.scope", self.scope, ("user", "all"))
-        positive(f"{key}.beta", self.beta)
+        positive(f"{key}.dpo_beta", self.dpo_beta)
         positive(f"{key}.lr", self.lr)
         at_least(f"{key}.weight_decay", self.weight_decay, 0)
         at_least(f"{key}.batch_size", self.batch_size, 1)
@@ -164,7 +164,7 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOSe
             rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
             d = rng.choice((-1.0, 1.0))
             cw = answer_weights(w_seqs, rows, chosen_weights) if chosen_weights is not None else None
-            loss = bipo_loss(model, layer, v, d, cfg.beta, pad_batch(w_seqs, rows, pad),
+            loss = bipo_loss(model, layer, v, d, cfg.dpo_beta, pad_batch(w_seqs, rows, pad),
                              pad_batch(l_seqs, rows, pad), ref_w[rows], ref_l[rows], layers_path, cw)
             (grad,) = torch.autograd.grad(loss, [v])  # the model's weights get no gradient
             v.grad = grad

@@ -3,7 +3,7 @@
 Settings in ``steering.fine_grained`` (``FineGrainedSettings``). For each test input: the
 top-K of its user's pairs by the run's retriever (query = the
 input without its instruction prefix; documents = question + chosen), combined with equal
-weights (``mean``) or ``softmax(score / tau)``; then ``alpha * v_attn`` is added to the
+weights (``mean``) or ``softmax(score / temperature)``; then ``alpha * v_attn`` is added to the
 attention output and ``beta * v_mlp`` to the MLP output of the same layer ("pulse and
 re-pulse"), at every position. K larger than a user's pairs is clipped (logged).
 ``steering.fine_grained.key_by_question`` (the authors' PerSteer.py keeps a user's vectors in
@@ -38,8 +38,8 @@ class FineGrainedSettings:
     """``steering.fine_grained.*`` (Fints): per test input, the top-K of its user's pairs."""
 
     top_k: int = 5
-    aggregate: str = "mean"  # mean | softmax (weights softmax(score / tau))
-    tau: float = 0.1
+    aggregate: str = "mean"  # mean | softmax (weights softmax(score / temperature))
+    temperature: float = 0.1
     # The retriever (a `retriever` group option) that ranks a user's pairs for an input;
     # null = the run's. The authors rank with Contriever (mean pooling, dot product).
     retriever: Optional[str] = None
@@ -51,14 +51,14 @@ class FineGrainedSettings:
     def check(self, key: str, steering: SteeringConfig) -> None:
         at_least(f"{key}.top_k", self.top_k, 1)
         one_of(f"{key}.aggregate", self.aggregate, AGGREGATES)
-        positive(f"{key}.tau", self.tau)
+        positive(f"{key}.temperature", self.temperature)
 
 
-def pair_weights(scores: Sequence[float], aggregate: str, tau: float) -> torch.Tensor:
+def pair_weights(scores: Sequence[float], aggregate: str, temperature: float) -> torch.Tensor:
     s = torch.tensor(scores, dtype=torch.float64)
     if aggregate == "mean":
         return torch.full_like(s, 1.0 / len(s))
-    return torch.softmax(s / tau, dim=0)
+    return torch.softmax(s / temperature, dim=0)
 
 
 def vector_rows(pv: PairVectors, key_by_question: bool) -> list[int]:
@@ -100,7 +100,7 @@ def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
     for i, ranking in zip(rows, rankings):
         user_rows = pv.rows[samples[i].user]
         picked = [user_rows[j] for j, _ in ranking]
-        w = pair_weights([score for _, score in ranking], own.aggregate, own.tau).to(torch.float32)
+        w = pair_weights([score for _, score in ranking], own.aggregate, own.temperature).to(torch.float32)
         for site in cfg.sites:
             vectors[(pv.layer, site)][i] = strength(cfg, site) * (
                 w @ pv.vectors[site][[source[j] for j in picked]])

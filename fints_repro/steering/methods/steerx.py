@@ -8,7 +8,7 @@ user's outputs their preference drives, found by a token-level causal effect.
    ``delta_t = log p(y_t | x, H, y_<t) - log p(y_t | x, y_<t)`` (``effect=logprob``), or
    the difference of probabilities (``effect=prob``, NextQuill's estimator). One batched
    forward per variant; y is tokenised apart, so both variants score the same tokens.
-2. Preference-driven tokens: ``delta_t > tau``; an output with none keeps its top
+2. Preference-driven tokens: ``delta_t > token_threshold``; an output with none keeps its top
    ``ceil(top_q * n)`` tokens by delta, so no pair is left without tokens.
    The two log-prob passes are cached by content (``<cache_dir>/steerx/``).
 3. The user's preference in words (``steering.steerx.description``): the run's LLM, with
@@ -21,7 +21,7 @@ user's outputs their preference drives, found by a token-level causal effect.
    over the user's pairs of the chosen side's activations under each, at every site the
    backbone steers) is added, times the site's strength.
 
-With ``tau=-inf`` and ``use_description`` off, every token is selected and SteerX is its
+With ``token_threshold=-inf`` and ``use_description`` off, every token is selected and SteerX is its
 backbone, vectors and predictions bit for bit (tested). The selected share is reported;
 each row's user's top tokens and description are in ``predictions.jsonl``.
 """
@@ -74,7 +74,7 @@ class SteerXSettings:
     # logprob: delta_t = log p(y_t | x, H) - log p(y_t | x, no history); prob: the
     # difference of probabilities (NextQuill's, with tau 0.05)
     effect: str = "logprob"
-    tau: float = 0.0
+    token_threshold: float = 0.0
     # an output with no token above tau keeps its top ceil(top_q * n) tokens by delta
     top_q: float = 0.2
     # history items of the user in H (the item's RAG prompt; null = dataset.rag_k)
@@ -101,8 +101,8 @@ class SteerXSettings:
             fail(f"{key}.base", self.base, "is not a steering method that takes token weights "
                  "(chosen_weights): e.g. caa, bipo, fine_grained")
         one_of(f"{key}.effect", self.effect, ("logprob", "prob"))
-        if not (isinstance(self.tau, (int, float)) and (math.isfinite(self.tau) or self.tau == -math.inf)):
-            fail(f"{key}.tau", self.tau, "must be a finite number (or -inf: every token)")
+        if not (isinstance(self.token_threshold, (int, float)) and (math.isfinite(self.token_threshold) or self.token_threshold == -math.inf)):
+            fail(f"{key}.token_threshold", self.token_threshold, "must be a finite number (or -inf: every token)")
         in_range(f"{key}.top_q", self.top_q, 0, 1, low_open=True)
         at_least(f"{key}.k", self.k, 1, optional=True)
         at_least(f"{key}.batch_size", self.batch_size, 1)
@@ -280,10 +280,10 @@ def steerx(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
     def weights(pairs: Sequence[Pair]) -> list[list[float]]:
         deltas = causal_effects(lm, pairs, history_prompts(pairs, history, inputs, k),
                                 own.effect, own.batch_size, inputs.cache_dir)
-        w = select_tokens(deltas, own.tau, own.top_q)
+        w = select_tokens(deltas, own.token_threshold, own.top_q)
         seen.extend(zip(pairs, deltas, w))
-        log.info("steerx: %d of %d answer tokens selected (tau %s, %s)", sum(map(sum, w)),
-                 sum(map(len, w)), own.tau, own.effect)
+        log.info("steerx: %d of %d answer tokens selected (token_threshold %s, %s)", sum(map(sum, w)),
+                 sum(map(len, w)), own.token_threshold, own.effect)
         return w
 
     plan = STEERING.get(own.base, "steering.steerx.base")(cfg, lm, samples, inputs,
