@@ -233,6 +233,26 @@ def build_pairs(
     if not plan:
         return out
 
+    generation = _generate_rejected(plan, lm, dataset, cfg, cache_dir=cache_dir, seed=seed,
+                                    progress=progress, overlength=overlength,
+                                    max_read_chars=task.evaluation.max_read_chars)
+    _keep_pairs(plan, generation, task, dataset, cfg, out)
+    if not out.outcomes["kept"]:
+        log.warning("pairs: none of the %d attempts gave a pair: %d generation(s) held no answer "
+                    "(%s), the task's criterion turned %d down (text: ROUGE-L against the "
+                    "user's output at or above dataset.pair_rouge_threshold), %d could not be "
+                    "scored", len(plan), out.outcomes["no_answer"],
+                    f"no match of dataset.pair_answer_regex={dataset.pair_answer_regex!r}"
+                    if layout == "authors" and dataset.pair_answer_regex else "empty",
+                    out.outcomes["filtered"], out.outcomes["unscorable"])
+    return out
+
+
+def _generate_rejected(plan: Sequence[_Attempt], lm: LoadedModel, dataset: DatasetConfig,
+                       cfg: PairsConfig, *, cache_dir: str | Path, seed: int, progress: bool,
+                       overlength: str, max_read_chars: int) -> dict[str, str]:
+    """{generator prompt: the generator's text}, each distinct prompt generated once (cached
+    by content hash), prompts fitted to the generator's context first."""
     max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else dataset.max_new_tokens
     params = DecodingParams(max_new_tokens=max_new, do_sample=cfg.do_sample,
                             temperature=cfg.temperature, top_p=1.0, seed=seed)
@@ -252,18 +272,24 @@ def build_pairs(
 
     limit = shape_of(lm.model).max_positions
     texts, over = clip_chat_prompts(lm.tokenizer, prompts, lm.system_prompt, limit, max_new,
-                                   overlength, too_long)
+                                    overlength, too_long)
     if over:
         log.warning("pairs: %d generator prompt(s) longer than the context (%d tokens with %d "
                     "new) were cut in the middle", len(over), limit, max_new)
     generation = dict(zip(prompts, _generate_cached(lm, texts, params, cfg.batch_size,
                                                     cache_dir, progress)))
-
-    cap = task.evaluation.max_read_chars
-    n_cut = sum(len(g) > cap for g in generation.values())
+    n_cut = sum(len(g) > max_read_chars for g in generation.values())
     if n_cut:
         log.warning("pairs: %d generation(s) are longer than eval.max_read_chars=%d characters: "
-                    "only their start is read", n_cut, cap)
+                    "only their start is read", n_cut, max_read_chars)
+    return generation
+
+
+def _keep_pairs(plan: Sequence[_Attempt], generation: Mapping[str, str], task: "Task",
+                dataset: DatasetConfig, cfg: PairsConfig, out: UserPairs) -> None:
+    """Reads each attempt's answer (no answer: counted), lets the task's criterion keep or
+    drop it, and appends the kept pairs to ``out`` with the outcome counts."""
+    layout = cfg.prompt_layout
     answered = []
     for p in plan:
         rejected = task.pair_answer(generation[p.prompt], layout)
@@ -283,15 +309,6 @@ def build_pairs(
             out.outcomes["kept"] += 1
         else:
             out.outcomes["unscorable" if math.isnan(verdict.score) else "filtered"] += 1
-    if not out.outcomes["kept"]:
-        log.warning("pairs: none of the %d attempts gave a pair: %d generation(s) held no answer "
-                    "(%s), the task's criterion turned %d down (text: ROUGE-L against the "
-                    "user's output at or above dataset.pair_rouge_threshold), %d could not be "
-                    "scored", len(plan), out.outcomes["no_answer"],
-                    f"no match of dataset.pair_answer_regex={dataset.pair_answer_regex!r}"
-                    if layout == "authors" and dataset.pair_answer_regex else "empty",
-                    out.outcomes["filtered"], out.outcomes["unscorable"])
-    return out
 
 
 def pair_stats(pairs: dict[str, list[Pair]]) -> dict[str, Any]:
