@@ -224,7 +224,7 @@ class ModelConfig:
     system_prompt: Optional[str] = None
     trust_remote_code: bool = False
     # CPU speed-up (models/cpu.py): glibc malloc reuses large freed buffers instead of
-    # page-faulting fresh ones (demo, batch-8 prefill 1.25 -> 1.09 s)
+    # page-faulting fresh ones (docs/speed.md)
     cpu_tune_malloc: bool = True
 
 

@@ -75,7 +75,8 @@ LANES = ("unit", "integration", "e2e")
 def pytest_collection_modifyitems(config, items) -> None:
     """Each test carries its lane's marker (its folder: tests/unit, tests/integration,
     tests/e2e), so ``-m "not e2e"`` works across the tree; ``gpu`` tests are skipped where
-    torch sees no CUDA device."""
+    torch sees no CUDA device. The slow lanes run first, so that with one worker per core
+    (pytest-xdist) the longest tests do not start last and leave the other cores idle."""
     import torch
 
     no_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
@@ -86,3 +87,6 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(getattr(pytest.mark, parts[0]))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(no_gpu)
+    first = {"e2e": 0, "integration": 1, "unit": 2}
+    items.sort(key=lambda it: first.get(
+        Path(str(it.fspath)).relative_to(ROOT / "tests").parts[0], 3))

@@ -232,7 +232,7 @@ def evaluated_users(cfg: DatasetConfig, samples: list[Sample], seed: int,
 
 
 def load_samples(cfg: DatasetConfig, *, seed: int, reader: SplitReader | None = None) -> list[Sample]:
-    """Read, then select users and history as configured (README: Fidelity to the authors'
+    """Read, then select users and history as configured (docs/fidelity.md: Fidelity to the authors'
     code). ``reader``: the run's, so that a split is read once however often it is used."""
     reader = reader or SplitReader()
     samples = reader.read(cfg, seed)

@@ -3,8 +3,8 @@
 :func:`tune_malloc` (called by ``load_model`` for a CPU model, ``model.cpu_tune_malloc``):
 glibc ``malloc`` keeps freed buffers of up to 32 MiB in its heap instead of handing each
 one back to the kernel. Without it every large activation of a batched prefill (8 x 130
-tokens x 1536 floats = 6 MiB) is a fresh ``mmap`` whose pages fault in zeroed; measured:
-batch-8 prefill of the demo's zero-shot prompts 1.25 s -> 1.09 s on 2 cores.
+tokens x 1536 floats = 6 MiB) is a fresh ``mmap`` whose pages fault in zeroed (the
+measured gain is in docs/speed.md).
 """
 
 from __future__ import annotations

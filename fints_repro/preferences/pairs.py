@@ -1,4 +1,4 @@
-"""Contrastive pairs, as the authors' ``data_collect_para.py`` builds them (README:
+"""Contrastive pairs, as the authors' ``data_collect_para.py`` builds them (docs/fidelity.md:
 "Fidelity to the authors' code").
 
 For each item of each user, and each attempt: the generator is prompted with k random

@@ -185,7 +185,7 @@ def pair_vectors(
     pair, or (``truncate``) loses question tokens from its middle. ``row_context(rows)``:
     the context a batch of pairs (indices into ``pairs``) is read in (a user's adapter);
     ``identities[i]``: what besides the text decides pair i's activations (the adapter's
-    hash), part of the cache key (all "" or None: the key vectors always had)."""
+    hash), part of the cache key (all "" or None: no entry in the key)."""
     for s in sites:
         if s not in SITES:
             raise SteeringError(f"unknown site {s!r}; expected one of {list(SITES)}")
@@ -193,7 +193,7 @@ def pair_vectors(
     if answer_tokenization not in ANSWER_TOKENIZATIONS:
         raise SteeringError(f"steering.answer_tokenization={answer_tokenization!r}; expected one "
                             f"of {list(ANSWER_TOKENIZATIONS)}")
-    # `separate` keeps the key it always had, so vectors cached before stay valid.
+    # `separate` adds nothing to the key.
     join = "space" if answer_tokenization == "separate" else "joint"
     recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
               "attn_read": attn_read, "answer_join": join, "mean": "answer_tokens"}
