@@ -30,7 +30,7 @@ from fints_repro.data.load import SplitReader, load_samples
 from fints_repro.errors import DataError
 from fints_repro.models.inspect import shape_from_config
 from fints_repro.models.loading import load_model
-from fints_repro.provenance import provenance
+from fints_repro.provenance import machine, provenance
 from fints_repro.report import FAILED, INTERRUPTED, markdown
 from fints_repro.stages import RunContext, with_task_system_prompt
 from fints_repro.tasks import build_task
@@ -139,6 +139,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | Non
 def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | None) -> dict[str, Any]:
     # Start-up checks, before any data or model is loaded: every method is composed and
     # every name and value checked (RunConfig's own values were checked when it was made).
+    started = provenance()  # the code and the date the run started with
     methods = resolve_methods(cfg, overrides)
     check_names(cfg, methods)
     shape = shape_from_config(cfg.model, cfg.cache_dir)
@@ -191,7 +192,7 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
         "dataset": cfg.dataset.name, "synthetic_data": synthetic, "task": task.describe(),
         "model": lm.fingerprint, "n_samples": len(samples),
         "n_users": n_users, "n_empty_history": n_empty, "threads": torch.get_num_threads(),
-        "provenance": provenance(str(lm.device)), "methods": results,
+        "provenance": {**started, "machine": machine(str(lm.device))}, "methods": results,
     }
     write_json_atomic(run_dir / "metrics.json", summary, "the run's metrics")
     for marker in (FAILED, INTERRUPTED):  # left by an earlier try of this run, now done

@@ -168,7 +168,7 @@ def main() -> None:
     # 3. extraction: batched + early stop vs one pair at a time through the whole model
     pv = prepare(cfg.steering, lm, samples, inputs)
     pairs = pv.pairs[: args.pairs]
-    qs, ans = [p.question for p in pairs], [p.chosen for p in pairs]
+    qs, ans = [p.prompt for p in pairs], [p.chosen for p in pairs]
     layer = pv.layer
 
     def extract(batch_size, stop_early):

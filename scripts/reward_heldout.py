@@ -76,13 +76,13 @@ def main() -> None:
         t0 = time.perf_counter()
         bb.fit(lm, samples, fit_ctx, pairs=train)
         fit_s = time.perf_counter() - t0
-        rows = [(Sample(f"{p.user}:{p.item_id}", p.user, p.question, None), p)
+        rows = [(Sample(f"{p.user}:{p.item_id}", p.user, p.prompt, None), p)
                 for ps in held.values() for p in ps]
         selector = bb.selector
         scores = selector.reward_scores([s for s, _ in rows], [[p.chosen, p.rejected] for _, p in rows])
         # the floor: the same encoder and heads before training (no adapter, pristine head)
         selector.encoder.reset_heads()
-        seqs = [selector.sequence_ids(p.question, c) for _, p in rows for c in (p.chosen, p.rejected)]
+        seqs = [selector.sequence_ids(p.prompt, c) for _, p in rows for c in (p.chosen, p.rejected)]
         raw = trained.score_sequences(selector.encoder.model, seqs, lm.tokenizer.pad_token_id,
                                       bb.rm.score_batch_size)
         bb.close(lm)

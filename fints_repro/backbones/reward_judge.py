@@ -112,7 +112,7 @@ class JudgeReward:
         order = sorted(range(len(pairs)), key=lambda j: (pairs[j].attempt, j))
         shown = sorted(order[:self.rm.persona_max_pairs])
         return self.rm.persona_template.format(pairs="\n\n".join(
-            self.rm.persona_pair_template.format(question=truncate_words(pairs[j].question, words),
+            self.rm.persona_pair_template.format(question=truncate_words(pairs[j].prompt, words),
                                                  chosen=pairs[j].chosen, rejected=pairs[j].rejected)
             for j in shown))
 

@@ -123,9 +123,9 @@ def reward_pairs(pairs_cfg: PairsConfig, samples: Sequence[Sample], source: Pair
 
     def question(p) -> str:
         item = items.get((p.user, p.item_id))
-        return task_question(item.input, source.dataset) if item is not None else p.question
+        return task_question(item.input, source.dataset) if item is not None else p.prompt
 
-    return {u: [dataclasses.replace(p, question=question(p)) for p in ps] for u, ps in by_user.items()}
+    return {u: [dataclasses.replace(p, prompt=question(p)) for p in ps] for u, ps in by_user.items()}
 
 
 class Selector(Protocol):

@@ -301,8 +301,8 @@ class TrainedReward:
                              "SEQ_CLS", heads=sorted(self.encoder.heads))
         for user in tqdm(with_pairs, desc="reward models", unit="user",
                          disable=not ctx.progress, leave=False):
-            examples = [{"chosen_ids": self.sequence_ids(p.question, p.chosen),
-                         "rejected_ids": self.sequence_ids(p.question, p.rejected)} for p in pairs[user]]
+            examples = [{"chosen_ids": self.sequence_ids(p.prompt, p.chosen),
+                         "rejected_ids": self.sequence_ids(p.prompt, p.rejected)} for p in pairs[user]]
             self.keys[user] = content_hash([recipe, examples])
             path = self._path(user)
             done = train_once(path, f"reward_model: the reward model of user {user!r}", spec,

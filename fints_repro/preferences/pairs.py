@@ -79,7 +79,9 @@ class PairSource:
 class Pair:
     user: str
     item_id: str
-    question: str  # what the answers are appended to for extraction and retrieval
+    # what the answers are appended to for extraction and retrieval
+    # (steering.pairs.extraction_prompt)
+    prompt: str
     chosen: str  # the user's own output for the history item
     rejected: str  # the generator's output
     score: float  # what the task judged the pair by (text: ROUGE-L F(rejected, chosen))
@@ -300,11 +302,11 @@ def _keep_pairs(plan: Sequence[_Attempt], generation: Mapping[str, str], task: "
     verdicts = task.accept_pairs([(p.item.output, r, p.item) for p, r in answered], cfg)
     for (p, rejected), verdict in zip(answered, verdicts):
         if verdict.keep:
-            question = {"task": lambda: item_question(p.item, dataset, layout),
-                        "task_text": lambda: task.task_text(p.item),
-                        "generation_prompt": lambda: p.prompt}[cfg.extraction_prompt]()
+            prompt = {"task": lambda: item_question(p.item, dataset, layout),
+                      "task_text": lambda: task.task_text(p.item),
+                      "generation_prompt": lambda: p.prompt}[cfg.extraction_prompt]()
             chosen, rejected = task.pair_sides(p.item.output, rejected, cfg)
-            out[p.user].append(Pair(p.user, p.item.id, question, chosen, rejected,
+            out[p.user].append(Pair(p.user, p.item.id, prompt, chosen, rejected,
                                     verdict.score, p.attempt))
             out.outcomes["kept"] += 1
         else:

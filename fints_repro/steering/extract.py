@@ -197,7 +197,7 @@ def pair_vectors(
     join = "space" if answer_tokenization == "separate" else "joint"
     recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
               "attn_read": attn_read, "answer_join": join, "mean": "answer_tokens"}
-    data_hash = content_hash([[p.question, p.chosen, p.rejected] for p in pairs])
+    data_hash = content_hash([[p.prompt, p.chosen, p.rejected] for p in pairs])
     if identities is not None and any(identities):
         if len(identities) != len(pairs):
             raise SteeringError(f"{len(identities)} identities for {len(pairs)} pairs")
@@ -211,7 +211,7 @@ def pair_vectors(
         return cached
     if not pairs:
         return {}
-    qs = [p.question for p in pairs]
+    qs = [p.prompt for p in pairs]
     common = dict(attn_read=attn_read, answer_tokenization=answer_tokenization,
                   batch_size=batch_size, layers_path=layers_path, progress=progress,
                   overlength=overlength, row_context=row_context)

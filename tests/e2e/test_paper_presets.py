@@ -360,7 +360,7 @@ def test_the_authors_pairs_on_personalwab(monkeypatch) -> None:
     assert out.outcomes["no_answer"] >= 1  # the call with arguments the tool does not take
     for p in kept:
         sample = next(s for s in train if s.id == p.item_id)
-        assert p.question == sample.meta["task"] and not p.question.startswith("USER ")
+        assert p.prompt == sample.meta["task"] and not p.prompt.startswith("USER ")
         assert p.chosen == json.dumps(json.loads(sample.target)["tool_call"])  # ensure_ascii
         assert p.rejected.isascii()
     assert by_item

@@ -152,14 +152,14 @@ def test_question_modes(lm, samples, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(pairs_mod, "generate_batches", fake)
     items = {h.id: h for s in samples for h in s.history}
     task = _run(lm, samples, tmp_path, PairsConfig(attempts=1, extraction_prompt="task"))
-    assert all(p.question == _question(items[p.item_id]) for ps in task.values() for p in ps)
+    assert all(p.prompt == _question(items[p.item_id]) for ps in task.values() for p in ps)
 
     full = _run(lm, samples, tmp_path, PairsConfig(attempts=1, extraction_prompt="generation_prompt"))
     for ps in full.values():
         for p in ps:
-            assert p.question.startswith("Historical sample 0:\n Q: ")
-            assert p.question.endswith("\n\n" + _question(items[p.item_id]))
-            assert p.question.count("Historical sample ") == K
+            assert p.prompt.startswith("Historical sample 0:\n Q: ")
+            assert p.prompt.endswith("\n\n" + _question(items[p.item_id]))
+            assert p.prompt.count("Historical sample ") == K
     assert sum(map(len, full.values())) == len(items)
     with pytest.raises(ConfigError, match="steering.pairs.extraction_prompt"):
         _run(lm, samples, tmp_path, PairsConfig(extraction_prompt="article"))

@@ -73,7 +73,8 @@ def test_missing_real_data_says_what_it_looked_for(tiny_overrides, tmp_path: Pat
               "steering.layer=1"], tmp_path / "run")
     msg = str(e.value)
     assert "dev_questions.json" in msg and str(tmp_path / "nowhere") in msg
-    assert "scripts/download_data.py lamp4" in msg and "+exp=demo_compare" in msg
+    assert "scripts/download_data.py lamp4" in msg
+    assert msg.endswith("To try the framework without real data: python -m fints_repro.run +exp=demo")
 
 
 def test_unknown_method_option_fails_before_any_model_time(tiny_overrides, tmp_path: Path) -> None:

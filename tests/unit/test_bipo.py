@@ -50,8 +50,8 @@ def test_loss_and_gradient_equal_a_hand_written_reference(lm) -> None:
     for d in (-1.0, 1.0):
         v = (0.5 * torch.randn(H)).requires_grad_(True)
         pad = tok.pad_token_id
-        w = packed(lm, [p.question for p in PAIRS], [p.chosen for p in PAIRS])
-        lo = packed(lm, [p.question for p in PAIRS], [p.rejected for p in PAIRS])
+        w = packed(lm, [p.prompt for p in PAIRS], [p.chosen for p in PAIRS])
+        lo = packed(lm, [p.prompt for p in PAIRS], [p.rejected for p in PAIRS])
         rows = [0, 1, 2]
         loss = bipo_loss(model, layer, v, d, beta, pad_batch(w, rows, pad), pad_batch(lo, rows, pad),
                          _reference(model, w, pad, 2), _reference(model, lo, pad, 2))
@@ -68,10 +68,10 @@ def test_loss_and_gradient_equal_a_hand_written_reference(lm) -> None:
         terms = []
         for p in PAIRS:
             with torch.no_grad():
-                rw, rl = _logp_one(model, tok, p.question, p.chosen), _logp_one(model, tok, p.question, p.rejected)
+                rw, rl = _logp_one(model, tok, p.prompt, p.chosen), _logp_one(model, tok, p.prompt, p.rejected)
             h = layer_mod.register_forward_hook(add)
             try:
-                pw, pl = _logp_one(model, tok, p.question, p.chosen), _logp_one(model, tok, p.question, p.rejected)
+                pw, pl = _logp_one(model, tok, p.prompt, p.chosen), _logp_one(model, tok, p.prompt, p.rejected)
             finally:
                 h.remove()
             terms.append(-torch.nn.functional.logsigmoid(d * beta * ((pw - rw) - (pl - rl))))
@@ -82,8 +82,8 @@ def test_loss_and_gradient_equal_a_hand_written_reference(lm) -> None:
         assert grad.abs().sum() > 0
     # no vector: the loss is log 2 whatever d
     zero = torch.zeros(H, requires_grad=True)
-    w = packed(lm, [PAIRS[0].question], [PAIRS[0].chosen])
-    lo = packed(lm, [PAIRS[0].question], [PAIRS[0].rejected])
+    w = packed(lm, [PAIRS[0].prompt], [PAIRS[0].chosen])
+    lo = packed(lm, [PAIRS[0].prompt], [PAIRS[0].rejected])
     ref = (_reference(model, w, tok.pad_token_id, 1), _reference(model, lo, tok.pad_token_id, 1))
     z = bipo_loss(model, 1, zero, 1.0, beta, pad_batch(w, [0], tok.pad_token_id),
                   pad_batch(lo, [0], tok.pad_token_id), *ref)
@@ -101,8 +101,8 @@ def test_with_eos_the_loss_is_their_formula_over_the_answer_and_its_eos(lm) -> N
     torch.manual_seed(1)
     v = (0.5 * torch.randn(model.config.hidden_size)).requires_grad_(True)
     pad, rows = tok.pad_token_id, [0, 1, 2]
-    w = with_eos(packed(lm, [p.question for p in PAIRS], [p.chosen for p in PAIRS]), tok)
-    lo = with_eos(packed(lm, [p.question for p in PAIRS], [p.rejected for p in PAIRS]), tok)
+    w = with_eos(packed(lm, [p.prompt for p in PAIRS], [p.chosen for p in PAIRS]), tok)
+    lo = with_eos(packed(lm, [p.prompt for p in PAIRS], [p.rejected for p in PAIRS]), tok)
     assert all(ids[-1] == tok.eos_token_id for ids, _ in w + lo)
     assert with_eos(w, tok) == w  # an answer that ends with the EOS gets no second one
     loss = bipo_loss(model, layer, v, d, beta, pad_batch(w, rows, pad), pad_batch(lo, rows, pad),
@@ -125,8 +125,8 @@ def test_with_eos_the_loss_is_their_formula_over_the_answer_and_its_eos(lm) -> N
     terms = []
     for p in PAIRS:
         with torch.no_grad():
-            rw, rl = logp(p.question, p.chosen), logp(p.question, p.rejected)
-        pw, pl = logp(p.question, p.chosen, add), logp(p.question, p.rejected, add)
+            rw, rl = logp(p.prompt, p.chosen), logp(p.prompt, p.rejected)
+        pw, pl = logp(p.prompt, p.chosen, add), logp(p.prompt, p.rejected, add)
         terms.append(-torch.nn.functional.logsigmoid(d * beta * ((pw - rw) - (pl - rl))))
     assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), abs=1e-6)
 
@@ -168,7 +168,7 @@ def test_training_raises_the_chosen_markers_log_probability(lm) -> None:
     v, losses = train_vector(lm, pairs, 1, BiPOSettings(lr=0.05, epochs=8, batch_size=4, dpo_beta=0.5,
                                                       warmup_steps=0), seed=0)
     assert len(losses) == 16 and losses[-1] < losses[0]
-    qs = [p.question for p in pairs]
+    qs = [p.prompt for p in pairs]
     w = packed(lm, qs, [p.chosen for p in pairs])
     lo = packed(lm, qs, [p.rejected for p in pairs])
     pad = lm.tokenizer.pad_token_id

@@ -206,8 +206,8 @@ def test_pair_vectors_recomputed_cached_and_keyed(llama: LoadedModel, tmp_path: 
     assert set(first) == set(second) == set(sites)
     for s in sites:
         assert torch.equal(first[s], second[s])
-        want = torch.stack([_reference(lm, p.question, p.chosen, LAYER)[s]
-                            - _reference(lm, p.question, p.rejected, LAYER)[s] for p in pairs])
+        want = torch.stack([_reference(lm, p.prompt, p.chosen, LAYER)[s]
+                            - _reference(lm, p.prompt, p.rejected, LAYER)[s] for p in pairs])
         torch.testing.assert_close(first[s], want, rtol=1e-5, atol=1e-5)
         assert first[s].abs().max() > 1e-3
 

@@ -50,12 +50,12 @@ def test_authors_layout_prompt_answer_and_question(lm, samples, tmp_path, monkey
     assert {k[1] for k in kept} == {h.id for hs in items.values() for h in hs if kind[h.input] == 0}
     for p in kept.values():
         assert p.rejected == UNRELATED
-        assert p.question in fake.prompts and p.question.startswith(
+        assert p.prompt in fake.prompts and p.prompt.startswith(
             next(h.input for h in items[p.user] if h.id == p.item_id))
     # extraction_prompt=task: the item's task input, not doubled
     task = build_pairs(samples, lm, AUTHORS, replace(cfg, extraction_prompt="task"), cache_dir=tmp_path,
                        seed=0, progress=False, items_by_user=items)
-    assert all(p.question == next(h.input for h in items[p.user] if h.id == p.item_id)
+    assert all(p.prompt == next(h.input for h in items[p.user] if h.id == p.item_id)
                for ps in task.values() for p in ps)
 
 

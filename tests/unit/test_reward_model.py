@@ -114,7 +114,7 @@ def test_a_trained_reward_model_prefers_its_users_held_out_chosen(tmp_path, monk
     lm = _lm()
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     held = _pairs("alice", 500, 12)
-    samples = [Sample(f"alice-q{j}", "alice", p.question, None, ()) for j, p in enumerate(held)]
+    samples = [Sample(f"alice-q{j}", "alice", p.prompt, None, ()) for j, p in enumerate(held)]
     cands = [[p.chosen, p.rejected] for p in held]
 
     def fitted(pairs, cache) -> tuple[float, float]:
@@ -127,7 +127,7 @@ def test_a_trained_reward_model_prefers_its_users_held_out_chosen(tmp_path, monk
         # the same encoder and head before training: no adapter, the pristine head
         sel = bb.selector
         sel.encoder.reset_heads()
-        seqs = [sel.sequence_ids(p.question, c) for p in held for c in (p.chosen, p.rejected)]
+        seqs = [sel.sequence_ids(p.prompt, c) for p in held for c in (p.chosen, p.rejected)]
         raw = trained_mod.score_sequences(sel.encoder.model, seqs, lm.tokenizer.pad_token_id, 8)
         untrained = _accuracy(list(zip(raw[0::2], raw[1::2])))
         bb.close(lm)

@@ -119,7 +119,7 @@ def _inputs(lm, tmp_path: Path, generated: list | None = None) -> SteeringInputs
 def _user_vectors(lm, user: str, layer: int, sites: list[str], **kw) -> dict[str, torch.Tensor]:
     """The user's pair vectors, recomputed: answer-token means of chosen minus rejected."""
     ps = PAIRS[user]
-    qs = [p.question for p in ps]
+    qs = [p.prompt for p in ps]
     c = answer_means(lm, qs, [p.chosen for p in ps], layer, sites, batch_size=4, progress=False, **kw)
     r = answer_means(lm, qs, [p.rejected for p in ps], layer, sites, batch_size=4, progress=False, **kw)
     return {s: c[s] - r[s] for s in sites}
@@ -199,7 +199,7 @@ def test_fine_grained_is_strength_times_weighted_top_k(lm, fake_pairs, tmp_path,
         ps = PAIRS[s.user]
         query = TASK.retrieval_query(s)
         assert not query.startswith("Generate")
-        ((ranking),) = BM25Retriever().rank_many([query], [[f"{p.question} {p.chosen}" for p in ps]],
+        ((ranking),) = BM25Retriever().rank_many([query], [[f"{p.prompt} {p.chosen}" for p in ps]],
                                                  top_k)
         picked = [j for j, _ in ranking]
         assert len(picked) == min(top_k, len(ps))

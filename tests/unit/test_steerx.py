@@ -43,7 +43,7 @@ def test_causal_effect_equals_a_direct_recomputation(lm) -> None:
         return torch.stack([logp[len(q) + j - 1, t] for j, t in enumerate(a)])
 
     for p, h, d, dp in zip(pairs, with_h, got, got_p):
-        a, b = per_token(h, p.chosen), per_token(p.question, p.chosen)
+        a, b = per_token(h, p.chosen), per_token(p.prompt, p.chosen)
         assert torch.allclose(d, a - b, atol=1e-5)
         assert torch.allclose(dp, a.exp() - b.exp(), atol=1e-6)
 
@@ -61,7 +61,7 @@ def test_causal_effects_are_cached_exactly_and_a_damaged_cache_is_recomputed(
     prob = causal_effects(lm, pairs, with_h, effect="prob", cache_dir=tmp_path)  # same passes
     assert all(torch.equal(a, b) for a, b in zip(fresh, again))
     assert all(torch.allclose(p, a.exp() - b.exp()) for p, a, b in
-               zip(prob, *steerx_mod._logprob_passes(lm, with_h, [q.question for q in pairs],
+               zip(prob, *steerx_mod._logprob_passes(lm, with_h, [q.prompt for q in pairs],
                                                      [q.chosen for q in pairs], 8, tmp_path)))
     path.write_text('{"with": [[0.1]]')  # cut short
     monkeypatch.setattr(steerx_mod, "token_logprobs", real)
@@ -115,8 +115,8 @@ def test_the_description_vector_equals_a_direct_recomputation(lm, tmp_path) -> N
         return acts[(1, "mlp")][0, len(q_ids):].float().mean(0)
 
     t = cfg.steerx.description_question_template
-    want = torch.stack([mean_act(t.format(question=p.question, description="likes rain"), p.chosen)
-                        - mean_act(p.question, p.chosen) for p in pairs[:2]]).mean(0)
+    want = torch.stack([mean_act(t.format(question=p.prompt, description="likes rain"), p.chosen)
+                        - mean_act(p.prompt, p.chosen) for p in pairs[:2]]).mean(0)
     assert torch.allclose(got["u"]["mlp"], want, atol=1e-5)
     again = steerx_mod.description_vectors(cfg, lm, pairs, {"u": "likes rain"}, 1, ["mlp"], inputs)
     assert torch.equal(again["u"]["mlp"], got["u"]["mlp"])  # read back from its cache

@@ -135,7 +135,7 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOSe
 
     model = lm.model
     param = next(model.parameters())
-    qs = [p.question for p in pairs]
+    qs = [p.prompt for p in pairs]
     w_seqs = packed(lm, qs, [p.chosen for p in pairs], tokenization)
     l_seqs = packed(lm, qs, [p.rejected for p in pairs], tokenization)
     if cfg.append_eos:
@@ -197,7 +197,7 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
               "seed": inputs.seed}
     for g, ps in groups.items():
         cw = chosen_weights(ps) if chosen_weights is not None else None
-        parts = [recipe, [[p.question, p.chosen, p.rejected] for p in ps]]
+        parts = [recipe, [[p.prompt, p.chosen, p.rejected] for p in ps]]
         if cw is not None:
             parts.append([list(map(float, w)) for w in cw])
         key = content_hash(parts)

@@ -67,9 +67,9 @@ def vector_rows(pv: PairVectors, key_by_question: bool) -> list[int]:
     rows = list(range(len(pv.pairs)))
     if key_by_question:
         for user_rows in pv.rows.values():
-            last = {pv.pairs[j].question: j for j in user_rows}
+            last = {pv.pairs[j].prompt: j for j in user_rows}
             for j in user_rows:
-                rows[j] = last[pv.pairs[j].question]
+                rows[j] = last[pv.pairs[j].prompt]
     return rows
 
 
@@ -85,7 +85,7 @@ def fine_grained(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample]
     retriever = inputs.retriever(own.retriever) if own.retriever else inputs.retriever()
     rankings = retriever.rank_many(
         [inputs.task.retrieval_query(samples[i]) for i in rows],
-        [[f"{pv.pairs[j].question} {pv.pairs[j].chosen}" for j in pv.rows[samples[i].user]]
+        [[f"{pv.pairs[j].prompt} {pv.pairs[j].chosen}" for j in pv.rows[samples[i].user]]
          for i in rows],
         own.top_k,
     ) if rows else []

@@ -126,12 +126,12 @@ def history_prompts(pairs: Sequence[Pair], history: dict[str, list[HistoryItem]]
     others = [[h for h in history.get(p.user, []) if h.id != p.item_id] for p in pairs]
     with_items = [i for i, o in enumerate(others) if o]
     ranked = inputs.retriever().rank_many(
-        [pairs[i].question for i in with_items],
+        [pairs[i].prompt for i in with_items],
         [[inputs.task.history_document(h) for h in others[i]] for i in with_items], k,
     ) if with_items and k > 0 else []
-    prompts = [p.question for p in pairs]
+    prompts = [p.prompt for p in pairs]
     for i, ranking in zip(with_items, ranked):
-        prompts[i] = render_with_history(inputs.dataset, pairs[i].question,
+        prompts[i] = render_with_history(inputs.dataset, pairs[i].prompt,
                                          [others[i][j] for j, _ in ranking])
     return prompts
 
@@ -172,7 +172,7 @@ def causal_effects(lm: LoadedModel, pairs: Sequence[Pair], prompts_h: Sequence[s
                    effect: str = "logprob", batch_size: int = 8,
                    cache_dir: str | Path | None = None) -> list[torch.Tensor]:
     """Per pair, delta_t for each token of the chosen side (see the module docstring)."""
-    with_h, without = _logprob_passes(lm, prompts_h, [p.question for p in pairs],
+    with_h, without = _logprob_passes(lm, prompts_h, [p.prompt for p in pairs],
                                       [p.chosen for p in pairs], batch_size, cache_dir)
     if effect == "prob":
         return [a.exp() - b.exp() for a, b in zip(with_h, without)]
@@ -239,7 +239,7 @@ def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pa
     mine = [p for p in pairs if p.user in descriptions]
     if not mine:
         return {}
-    with_d = [own.description_question_template.format(question=p.question,
+    with_d = [own.description_question_template.format(question=p.prompt,
                                                        description=descriptions[p.user])
               for p in mine]
     answers = [p.chosen for p in mine]
@@ -247,7 +247,7 @@ def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pa
     recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
               "attn_read": cfg.attn_read, "tokenization": cfg.answer_tokenization,
               "identities": content_hash(list(per_user.get("identities", [])))}
-    key = content_hash([recipe, [[q, p.question, p.chosen] for q, p in zip(with_d, mine)]])
+    key = content_hash([recipe, [[q, p.prompt, p.chosen] for q, p in zip(with_d, mine)]])
     path = Path(inputs.cache_dir) / "vectors" / f"steerx-description-{key}.safetensors"
     diff = load_vectors(path)
     if diff is None:
@@ -259,7 +259,7 @@ def description_vectors(cfg: SteeringConfig, lm: LoadedModel, pairs: Sequence[Pa
                  for p in mine]
         a = answer_means(lm, with_d, answers, layer, sites, desc="steerx description",
                          names=[n + " with the description" for n in names], **common)
-        b = answer_means(lm, [p.question for p in mine], answers, layer, sites,
+        b = answer_means(lm, [p.prompt for p in mine], answers, layer, sites,
                          desc="steerx no description", names=names, **common)
         diff = {s: a[s] - b[s] for s in sites}
         save_vectors(path, diff, {**recipe, "n_pairs": len(mine)})
