@@ -37,10 +37,11 @@ demo-drift: install
 demo-pwab: install  ## web function calling on the SYNTHETIC PersonalWAB-format demo
 	$(BIN)/python -m fints_repro.run +exp=demo_pwab
 
-# The suite runs on every core (pytest-xdist), one torch thread per worker: on 2 cores
-# 9 min 16 s against 13 min 54 s for one process with 2 threads (641 tests). `-n 0` in
+# The suite runs on every core (pytest-xdist), one torch thread per worker; an idle worker
+# takes queued tests from a busy one (worksteal), so a long test queued late does not hold
+# the run while the other cores wait (docs/testing.md has the times). `-n 0` in
 # PYTEST_ARGS runs it in one process.
-PYTEST_ARGS ?= -n auto
+PYTEST_ARGS ?= -n auto --dist worksteal
 lint: install  ## the layer contract (.importlinter): an import may only point down the stack
 	$(BIN)/lint-imports
 

@@ -10,7 +10,9 @@ from tests.conftest import FIXTURES, ROOT
 from tests.integration.test_pipeline import EXPS, _predictions, _run  # noqa: E402
 
 
-@pytest.mark.parametrize("exp", EXPS)
+# demo_pwab runs whole, with these checks and more, in tests/integration/test_pwab.py
+# (test_demo_pwab_runs_end_to_end_on_a_tiny_model): the same run twice would add minutes.
+@pytest.mark.parametrize("exp", [e for e in EXPS if e != "demo_pwab"])
 def test_every_preset_smoke_runs_on_a_tiny_model(exp: str, tiny_overrides, tmp_path: Path) -> None:
     overrides = [f"+exp={exp}", *tiny_overrides, f"data.root={FIXTURES}", "dataset.n_users=2",
                  "steering.layer=1",  # the presets name real layers; the tiny model has 4
