@@ -168,6 +168,20 @@ def scratch_dir(out_dir: Path) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-trainer")
 
 
+def train_and_save(peft_model, make_trainer: Callable[[str], Any], out_dir: Path) -> float:
+    """Train with the trainer ``make_trainer(scratch)`` builds (its output folder a scratch
+    directory, no metrics printed per user), then save the adapter into ``out_dir``.
+    Returns the mean training loss."""
+    from transformers.trainer_callback import PrinterCallback
+
+    with scratch_dir(out_dir) as scratch:
+        trainer = make_trainer(scratch)
+        trainer.remove_callback(PrinterCallback)
+        result = trainer.train()
+    save_adapter(peft_model, out_dir)
+    return float(result.training_loss)
+
+
 def safe_name(user: str) -> str:
     """A user id as a directory name; one that could be taken for a hidden, temporary or
     moved-aside folder (``.x``, ``x.corrupt``) is replaced by a hash."""

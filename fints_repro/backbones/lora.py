@@ -37,8 +37,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
-                                            save_adapter, scratch_dir, train_once,
-                                            trainer_arguments)
+                                            train_and_save, train_once, trainer_arguments)
 from fints_repro.backbones.base import BACKBONES, Backbone, FitContext, Prompt, build_backbone
 from fints_repro.cache import content_hash
 from fints_repro.checks import at_least, check_train, fail, in_range, one_of, positive
@@ -149,7 +148,7 @@ def train_adapter(model, tok, examples: list[dict], lora_cfg, targets: list[str]
     left as found: weights, requires_grad and eval mode). Returns the mean training loss."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = LoraConfig(task_type="CAUSAL_LM", r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha,
@@ -158,20 +157,17 @@ def train_adapter(model, tok, examples: list[dict], lora_cfg, targets: list[str]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the adapter's initialisation
         peft_model = get_peft_model(model, cfg)
+    def trainer(scratch: str):
+        args = TrainingArguments(**trainer_arguments(train, output_dir=scratch, seed=seed,
+                                                     cpu=model.device.type == "cpu"),
+                                 remove_unused_columns=False)
+        return Trainer(model=peft_model, args=args, train_dataset=Dataset.from_list(examples),
+                       data_collator=DataCollatorForSeq2Seq(tok, padding=True,
+                                                            label_pad_token_id=-100))
+
     try:
-        with scratch_dir(out_dir) as scratch, _right_padding(tok):
-            args = TrainingArguments(
-                **trainer_arguments(train, output_dir=scratch, seed=seed,
-                                    cpu=model.device.type == "cpu"),
-                remove_unused_columns=False)
-            trainer = Trainer(model=peft_model, args=args,
-                              train_dataset=Dataset.from_list(examples),
-                              data_collator=DataCollatorForSeq2Seq(tok, padding=True,
-                                                                   label_pad_token_id=-100))
-            trainer.remove_callback(PrinterCallback)  # no metrics dict printed per user
-            result = trainer.train()
-        save_adapter(peft_model, out_dir)
-        return float(result.training_loss)
+        with _right_padding(tok):
+            return train_and_save(peft_model, trainer, out_dir)
     finally:
         peft_model.base_model.unload()
         for n, p in model.named_parameters():

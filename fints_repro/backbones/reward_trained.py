@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
-                                            save_adapter, scratch_dir, train_once,
-                                            trainer_arguments)
+                                            train_and_save, train_once, trainer_arguments)
 from fints_repro.backbones.base import FitContext
 from fints_repro.backbones.lora import target_modules
 from fints_repro.cache import content_hash
@@ -198,7 +197,6 @@ def train_reward_model(enc: Encoder, examples: list[dict], rm, targets: list[str
     is left as found (weights, head, requires_grad, eval mode). Returns the training loss."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     model = enc.model
@@ -212,23 +210,20 @@ def train_reward_model(enc: Encoder, examples: list[dict], rm, targets: list[str
     t = rm.train
     with _rng_kept(seed):
         peft_model = get_peft_model(model, cfg)  # the adapter's initialisation: seeded
+        def trainer(scratch: str):
+            args = RewardConfig(
+                **trainer_arguments(t, output_dir=scratch, seed=seed, cpu=ref.device.type == "cpu"),
+                # the decoder may be the run's own: no checkpointing flags, no dropout
+                # rates changed on it; mixed precision only for a bf16 model
+                activation_checkpointing=False, disable_dropout=False,
+                bf16=ref.dtype == torch.bfloat16, fp16=False,
+                max_length=None)  # the sequences are cut by reward_sequence
+            return RewardTrainer(model=peft_model, args=args,
+                                 train_dataset=Dataset.from_list(examples),
+                                 processing_class=enc.tokenizer)
+
         try:
-            with scratch_dir(out_dir) as scratch:
-                args = RewardConfig(
-                    **trainer_arguments(t, output_dir=scratch, seed=seed,
-                                        cpu=ref.device.type == "cpu"),
-                    # the decoder may be the run's own: no checkpointing flags, no dropout
-                    # rates changed on it; mixed precision only for a bf16 model
-                    activation_checkpointing=False, disable_dropout=False,
-                    bf16=ref.dtype == torch.bfloat16, fp16=False,
-                    max_length=None)  # the sequences are cut by reward_sequence
-                trainer = RewardTrainer(model=peft_model, args=args,
-                                        train_dataset=Dataset.from_list(examples),
-                                        processing_class=enc.tokenizer)
-                trainer.remove_callback(PrinterCallback)  # no metrics dict printed per user
-                result = trainer.train()
-            save_adapter(peft_model, out_dir)
-            return float(result.training_loss)
+            return train_and_save(peft_model, trainer, out_dir)
         finally:
             peft_model.base_model.unload()
             enc.reset_heads()
