@@ -1,4 +1,4 @@
-"""The embedded default model on the embedded demo data, end to end (about a minute).
+"""The embedded default model on the embedded demo data, end to end (the suite's longest tests).
 
 Checks what the demo claims with real language: the user's own headlines in the prompt
 (RAG) move generations towards the user's style, so RAG beats zero-shot on ROUGE-L; and the
@@ -38,17 +38,18 @@ def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
     assert m["rag"]["rougeL"] > m["zero_shot"]["rougeL"] + 0.05, m
     assert all(r["prediction"] for r in _rows(tmp_path / "a", "rag"))
 
-    # Same config, fresh generation cache: identical predictions for a subset of users.
-    small = base[:-1] + ["dataset.n_users=2", "methods=[{backbone: rag}]",
+    # Same config, fresh generation cache: identical predictions for one user.
+    small = base[:-1] + ["dataset.n_users=1", "methods=[{backbone: rag}]",
                          f"dataset.path={tmp_path / 'data'}"]
     run(small + [_cache(tmp_path, "c2")], tmp_path / "b")
     run(small + [_cache(tmp_path, "c3")], tmp_path / "c")
     b, c = _rows(tmp_path / "b", "rag"), _rows(tmp_path / "c", "rag")
-    assert len(b) == 8 and [r["generation"] for r in b] == [r["generation"] for r in c]
+    assert len(b) == 4 and [r["generation"] for r in b] == [r["generation"] for r in c]
 
 
 def test_demo_steering_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
-    """Pairs, vectors and both steering methods on SmolLM2 for 2 users:
+    """Pairs (one attempt per history item), vectors and both steering methods on SmolLM2
+    for 2 users:
     every sample of a user with pairs is steered, vectors have the model's hidden size and
     are finite, and steering changes some generations."""
     from fints_repro.steering.store import load_vectors
@@ -57,7 +58,7 @@ def test_demo_steering_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
     # print("...") line their answer is read from (10 pairs of 192 attempts on the demo)
     summary = run([
         "+exp=demo", "fidelity=ours", "logger=none", "progress=false", "eval.bootstrap=100",
-        "dataset.n_users=2",
+        "dataset.n_users=2", "steering.pairs.attempts=1",
         _cache(tmp_path, "c"), f"dataset.path={tmp_path / 'data'}",
         "methods=[{backbone: rag},{backbone: rag, steering: caa},"
         "{backbone: rag, steering: fine_grained}]"], tmp_path / "run")

