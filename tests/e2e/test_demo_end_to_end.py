@@ -1,4 +1,4 @@
-"""The embedded default model on the embedded demo data, end to end (the suite's longest tests).
+"""The embedded default model on the embedded demo data, end to end, generating in batches.
 
 Checks what the demo claims with real language: the user's own headlines in the prompt
 (RAG) move generations towards the user's style, so RAG beats zero-shot on ROUGE-L; and the
