@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,8 @@ def machine(device: str | None = None) -> dict[str, Any]:
 def provenance(device: str | None = None) -> dict[str, Any]:
     return {"commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc)
             .strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(device)}
+
+
+def command_line() -> str:
+    """The running script's command line, as it was typed (``python scripts/x.py --a b``)."""
+    return shlex.join(["python", *sys.argv])

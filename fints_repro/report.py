@@ -29,7 +29,10 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +349,7 @@ def write_readme(root: Path, tables: dict[str, Path]) -> Path:
     commits = sorted({p["commit"] for p in known})
     dates = sorted(p["date"] for p in known)
     if known:
-        m = known[0]["machine"]
-        machine = (f"{m.get('gpu') + ', ' if m.get('gpu') else ''}{m.get('cpu')} "
-                   f"({m.get('cpu_cores')} cores), torch {m.get('torch')}, {m.get('threads')} threads")
+        machine = _machine_line(known[0]["machine"])
     else:
         machine = "not recorded by the jobs"
     if len(known) < len(jobs):
@@ -380,6 +381,50 @@ def write_readme(root: Path, tables: dict[str, Path]) -> Path:
     return out
 
 
+def _machine_line(m: dict[str, Any]) -> str:
+    return (f"{m.get('gpu') + ', ' if m.get('gpu') else ''}{m.get('cpu')} "
+            f"({m.get('cpu_cores')} cores), torch {m.get('torch')}, {m.get('threads')} threads")
+
+
+def _published(root: Path) -> str | None:
+    """The commit and date that last changed ``root``'s files in git, or None."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "log", "-1",
+                              "--date=format-local:%Y-%m-%d %H:%M UTC", "--format=%h %ad", "--", "."],
+                             capture_output=True, text=True, timeout=10, check=True,
+                             env={**os.environ, "TZ": "UTC"}).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+def write_folder_readme(root: Path, command: str, provenance: dict[str, Any] | None = None,
+                        note: str = "") -> Path:
+    """``README.md`` of a results folder that is not a multirun's (a script's output, or a
+    run's tables published without their job folders): the command, the commit, the date
+    and the machine, then every table (``*.md``) in it. ``provenance`` is what the run
+    recorded (fints_repro.provenance); without it the commit and date are the ones that
+    last changed the folder in git, and the README says so."""
+    if provenance:
+        made = [f"- commit: {provenance['commit']}", f"- date: {provenance['date']}",
+                f"- machine: {_machine_line(provenance['machine'])}"]
+    else:
+        pub = _published(root)
+        made = [f"- commit: not recorded by the run; the tables were last changed in commit "
+                f"{pub.split(' ', 1)[0]} ({pub.split(' ', 1)[1]})" if pub
+                else "- commit: not recorded by the run",
+                "- machine: not recorded by the run"]
+    tables = sorted(p for p in root.glob("*.md") if p.name != "README.md")
+    lines = [f"# {root.name}", "", f"- command: `{command}`", *made]
+    if note:
+        lines += ["", note]
+    for t in tables:
+        lines += ["", f"## {t.name}", "", t.read_text().rstrip()]
+    out = root / "README.md"
+    write_text_atomic(out, "\n".join(lines) + "\n", "the results folder's README")
+    return out
+
+
 class ReportCallback(Callback):
     """Hydra callback: write the report when a multirun ends (listed in conf/config.yaml)."""
 
@@ -393,7 +438,21 @@ class ReportCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="multirun results -> summary tables")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["readme"]:
+        ap = argparse.ArgumentParser(
+            prog="python -m fints_repro.report readme",
+            description="README.md for a results folder that holds tables but no job folders")
+        ap.add_argument("folder", type=Path)
+        ap.add_argument("--command", required=True, help="the command that made the tables")
+        ap.add_argument("--note", default="", help="a line under the provenance")
+        a = ap.parse_args(argv[1:])
+        if not a.folder.is_dir():
+            raise SystemExit(f"{a.folder}: not a folder")
+        print(write_folder_readme(a.folder, a.command, note=a.note))
+        return
+    ap = argparse.ArgumentParser(description="multirun results -> summary tables "
+                                 "(or: readme FOLDER --command CMD)")
     ap.add_argument("multirun_dir", type=Path)
     args = ap.parse_args(argv)
     for name, path in write_report(args.multirun_dir).items():

@@ -40,7 +40,8 @@ def main() -> None:
 
     from fints_repro import stages
     from fints_repro.backbones import build_backbone
-    from fints_repro.report import markdown
+    from fints_repro.provenance import command_line, provenance
+    from fints_repro.report import markdown, write_folder_readme
     from fints_repro.preferences import user_pairs
 
     base = [f"+exp={args.exp}", "logger=none", "progress=false", f"seed={args.seed}", *args.overrides]
@@ -89,6 +90,7 @@ def main() -> None:
             + markdown([{"method": name, **r} for name, r in out["methods"].items()],
                        ["method", "n_pairs", "users_steered", "seconds", "seconds_per_user"]))
     (dest / "methods.md").write_text(text)
+    write_folder_readme(dest, command_line(), provenance())
     print(text)
 
 

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     from fints_repro.config import DatasetConfig, EvalConfig, GenerationConfig, PairsConfig
     from fints_repro.data.pwab import pwab_samples, read_pwab
     from fints_repro.data.schema import HistoryItem, Sample
-    from fints_repro.report import markdown
+    from fints_repro.provenance import command_line, provenance
+    from fints_repro.report import markdown, write_folder_readme
     from fints_repro.tasks import build_task
     from fints_repro.backbones.reward_judge import parse_verdict
     from fints_repro.tasks.function_calling import parse_call
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             + "\n## Every stage through its task (reads 65,536 characters), on 1 MiB\n\n"
             + markdown(stages, ["shape", "text_generation_s", "function_calling_s"]))
     (args.out / "bench.md").write_text(text)
+    write_folder_readme(args.out, command_line(), provenance())
     print(text)
 
 

@@ -38,7 +38,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from fints_repro.stages import open_run
-    from fints_repro.report import markdown
+    from fints_repro.provenance import command_line, provenance
+    from fints_repro.report import markdown, write_folder_readme
     from fints_repro.steering.methods.bipo import train_vector, validate
     from fints_repro.preferences import user_pairs
 
@@ -80,6 +81,7 @@ def main() -> None:
                        ["budget", "epochs", "lr", "steps", "seconds", "loss_first", "loss_last",
                         "loss_min", "norm"]))
     (dest / "budget.md").write_text(text)
+    write_folder_readme(dest, command_line(), provenance())
     print(text)
 
 

@@ -122,3 +122,33 @@ def test_the_heatmap_takes_a_strength_and_the_one_other_swept_parameter(tmp_path
                                      "steering.scale", "rougeL")
     assert rows_ == ["-inf", "0"] and cols == ["0.5", "1"]
     assert [pytest.approx(r) for r in [[0.2, 0.3], [0.4, 0.5]]] == grid
+
+
+def test_a_folder_readme_states_the_recorded_provenance_and_every_table(tmp_path: Path) -> None:
+    from fints_repro.report import write_folder_readme
+
+    (tmp_path / "b.md").write_text("| x |\n|---|\n| 2 |\n")
+    (tmp_path / "a.md").write_text("| y |\n|---|\n| 1 |\n")
+    prov = {"commit": "abc123", "date": "2026-12-07 12:00 UTC",
+            "machine": {"cpu": "CPU X", "cpu_cores": 2, "torch": "2.13.0+cpu", "threads": 2}}
+    out = write_folder_readme(tmp_path, "python scripts/s.py --out x", prov, note="A note.")
+    assert out.read_text() == (
+        f"# {tmp_path.name}\n\n- command: `python scripts/s.py --out x`\n- commit: abc123\n"
+        "- date: 2026-12-07 12:00 UTC\n- machine: CPU X (2 cores), torch 2.13.0+cpu, 2 threads\n\n"
+        "A note.\n\n## a.md\n\n| y |\n|---|\n| 1 |\n\n## b.md\n\n| x |\n|---|\n| 2 |\n")
+
+
+def test_readme_cli_outside_git_says_the_run_recorded_no_commit(tmp_path: Path) -> None:
+    from fints_repro.report import main
+
+    (tmp_path / "t.md").write_text("table\n")
+    main(["readme", str(tmp_path), "--command", "make x"])
+    assert (tmp_path / "README.md").read_text().splitlines()[:5] == [
+        f"# {tmp_path.name}", "", "- command: `make x`", "- commit: not recorded by the run",
+        "- machine: not recorded by the run"]
+
+
+def test_every_results_folder_has_a_readme() -> None:
+    results = Path(__file__).resolve().parents[2] / "results"
+    assert [d.name for d in sorted(results.iterdir()) if d.is_dir()
+            and not (d / "README.md").exists()] == []
