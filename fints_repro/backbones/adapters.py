@@ -242,6 +242,18 @@ class TrainTally:
         return round(sum(self.losses) / len(self.losses), 4) if self.losses else None
 
 
+def checkpointing_field(args_class: type) -> str:
+    """The name of the activation-checkpointing switch of a ``TrainingArguments`` class:
+    ``activation_checkpointing`` from transformers 5.20, ``gradient_checkpointing``
+    before (the vLLM extra runs on 5.19)."""
+    names = {f.name for f in dataclasses.fields(args_class)}
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if name in names:
+            return name
+    raise TypeError(f"{args_class.__name__} has neither activation_checkpointing nor "
+                    "gradient_checkpointing: a transformers release this project does not know")
+
+
 def trainer_arguments(train: TrainConfig, *, output_dir: str, seed: int, cpu: bool) -> dict:
     """The settings a per-user training run gives transformers' ``TrainingArguments`` (or
     TRL's ``RewardConfig``, its subclass): ``backbone.*.train`` plus no saving, logging or

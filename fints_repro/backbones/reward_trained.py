@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from fints_repro.backbones.adapters import (TrainTally, load_error, lora_spec, safe_name,
-                                            train_and_save, train_once, trainer_arguments)
+from fints_repro.backbones.adapters import (TrainTally, checkpointing_field, load_error, lora_spec,
+                                            safe_name, train_and_save, train_once,
+                                            trainer_arguments)
 from fints_repro.backbones.base import FitContext
 from fints_repro.backbones.lora import target_modules
 from fints_repro.cache import content_hash
@@ -215,7 +216,7 @@ def train_reward_model(enc: Encoder, examples: list[dict], rm, targets: list[str
                 **trainer_arguments(t, output_dir=scratch, seed=seed, cpu=ref.device.type == "cpu"),
                 # the decoder may be the run's own: no checkpointing flags, no dropout
                 # rates changed on it; mixed precision only for a bf16 model
-                activation_checkpointing=False, disable_dropout=False,
+                **{checkpointing_field(RewardConfig): False}, disable_dropout=False,
                 bf16=ref.dtype == torch.bfloat16, fp16=False,
                 max_length=None)  # the sequences are cut by reward_sequence
             return RewardTrainer(model=peft_model, args=args,
