@@ -155,6 +155,8 @@ def check_run_config(cfg: "RunConfig") -> None:
     if g.top_p is not None:
         in_range("generation.top_p", g.top_p, 0, 1, low_open=True)
     one_of("generation.overlength", g.overlength, ("error", "truncate"))
+    one_of("engine.steered", cfg.engine.steered, ("refuse", "hf"))
+    check_nodes(cfg.engine, "engine")
     at_least("dataset.max_new_tokens", d.max_new_tokens, 1)
     at_least("dataset.rag_k", d.rag_k, 0)
     at_least("dataset.n_users", d.n_users, 1, optional=True)

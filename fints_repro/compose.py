@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from fints_repro.backbones import backbone_schema
 from fints_repro.config import BackboneConfig, GenerationConfig, RunConfig, SteeringConfig
 from fints_repro.errors import ConfigError
+from fints_repro.models.engines import check_engine, engine_schema
 from fints_repro.steering import steering_schema
 
 CONFIG_MODULE = "fints_repro.conf"
@@ -40,9 +41,10 @@ RUN_WIDE = ("generation.postprocess",)
 
 @functools.cache
 def run_schema() -> type:
-    """``RunConfig`` whose ``backbone`` and ``steering`` nodes hold every registered
-    backbone's and steering method's own settings."""
-    nodes = {"backbone": backbone_schema(), "steering": steering_schema()}
+    """``RunConfig`` whose ``backbone``, ``steering`` and ``engine`` nodes hold every
+    registered backbone's, steering method's and engine's own settings."""
+    nodes = {"backbone": backbone_schema(), "steering": steering_schema(),
+             "engine": engine_schema()}
     schema = dataclasses.make_dataclass(
         "RunSchema", [(n, t, dataclasses.field(default_factory=t)) for n, t in nodes.items()],
         bases=(RunConfig,))
@@ -236,7 +238,11 @@ def check_names(cfg: "RunConfig", methods: Iterable[Any] = ()) -> None:
     POSTPROCESS.get(cfg.generation.postprocess, "generation.postprocess")
     RETRIEVERS.get(cfg.retriever.name, "retriever.name")
     TRACKERS.get(cfg.logger.name, "logger.name")
+    needs: dict[str, set[str]] = {}
     for method in methods or [cfg]:
-        BACKBONES.get(method.backbone.name, "backbone.name")
+        backbone = BACKBONES.get(method.backbone.name, "backbone.name")
         STEERING.get(method.steering.name, "steering.name")
+        needs[getattr(method, "name", "the run")] = set(getattr(backbone, "needs", ())) | (
+            {"per_row_steering"} if method.steering.name != "none" else set())
+    check_engine(cfg.engine, needs)
         # (each method's values were checked when its config was composed: RunConfig)

@@ -383,6 +383,20 @@ class GenerationConfig:
 
 
 @dataclass
+class EngineConfig:
+    """What generates the tokens (docs/engines.md). ``name`` picks the engine (``hf``:
+    transformers' ``generate`` with the per-row hooks; ``vllm``: vLLM's offline engine);
+    each engine's own settings are a typed node next to these (``engine.vllm.*``), declared
+    in its module under ``models/engines/``."""
+
+    name: str = "hf"
+    # Rows that need what the engine lacks (per-row steering vectors, per-row adapters):
+    # `refuse` = the run stops at start-up naming the method, the engine and the capability;
+    # `hf` = those rows are generated with transformers and the hooks, the rest by the engine.
+    steered: str = "refuse"
+
+
+@dataclass
 class EvalConfig:
     bootstrap: int = 1000
     # What a task reads of a generation (to parse, score, make a pair or a reward input):
@@ -415,6 +429,7 @@ class RunConfig:
     retriever: RetrieverConfig = MISSING
     logger: LoggerConfig = MISSING
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Methods compared on the same data and model in one run (empty: the configured
     # backbone + steering alone). Each entry names group options, e.g.

@@ -29,6 +29,7 @@ from fints_repro.config import RunConfig
 from fints_repro.data.load import SplitReader, load_samples
 from fints_repro.errors import DataError
 from fints_repro.models.inspect import shape_from_config
+from fints_repro.models.engines import with_engine
 from fints_repro.models.loading import load_model
 from fints_repro.provenance import machine, provenance
 from fints_repro.report import FAILED, INTERRUPTED, markdown
@@ -166,9 +167,19 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
     check_pair_sources(cfg, methods, ctx)
 
     t0 = time.time()
-    lm = with_task_system_prompt(load_model(cfg.model, cfg.cache_dir), cfg.dataset.system_prompt)
+    lm = with_task_system_prompt(with_engine(load_model(cfg.model, cfg.cache_dir), cfg.engine),
+                                 cfg.dataset.system_prompt)
     log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
     ctx.lm = lm
+    try:
+        results = _run_methods(cfg, ctx, methods, run_dir, resolved)
+    finally:
+        ctx.close()  # the engines' models (vLLM's KV cache) before the next job of a sweep
+    return _summarise(cfg, task, ctx, results, run_dir, started, n_users, n_empty)
+
+
+def _run_methods(cfg: RunConfig, ctx: RunContext, methods: Sequence[Method], run_dir: Path,
+                 resolved: Any) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     with open_tracker(cfg.logger, run_dir=run_dir, config=resolved,
                       name=f"{cfg.dataset.name}-{cfg.model.name}") as tracker:
@@ -186,12 +197,19 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
             ])
             log.info("[%s] %s", method.name, json.dumps(
                 {k: v for k, v in metrics.items() if k in metric_keys(results)}))
+    return results
 
+
+def _summarise(cfg: RunConfig, task: Any, ctx: RunContext, results: dict[str, dict[str, Any]],
+               run_dir: Path, started: dict[str, Any], n_users: int, n_empty: int
+               ) -> dict[str, Any]:
+    lm, samples = ctx.model(None), ctx.samples
     synthetic = cfg.dataset.loader == "demo"
     summary = {
         "dataset": cfg.dataset.name, "synthetic_data": synthetic, "task": task.describe(),
         "model": lm.fingerprint, "n_samples": len(samples),
         "n_users": n_users, "n_empty_history": n_empty, "threads": torch.get_num_threads(),
+        "engine": cfg.engine.name,
         "provenance": {**started, "machine": machine(str(lm.device))}, "methods": results,
     }
     write_json_atomic(run_dir / "metrics.json", summary, "the run's metrics")

@@ -27,7 +27,8 @@ from fints_repro.data.load import SplitReader, load_samples, whole_split
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
 from fints_repro.models.chat import clip_chat_prompts
-from fints_repro.models.generation import DecodingParams, generate_batches, resolve_decoding
+from fints_repro.models.engines import close_engine, engine_for, engine_key, with_engine
+from fints_repro.models.generation import DecodingParams, resolve_decoding
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.retrieval import Retriever, build_retriever
@@ -80,9 +81,16 @@ class RunContext:
             return self.lm
         if name not in self._models:
             mcfg: ModelConfig = compose_group(self.overrides, "model", name)
-            self._models[name] = with_task_system_prompt(load_model(mcfg, self.cfg.cache_dir),
-                                                         self.cfg.dataset.system_prompt)
+            self._models[name] = with_task_system_prompt(
+                with_engine(load_model(mcfg, self.cfg.cache_dir), self.cfg.engine),
+                self.cfg.dataset.system_prompt)
         return self._models[name]
+
+    def close(self) -> None:
+        """Release the engines' models (transformers' stay: the caller holds them)."""
+        for lm in [self.lm, *self._models.values()]:
+            if lm is not None:
+                close_engine(lm)
 
     def train_items(self) -> dict[str, list[HistoryItem]]:
         """Per user, the items of the dataset's training split (steering.pairs.source=
@@ -265,6 +273,19 @@ def combined_context(contexts: Sequence[Callable[[list[int]], ContextManager] | 
     return ctx
 
 
+def row_needs(backbone: Backbone | type[Backbone], plan: SteeringPlan | None = None,
+              steered: bool = False) -> set[str]:
+    """What a method's rows need of the engine (models/engines): per-row steering when a
+    plan steers some row (or, before any plan exists, ``steered``), the backbone's own
+    needs (per-row adapters), N samples for more than one candidate."""
+    needs = set(backbone.needs)
+    if steered or (plan is not None and any(plan.steered)):
+        needs.add("per_row_steering")
+    if backbone.n_candidates > 1:
+        needs.add("n_samples")
+    return needs
+
+
 def generate(ctx: RunContext, method: Method, backbone: Backbone, lm: LoadedModel,
              prompts: Prompts, plan: SteeringPlan | None, out_dir: Path) -> Generated:
     """N candidates per row, each cached on disk by content hash, appended to the method's
@@ -272,8 +293,9 @@ def generate(ctx: RunContext, method: Method, backbone: Backbone, lm: LoadedMode
     run with the same settings wrote into ``out_dir`` are reused."""
     g, samples, texts, params = method.generation, ctx.samples, prompts.texts, prompts.params
     n_cand = backbone.n_candidates
+    engine = engine_for(lm, row_needs(backbone, plan), f"the rows of method {method.name!r}")
     store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
-                              g.cache_implementation])
+                              g.cache_implementation, *engine_key(engine)])
     store = GenerationStore(Path(ctx.cfg.cache_dir) / "generations" / f"{store_key}.jsonl")
     digests = plan.row_digests() if plan else [""] * len(texts)
     candidates_of = [None] if n_cand == 1 else list(range(n_cand))
@@ -295,10 +317,11 @@ def generate(ctx: RunContext, method: Method, backbone: Backbone, lm: LoadedMode
         lambda rows: backbone.model_context(lm, rows),
         plan.batch_context(lm.model) if plan else None,
     ])
-    for idx, gens in generate_batches(
+    for idx, gens in engine.generate(
         lm, texts, params, batch_size=g.batch_size, sort_by_length=g.sort_by_length,
-        skip=set(done), batch_context=context, progress=ctx.cfg.progress, desc=method.name,
-        num_return_sequences=n_cand, cache_implementation=g.cache_implementation,
+        skip=set(done), batch_context=context if engine.name == "hf" else None,
+        progress=ctx.cfg.progress, desc=method.name, num_return_sequences=n_cand,
+        cache_implementation=g.cache_implementation,
     ):
         per_row = [gens[j * n_cand:(j + 1) * n_cand] for j in range(len(idx))]
         store.add([(k, c) for i, cands in zip(idx, per_row) for k, c in zip(keys[i], cands)])

@@ -91,6 +91,9 @@ class Backbone:
 
     name: str = ""
     n_candidates: int = 1
+    # What its rows need of the generation engine beyond plain decoding (names in
+    # models.engines.CAPABILITIES), e.g. per_row_adapters: a different adapter per row.
+    needs: frozenset[str] = frozenset()
 
     def __init__(self, cfg: BackboneConfig, task: "Task", retriever: Callable[[], Retriever]):
         self.cfg, self.task, self._retriever = cfg, task, retriever

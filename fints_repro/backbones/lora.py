@@ -182,6 +182,7 @@ def _adapter_name(i: int) -> str:
 @BACKBONES.register(NAME, settings=LoraSettings)
 class LoRA(Backbone):
     name = NAME
+    needs = frozenset({"per_row_adapters"})  # each row's user's adapter
 
     def __init__(self, cfg: BackboneConfig, task, retriever):
         super().__init__(cfg, task, retriever)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from fints_repro.backbones.base import FitContext
 from fints_repro.data.schema import Sample
 from fints_repro.errors import DataError
-from fints_repro.models.generation import greedy_cached
+from fints_repro.models.engines import greedy_cached
 from fints_repro.tasks.prompts import truncate_words
 from fints_repro.text import WHITESPACE, pattern, search
 

@@ -11,23 +11,17 @@ exactly the batches that are missing and gets the same text it would have got.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from fints_repro.cache import GenerationStore, content_hash
-from fints_repro.models.chat import clip_chat_prompts
-from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-_MODELS = object()  # greedy_cached's default: the model's own system prompt
 
 # Given the sample index of each row that a batch's generate call runs, returns the
 # context to run that call in (see generate_batches: with N sampled candidates per
@@ -161,34 +155,3 @@ def _generate(
         keep = [j for j, i in enumerate(batch) if i not in skip]
         bar.update(len(keep))
         yield [batch[j] for j in keep], [g for j in keep for g in gen[j * n:(j + 1) * n]]
-
-
-def greedy_cached(lm: LoadedModel, user_texts: Sequence[str], max_new_tokens: int, *,
-                  store_dir: Path, seed: int, batch_size: int, overlength: str, progress: bool,
-                  desc: str, describe: Callable[[int, int], Exception],
-                  system_prompt: str | None | object = _MODELS) -> tuple[list[str], int]:
-    """Greedy generations of ``lm`` for the user turns ``user_texts`` (chat-rendered with
-    ``system_prompt``, default the model's), batched and cached per prompt in a
-    ``GenerationStore`` under ``store_dir``: what a method writes with the run's LLM
-    besides its outputs (reward-model personas and judge verdicts, SteerX's preference
-    descriptions). A prompt too long for the context with ``max_new_tokens`` is the error
-    ``describe(index, n_tokens)`` or, under ``overlength="truncate"``, cut in its middle.
-    Returns the generations and how many were generated (not read from the store)."""
-    system = lm.system_prompt if system_prompt is _MODELS else system_prompt
-    texts, over = clip_chat_prompts(lm.tokenizer, list(user_texts), system,  # type: ignore[arg-type]
-                                   shape_of(lm.model).max_positions, max_new_tokens,
-                                   overlength, describe)
-    if over:
-        log.warning("%d %s prompt(s) longer than the context were cut in the middle", len(over), desc)
-    params = DecodingParams(max_new_tokens=max_new_tokens, do_sample=False, seed=seed)
-    key = content_hash([lm.fingerprint, dataclasses.asdict(params), batch_size])
-    store = GenerationStore(Path(store_dir) / f"{key}.jsonl")
-    keys = [store.key(t) for t in texts]
-    done = {i: store.items[k] for i, k in enumerate(keys) if k in store.items}
-    n_new = len(texts) - len(done)
-    for idx, gens in generate_batches(lm, texts, params, batch_size=batch_size,
-                                      sort_by_length=True, skip=set(done),
-                                      progress=progress, desc=desc):
-        store.add([(keys[i], g) for i, g in zip(idx, gens)])
-        done.update(zip(idx, gens))
-    return [done[i] for i in range(len(texts))], n_new

@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -39,6 +40,11 @@ class LoadedModel:
     fingerprint: str
     name: str
     system_prompt: str | None = None
+    # Where the weights were read from (a folder or a hub id; None for a model built in
+    # memory): what another engine loads the same model from.
+    source: str | None = None
+    # The engine that generates this model's rows (models/engines; None: transformers').
+    engine: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -308,6 +314,7 @@ def resolve_weights(cfg: ModelConfig, cache_dir: str | Path) -> tuple[str, str]:
 def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    src: str | None = None
     if cfg.source == "tiny_random":
         from fints_repro.models.tiny import tiny_model
 
@@ -337,4 +344,4 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     # Numerics depend on dtype and device type too: they are part of every cache key.
     fp = content_hash([fp, str(dtype), device.type])
     return LoadedModel(model, tok, fingerprint=f"{cfg.name}-{fp}", name=cfg.name,
-                       system_prompt=cfg.system_prompt)
+                       system_prompt=cfg.system_prompt, source=src)

@@ -20,7 +20,7 @@ layouts (``steering.pairs.prompt_layout``):
 
 Each attempt draws its other-user items from its own ``random.Random`` seeded with
 ``seed|user|item|attempt``, so prompts do not depend on iteration order. All prompts go
-through one batched ``generate_batches`` call, cached per prompt in a ``GenerationStore``:
+through the model's engine (``models.engines.generate_cached``), cached per prompt in a ``GenerationStore``:
 a rerun generates nothing and a killed run resumes with the missing prompts only.
 """
 
@@ -30,17 +30,17 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 
-from fints_repro.cache import GenerationStore, content_hash
 from fints_repro.config import DatasetConfig, PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError, DataError
 from fints_repro.models.chat import clip_chat_prompts
-from fints_repro.models.generation import DecodingParams, generate_batches
+from fints_repro.models.engines import generate_cached
+from fints_repro.models.generation import DecodingParams
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 from fints_repro.tasks.prompts import item_question
@@ -161,17 +161,13 @@ def _generate_cached(
     lm: LoadedModel, texts: Sequence[str], params: DecodingParams, batch_size: int,
     cache_dir: str | Path, progress: bool,
 ) -> list[str]:
-    """Generations for the distinct ``texts``, through the pair-generation store."""
-    key = content_hash([lm.fingerprint, asdict(params), batch_size])
-    store = GenerationStore(Path(cache_dir) / "pairs" / f"{key}.jsonl")
-    keys = [store.key(t) for t in texts]
-    done = {i: store.items[k] for i, k in enumerate(keys) if k in store.items}
-    log.info("pairs: %d/%d generations reused from %s", len(done), len(texts), store.path)
-    for idx, gens in generate_batches(lm, texts, params, batch_size=batch_size, sort_by_length=True,
-                                      skip=set(done), progress=progress, desc="pairs"):
-        store.add([(keys[i], g) for i, g in zip(idx, gens)])
-        done.update(zip(idx, gens))
-    return [done[i] for i in range(len(texts))]
+    """Generations for the distinct ``texts``, through the pair-generation store and the
+    model's engine (unsteered: vLLM's under ``engine=vllm``)."""
+    out, n_new = generate_cached(lm, texts, params, batch_size=batch_size, progress=progress,
+                                 desc="pairs",
+                                 store_path=lambda key: Path(cache_dir) / "pairs" / f"{key}.jsonl")
+    log.info("pairs: %d/%d generations reused", len(texts) - n_new, len(texts))
+    return out
 
 
 def _check(cfg: PairsConfig, items_by_user) -> None:

@@ -7,6 +7,7 @@ from fints_repro.compose import compose_run
 from fints_repro.errors import ConfigError
 from tests.conftest import run
 from fints_repro.backbones import BACKBONES
+from fints_repro.models.engines import hf as hf_engine
 from tests.unit.test_architecture import AUTHORS, PROBE_LOG, ProbeBackbone, _generations, _get, _methods  # noqa: E402
 
 
@@ -186,7 +187,7 @@ def test_an_overlong_prompt_stops_before_model_time_naming_the_sample(tiny_overr
     def forbidden(*a, **k):
         raise AssertionError("generated before checking prompt lengths")
 
-    monkeypatch.setattr(stages, "generate_batches", forbidden)
+    monkeypatch.setattr(hf_engine, "generate_batches", forbidden)
     ov = ["+exp=demo_compare", *tiny_overrides, "methods=[{backbone: rag}]",
           "+model.arch_kwargs.max_position_embeddings=200"]
     with pytest.raises(DataError, match=r"sample '.+' \(user 'demo_user_\d+'\) has \d+ tokens.*"

