@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 from fints_repro.backbones import Backbone, FitContext, Prompt
-from fints_repro.cache import (GenerationStore, append_jsonl, content_hash, make_dir,
-                               read_jsonl_lenient, write_json_atomic, write_jsonl_atomic)
+from fints_repro.cache import (
+    GenerationStore,
+    append_jsonl,
+    content_hash,
+    make_dir,
+    read_jsonl_lenient,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from fints_repro.compose import Method, compose_group, compose_run, method_name
 from fints_repro.config import ModelConfig, RunConfig, SteeringConfig
 from fints_repro.data.load import SplitReader, load_samples, whole_split

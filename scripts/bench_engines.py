@@ -120,7 +120,7 @@ def main() -> None:
     for name, texts, new_tokens, n in workloads:
         sample = n > 1
         params = DecodingParams(max_new_tokens=new_tokens, do_sample=sample,
-                                temperature=0.7 if sample else 0.1, top_p=0.9 if sample else 0.9,
+                                temperature=0.7 if sample else 0.1, top_p=0.9,
                                 seed=cfg.seed)
         t_hf, out_hf = run(hf, texts, params, n)
         t_vl, out_vl = run(vllm, texts, params, n)
