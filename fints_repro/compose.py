@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from fints_repro.backbones import backbone_schema
 from fints_repro.config import BackboneConfig, GenerationConfig, RunConfig, SteeringConfig
 from fints_repro.errors import ConfigError
-from fints_repro.models.engines import check_engine, engine_schema
+from fints_repro.models.engines import check_engine, engine_schema, rows_need
 from fints_repro.steering import steering_schema
 
 CONFIG_MODULE = "fints_repro.conf"
@@ -242,7 +242,6 @@ def check_names(cfg: "RunConfig", methods: Iterable[Any] = ()) -> None:
     for method in methods or [cfg]:
         backbone = BACKBONES.get(method.backbone.name, "backbone.name")
         STEERING.get(method.steering.name, "steering.name")
-        needs[getattr(method, "name", "the run")] = set(getattr(backbone, "needs", ())) | (
-            {"per_row_steering"} if method.steering.name != "none" else set())
+        needs[getattr(method, "name", "the run")] = rows_need(backbone, method.steering.name != "none")
     check_engine(cfg.engine, needs)
         # (each method's values were checked when its config was composed: RunConfig)

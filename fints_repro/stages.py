@@ -34,7 +34,7 @@ from fints_repro.data.load import SplitReader, load_samples, whole_split
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import DataError
 from fints_repro.models.chat import clip_chat_prompts
-from fints_repro.models.engines import close_engine, engine_for, engine_key, with_engine
+from fints_repro.models.engines import close_engine, engine_for, engine_key, rows_need, with_engine
 from fints_repro.models.generation import DecodingParams, resolve_decoding
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel, load_model
@@ -280,18 +280,6 @@ def combined_context(contexts: Sequence[Callable[[list[int]], ContextManager] | 
     return ctx
 
 
-def row_needs(backbone: Backbone, plan: SteeringPlan | None) -> set[str]:
-    """What a method's rows need of the engine (models/engines): per-row steering when the
-    plan steers some row, the backbone's own needs (per-row adapters), N samples for more
-    than one candidate."""
-    needs = set(backbone.needs)
-    if plan is not None and any(plan.steered):
-        needs.add("per_row_steering")
-    if backbone.n_candidates > 1:
-        needs.add("n_samples")
-    return needs
-
-
 def generate(ctx: RunContext, method: Method, backbone: Backbone, lm: LoadedModel,
              prompts: Prompts, plan: SteeringPlan | None, out_dir: Path) -> Generated:
     """N candidates per row, each cached on disk by content hash, appended to the method's
@@ -299,7 +287,8 @@ def generate(ctx: RunContext, method: Method, backbone: Backbone, lm: LoadedMode
     run with the same settings wrote into ``out_dir`` are reused."""
     g, samples, texts, params = method.generation, ctx.samples, prompts.texts, prompts.params
     n_cand = backbone.n_candidates
-    engine = engine_for(lm, row_needs(backbone, plan), f"the rows of method {method.name!r}")
+    needs = rows_need(backbone, plan is not None and any(plan.steered), n_cand)
+    engine = engine_for(lm, needs, f"the rows of method {method.name!r}")
     store_key = content_hash([lm.fingerprint, asdict(params), g.batch_size, g.sort_by_length,
                               g.cache_implementation, *engine_key(engine)])
     store = GenerationStore(Path(ctx.cfg.cache_dir) / "generations" / f"{store_key}.jsonl")

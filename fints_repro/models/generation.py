@@ -77,8 +77,10 @@ def plan_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool) 
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _batch_seed(seed: int, first: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{first}".encode()).digest()[:4], "little")
+def derived_seed(seed: int, index: int) -> int:
+    """A 32-bit seed for the rows starting at ``index`` (a batch, or one prompt), from the
+    run seed: the same rows draw the same text whatever else is generated."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "little")
 
 
 @torch.inference_mode()
@@ -145,7 +147,7 @@ def _generate(
                       padding=True).to(lm.device)
         rows = [i for i in batch for _ in range(expand)]
         ctx = batch_context(rows) if batch_context else contextlib.nullcontext()
-        generator_seed = _batch_seed(params.seed, batch[0])
+        generator_seed = derived_seed(params.seed, batch[0])
         with ctx as extra, torch.random.fork_rng(devices=[] if lm.device.type == "cpu" else [lm.device]):
             torch.manual_seed(generator_seed)
             out = model.generate(**enc, **kw, **(extra or {}), pad_token_id=tok.pad_token_id)

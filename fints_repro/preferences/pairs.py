@@ -157,19 +157,6 @@ def _plan_attempts(
     return plan
 
 
-def _generate_cached(
-    lm: LoadedModel, texts: Sequence[str], params: DecodingParams, batch_size: int,
-    cache_dir: str | Path, progress: bool,
-) -> list[str]:
-    """Generations for the distinct ``texts``, through the pair-generation store and the
-    model's engine (unsteered: vLLM's under ``engine=vllm``)."""
-    out, n_new = generate_cached(lm, texts, params, batch_size=batch_size, progress=progress,
-                                 desc="pairs",
-                                 store_path=lambda key: Path(cache_dir) / "pairs" / f"{key}.jsonl")
-    log.info("pairs: %d/%d generations reused", len(texts) - n_new, len(texts))
-    return out
-
-
 def _check(cfg: PairsConfig, items_by_user) -> None:
     for name, allowed in (("extraction_prompt", EXTRACTION_PROMPTS), ("prompt_layout", PROMPT_LAYOUTS),
                           ("rouge_impl", ROUGE_IMPLS), ("source", SOURCES)):
@@ -274,8 +261,11 @@ def _generate_rejected(plan: Sequence[_Attempt], lm: LoadedModel, dataset: Datas
     if over:
         log.warning("pairs: %d generator prompt(s) longer than the context (%d tokens with %d "
                     "new) were cut in the middle", len(over), limit, max_new)
-    generation = dict(zip(prompts, _generate_cached(lm, texts, params, cfg.batch_size,
-                                                    cache_dir, progress)))
+    # through the model's engine (unsteered: vLLM's under engine=vllm)
+    generated, _ = generate_cached(lm, texts, params, batch_size=cfg.batch_size, progress=progress,
+                                   desc="pairs",
+                                   store_path=lambda key: Path(cache_dir) / "pairs" / f"{key}.jsonl")
+    generation = dict(zip(prompts, generated))
     n_cut = sum(len(g) > max_read_chars for g in generation.values())
     if n_cut:
         log.warning("pairs: %d generation(s) are longer than eval.max_read_chars=%d characters: "

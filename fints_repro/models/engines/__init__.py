@@ -35,7 +35,7 @@ from fints_repro.models.loading import LoadedModel
 log = logging.getLogger(__name__)
 
 __all__ = ["CAPABILITIES", "ENGINES", "Engine", "build_engine", "check_engine", "close_engine",
-           "engine_for", "engine_schema", "generate_cached", "greedy_cached", "with_engine"]
+           "engine_for", "engine_schema", "generate_cached", "greedy_cached", "rows_need", "with_engine"]
 
 def engine_schema() -> type:
     """``EngineConfig`` with one node per engine that has settings (``engine.vllm``)."""
@@ -55,6 +55,18 @@ def build_engine(cfg: EngineConfig) -> Engine:
 def with_engine(lm: LoadedModel, cfg: EngineConfig) -> LoadedModel:
     """``lm`` whose rows ``cfg``'s engine generates (built now, its model loaded on first use)."""
     return dataclasses.replace(lm, engine=build_engine(cfg))
+
+
+def rows_need(backbone: Any, steered: bool, n_candidates: int = 1) -> set[str]:
+    """What a method's rows need of the engine: the backbone's own needs (per-row
+    adapters), per-row steering when some row is steered, N samples for more than one
+    candidate. ``backbone``: its class or instance (``needs``)."""
+    needs = set(getattr(backbone, "needs", ()))
+    if steered:
+        needs.add("per_row_steering")
+    if n_candidates > 1:
+        needs.add("n_samples")
+    return needs
 
 
 def missing_capabilities(engine: type[Engine], needs: Iterable[str]) -> list[str]:
@@ -114,8 +126,7 @@ def generate_cached(lm: LoadedModel, texts: Sequence[str], params: DecodingParam
     keys = [store.key(t) for t in texts]
     done = {i: store.items[k] for i, k in enumerate(keys) if k in store.items}
     n_new = len(texts) - len(done)
-    if done:
-        log.info("%s: %d/%d generations reused from %s", desc, len(done), len(texts), store.path)
+    log.info("%s: %d/%d generations reused from %s", desc, len(done), len(texts), store.path)
     for idx, gens in engine.generate(lm, texts, params, batch_size=batch_size,
                                      sort_by_length=True, skip=set(done),
                                      progress=progress, desc=desc):

@@ -15,7 +15,6 @@ transformers' for the run (the hooks' rows need that one).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import logging
@@ -25,10 +24,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from fints_repro.checks import at_least, in_range, one_of
+from fints_repro.checks import at_least, fail, in_range
 from fints_repro.errors import ConfigError
 from fints_repro.models.engines.base import ENGINES, Engine
-from fints_repro.models.generation import BatchContext, DecodingParams, plan_batches
+from fints_repro.models.generation import BatchContext, DecodingParams, derived_seed, plan_batches
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
 
@@ -73,14 +72,9 @@ class VLLMSettings:
         at_least(f"{key}.cpu_kv_cache_gib", self.cpu_kv_cache_gib, 1)
         at_least(f"{key}.chunk_size", self.chunk_size, 1)
         at_least(f"{key}.cpu_reserved_cores", self.cpu_reserved_cores, 0, optional=True)
-        if self.cpu_threads_bind not in ("auto", "nobind"):
-            one_of(f"{key}.cpu_threads_bind", "ids" if all(
-                c.isdigit() or c in ",-|" for c in self.cpu_threads_bind) else self.cpu_threads_bind,
-                ("auto", "nobind", "ids"))
-
-
-def _seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"vllm:{seed}:{index}".encode()).digest()[:4], "little")
+        bind = self.cpu_threads_bind
+        if bind not in ("auto", "nobind") and not (bind and all(c.isdigit() or c in ",-|" for c in bind)):
+            fail(f"{key}.cpu_threads_bind", bind, "expected auto, nobind or core ids (0-1, 0,2)")
 
 
 @ENGINES.register("vllm", settings=VLLMSettings)
@@ -155,23 +149,23 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ generation
 
-    def sampling(self, lm: LoadedModel, params: DecodingParams, n: int, index: int) -> Any:
-        from vllm import SamplingParams
-
-        eos = lm.model.generation_config.eos_token_id
-        stop = [eos] if isinstance(eos, int) else list(eos or [])
-        kw: dict[str, Any] = dict(max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
-                                  stop_token_ids=stop, skip_special_tokens=True, detokenize=False)
+    @staticmethod
+    def sampling_kwargs(lm: LoadedModel, params: DecodingParams, n: int) -> dict[str, Any]:
+        """``SamplingParams``' arguments for the run's decoding (without a seed: each
+        sampled prompt gets its own)."""
+        gen_cfg = lm.model.generation_config
+        eos = gen_cfg.eos_token_id
+        kw: dict[str, Any] = {"max_tokens": params.max_new_tokens, "min_tokens": params.min_new_tokens,
+                              "stop_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
+                              "skip_special_tokens": True, "detokenize": False}
         # what transformers' generate takes from the checkpoint besides the run's settings
-        penalty = getattr(lm.model.generation_config, "repetition_penalty", None)
-        if penalty is not None:
-            kw["repetition_penalty"] = float(penalty)
+        if getattr(gen_cfg, "repetition_penalty", None) is not None:
+            kw["repetition_penalty"] = float(gen_cfg.repetition_penalty)
         if not params.do_sample:
-            return SamplingParams(temperature=0.0, n=1, **kw)
-        top_k = getattr(lm.model.generation_config, "top_k", None)
-        return SamplingParams(temperature=params.temperature, top_p=params.top_p,
-                              top_k=-1 if top_k is None else int(top_k), n=n,
-                              seed=_seed(params.seed, index), **kw)
+            return {**kw, "temperature": 0.0, "n": 1}
+        top_k = getattr(gen_cfg, "top_k", None)
+        return {**kw, "temperature": params.temperature, "top_p": params.top_p,
+                "top_k": -1 if top_k is None else int(top_k), "n": n}
 
     def generate(self, lm: LoadedModel, texts: Sequence[str], params: DecodingParams, *,
                  batch_size: int = 8, sort_by_length: bool = True,
@@ -197,12 +191,20 @@ class VLLMEngine(Engine):
         order = [todo[j] for b in plan_batches([len(e) for e in encoded], len(todo), sort_by_length)
                  for j in b]
         n = num_return_sequences
+        from vllm import SamplingParams
+
+        kw = self.sampling_kwargs(lm, params, n)
+        greedy = None if params.do_sample else SamplingParams(**kw)  # one for every prompt
+
+        def for_prompt(i: int) -> Any:  # sampled: each prompt its own seed
+            return greedy or SamplingParams(**kw, seed=derived_seed(params.seed, i))
+
         bar = tqdm(total=len(order), desc=f"{desc} (vllm)", unit="sample", disable=not progress,
                    leave=False)
         for start in range(0, len(order), self.settings.chunk_size):
             chunk = order[start:start + self.settings.chunk_size]
             outs = llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in chunk],
-                                [self.sampling(lm, params, n, i) for i in chunk], use_tqdm=False)
+                                [for_prompt(i) for i in chunk], use_tqdm=False)
             gens: list[str] = []
             for out in outs:
                 cands = [tok.decode(c.token_ids, skip_special_tokens=True) for c in out.outputs]
