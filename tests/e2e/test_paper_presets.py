@@ -339,8 +339,8 @@ def test_the_authors_pairs_on_personalwab(monkeypatch) -> None:
     answers = iter(['{"tool_call": {"name": "stop", "arguments": {}}}',
                     '{"tool_call": {"name": "get_product_details_by_asin", "arguments": {"wrong": "x"}}}',
                     '{"name": "get_product_details_by_asin", "arguments": {"product_asin": "B0AAAAAAA1"}}'])
-    monkeypatch.setattr("fints_repro.preferences.pairs._generate_cached",
-                        lambda lm, texts, *a, **k: [next(answers, "{}") for _ in texts])
+    monkeypatch.setattr("fints_repro.preferences.pairs.generate_cached",
+                        lambda lm, texts, *a, **k: ([next(answers, "{}") for _ in texts], len(texts)))
     monkeypatch.setattr("fints_repro.preferences.pairs.shape_of",
                         lambda model: SimpleNamespace(max_positions=10 ** 6))
     monkeypatch.setattr("fints_repro.preferences.pairs.clip_chat_prompts",

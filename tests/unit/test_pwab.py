@@ -394,18 +394,19 @@ def test_pairs_are_made_from_training_tasks_with_other_users_memory(tmp_path) ->
     prompts = []
     from fints_repro.preferences import pairs as pairs_mod
 
-    real = pairs_mod._generate_cached
+    real = pairs_mod.generate_cached
 
-    def fake(lm, texts, params, bs, cache_dir, progress):
+    def fake(lm, texts, params, **kwargs):
         prompts.extend(texts)
-        return [json.dumps({"tool_call": {"name": "add_product_review", "arguments": {"review": "r"}}})] * len(texts)
+        answer = json.dumps({"tool_call": {"name": "add_product_review", "arguments": {"review": "r"}}})
+        return [answer] * len(texts), len(texts)
 
-    pairs_mod._generate_cached = fake
+    pairs_mod.generate_cached = fake
     try:
         out = build_pairs(_samples(), lm, d, PairsConfig(source="train_samples", attempts=1),
                           cache_dir=tmp_path, seed=0, items_by_user=items, task=task, progress=False)
     finally:
-        pairs_mod._generate_cached = real
+        pairs_mod.generate_cached = real
     # every search/recommend task gets its pair (wrong tool); the review task's rejected
     # review "r" is kept only if less similar than 0.51 to its gold review
     got = {p.item_id for ps in out.values() for p in ps}
