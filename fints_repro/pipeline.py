@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fints_repro import stages
-from fints_repro.backbones import build_backbone
+from fints_repro.backbones import BACKBONES, build_backbone
 from fints_repro.cache import make_dir, write_json_atomic, write_text_atomic
 from fints_repro.checks import check_layer
 from fints_repro.compose import Method, check_names, resolve_methods
@@ -167,8 +167,13 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
     check_pair_sources(cfg, methods, ctx)
 
     t0 = time.time()
-    lm = with_task_system_prompt(with_engine(load_model(cfg.model, cfg.cache_dir), cfg.engine),
-                                 cfg.dataset.system_prompt)
+    # the largest rank of the per-user adapters the methods bring (an engine that loads
+    # them itself reserves its slots when its model is loaded)
+    adapter_rank = max((BACKBONES.get(m.backbone.name, "backbone.name").adapter_rank(m.backbone)
+                        for m in methods), default=0)
+    lm = with_task_system_prompt(
+        with_engine(load_model(cfg.model, cfg.cache_dir), cfg.engine, adapter_rank),
+        cfg.dataset.system_prompt)
     log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
     ctx.lm = lm
     try:

@@ -312,11 +312,14 @@ def generate(ctx: RunContext, method: Method, backbone: Backbone, lm: LoadedMode
         lambda rows: backbone.model_context(lm, rows),
         plan.batch_context(lm.model) if plan else None,
     ])
+    # the hooks' engine runs each batch inside the contexts (steering, the adapters'
+    # wrapper); another engine loads each row's adapter from its files
+    per_row = ({"batch_context": context} if engine.runs_hooks else
+               {"adapters": [backbone.row_adapter(i) for i in range(len(texts))]})
     for idx, gens in engine.generate(
         lm, texts, params, batch_size=g.batch_size, sort_by_length=g.sort_by_length,
-        skip=set(done), batch_context=context if engine.name == "hf" else None,
-        progress=ctx.cfg.progress, desc=method.name, num_return_sequences=n_cand,
-        cache_implementation=g.cache_implementation,
+        skip=set(done), progress=ctx.cfg.progress, desc=method.name,
+        num_return_sequences=n_cand, cache_implementation=g.cache_implementation, **per_row,
     ):
         per_row = [gens[j * n_cand:(j + 1) * n_cand] for j in range(len(idx))]
         store.add([(k, c) for i, cands in zip(idx, per_row) for k, c in zip(keys[i], cands)])

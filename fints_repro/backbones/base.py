@@ -28,6 +28,11 @@ content hash, ...): it is part of the generation cache key, so no backbone can r
 another's generations. Prompting backbones return "" (their prompt is all of it: RAG rows
 of a user with no history share zero-shot's generations, rightly).
 
+A generation engine that does not run the callers' contexts (``engine=vllm``) loads each
+row's adapter itself: ``row_adapter(i)`` names its files (``models.engines.RowAdapter``;
+None: the base model), and ``adapter_rank(cfg)``, known from the config before anything
+is trained, the rank the engine reserves its adapter slots with (0: no adapters).
+
 Adding a backbone is one module in this package (the class registered in ``BACKBONES``
 with its settings) and one yaml in ``conf/backbone/`` (docs/extending.md).
 """
@@ -46,6 +51,7 @@ from fints_repro.registry import Registry
 from fints_repro.retrieval import Retriever
 
 if TYPE_CHECKING:
+    from fints_repro.models.engines import RowAdapter
     from fints_repro.models.generation import DecodingParams
     from fints_repro.models.loading import LoadedModel
     from fints_repro.tasks import Task
@@ -121,6 +127,13 @@ class Backbone:
 
     def row_identity(self, i: int) -> str:
         return ""
+
+    def row_adapter(self, i: int) -> Optional["RowAdapter"]:
+        return None
+
+    @classmethod
+    def adapter_rank(cls, cfg: BackboneConfig) -> int:
+        return 0
 
     def metrics(self) -> dict[str, Any]:
         return {}

@@ -20,7 +20,8 @@
   a batch holds rows of different users, each run with its own adapter (PEFT's mixed
   batches, ``adapter_names``; a user without history runs the base model, ``__base__``).
   Adapter layers are switched off outside this backbone's contexts, and ``close`` unloads
-  them, so the other methods of a run see the base model untouched.
+  them, so the other methods of a run see the base model untouched. An engine that loads
+  adapters itself (``engine=vllm``) gets each row's adapter folder (``row_adapter``).
 - **Steering on top**: vectors are extracted through ``user_context`` (each pair's user's
   adapter, ``steering.extract_with_adapter``), and ``steer()`` works through the wrapper.
 """
@@ -45,6 +46,7 @@ from fints_repro.config import BackboneConfig, TrainConfig
 from fints_repro.data.schema import HistoryItem, Sample
 from fints_repro.errors import ConfigError
 from fints_repro.models.chat import clip_token_sequence, render_chat
+from fints_repro.models.engines import RowAdapter
 from fints_repro.preferences.pairs import user_history
 from fints_repro.registry import settings_of
 from fints_repro.tasks.prompts import item_question
@@ -193,6 +195,7 @@ class LoRA(Backbone):
         base = dataclasses.replace(cfg, name="rag" if k > 0 else "zero_shot", k=k)
         self.prompting = build_backbone(base, task, retriever)
         self.peft = None
+        self.adapter_dir: Optional[Path] = None  # <cache_dir>/adapters, once fitted
         self.keys: dict[str, str] = {}  # user -> adapter key ("" = no adapter)
         self.names: dict[str, str] = {}  # user -> adapter name in the wrapper
         self.samples: list[Sample] = []
@@ -210,7 +213,7 @@ class LoRA(Backbone):
                 for h in items if h.output.strip()]
 
     def fit(self, lm, samples, ctx: FitContext) -> None:
-        cache_dir = Path(ctx.cache_dir) / "adapters"
+        cache_dir = self.adapter_dir = Path(ctx.cache_dir) / "adapters"
         seed = ctx.seed
         progress = ctx.progress
         targets = target_modules(lm.model, self.lcfg.target_modules)
@@ -308,6 +311,18 @@ class LoRA(Backbone):
 
     def row_identity(self, i: int) -> str:
         return self.user_identity(self.samples[i].user)
+
+    def row_adapter(self, i: int) -> Optional[RowAdapter]:
+        user = self.samples[i].user
+        key = self.keys.get(user, "")
+        if not key or self.adapter_dir is None:
+            return None
+        return RowAdapter(self.user_identity(user), str(self.adapter_dir / key / safe_name(user)),
+                          self.lcfg.r)
+
+    @classmethod
+    def adapter_rank(cls, cfg: BackboneConfig) -> int:
+        return settings_of(cfg, NAME, "backbone").r
 
     def metrics(self) -> dict[str, Any]:
         return dict(self.stats)

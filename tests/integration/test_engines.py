@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 import fints_repro.models.engines as engines_mod
+from fints_repro.backbones.adapters import safe_name
 from fints_repro.config import EngineConfig
 from fints_repro.errors import ConfigError
 from fints_repro.models.engines.base import Engine
@@ -26,20 +28,63 @@ class Recording(Engine):
     supports = frozenset({"n_samples"})
     calls: list[tuple[str, int]] = []
 
-    def generate(self, lm, texts, params, *, batch_context=None, desc="generate", **kw):
+    def generate(self, lm, texts, params, *, batch_context=None, adapters=None,
+                 desc="generate", **kw):
         assert batch_context is None, "an engine without per-row hooks got a batch context"
+        assert adapters is None or not any(adapters), "rows with adapters at an engine without"
         todo = len(texts) - len(kw.get("skip", ()))
         Recording.calls.append((desc, todo))
         kw.pop("cache_implementation", None)
         return generate_batches(lm, texts, params, desc=desc, **kw)
 
 
+class LoadsAdapters(Engine):
+    """Supports per-row adapters the way vLLM does: from each row's adapter folder. Rows
+    are generated in groups of one adapter, each group by a fresh copy of the base model
+    with that folder loaded by PEFT (transformers' numerics, nothing of the backbone's
+    own wrapper), and the adapters it was given are recorded."""
+
+    name = "loads_adapters"
+    supports = frozenset({"n_samples", "per_row_adapters"})
+    seen: list = []
+    ranks: list[int] = []
+
+    def __init__(self, cfg, adapter_rank=0):
+        super().__init__(cfg, adapter_rank)
+        LoadsAdapters.ranks.append(adapter_rank)
+
+    def generate(self, lm, texts, params, *, batch_context=None, adapters=None, skip=frozenset(),
+                 desc="generate", **kw):
+        import copy
+
+        from peft import PeftModel
+
+        assert batch_context is None
+        adapters = adapters or [None] * len(texts)
+        kw.pop("cache_implementation", None)
+        groups: dict = {}
+        for i in range(len(texts)):
+            if i not in skip:
+                groups.setdefault(adapters[i], []).append(i)
+        for adapter, rows in groups.items():
+            LoadsAdapters.seen.append((desc, adapter, [texts[i] for i in rows]))
+            base = copy.deepcopy(lm.model)
+            if isinstance(base, PeftModel):  # the backbone's wrapper: its layers taken out
+                base = base.base_model.unload()
+            model = base if adapter is None else PeftModel.from_pretrained(base, adapter.path).eval()
+            own = dataclasses.replace(lm, model=model)
+            for idx, gens in generate_batches(own, [texts[i] for i in rows], params, desc=desc, **kw):
+                yield [rows[j] for j in idx], gens
+
+
 @pytest.fixture
 def recording(monkeypatch):
     reg = engines_mod.ENGINES.copy()
     reg.register("recording")(Recording)
+    reg.register("loads_adapters")(LoadsAdapters)
     monkeypatch.setattr(engines_mod, "ENGINES", reg)
     Recording.calls = []
+    LoadsAdapters.seen, LoadsAdapters.ranks = [], []
     return Recording
 
 
@@ -110,3 +155,34 @@ def test_engine_settings_are_checked_with_their_key(tiny_overrides) -> None:
 
     with pytest.raises(ConfigError, match=r"unknown engine\.name='vlm'.*did you mean 'vllm'"):
         check_names(compose_run([*tiny_overrides, "engine.name=vlm"]))
+
+
+def test_lora_rows_go_to_an_engine_that_loads_each_users_adapter_from_its_folder(
+        recording, tiny_overrides, tmp_path) -> None:
+    """The LoRA backbone's rows at an engine that loads adapters itself (as vLLM's
+    LoRARequest): each row gets its own user's adapter folder, and generating each user's
+    rows from that folder alone gives the rows the hooks' engine gives with every adapter
+    in one PEFT wrapper (adapter_names). The engine was told the adapters' rank before
+    any was trained; users without history run the base model."""
+    ov = [*tiny_overrides, "backbone=lora", "backbone.lora.r=4", "backbone.lora.train.epochs=2"]
+    ref = run(ov, tmp_path / "hf")
+    got = run([*ov, "engine.name=loads_adapters", "engine.steered=refuse"], tmp_path / "own")
+    assert LoadsAdapters.ranks == [4]
+    rows = [json.loads(x) for x in (tmp_path / "own" / "lora" / "predictions.jsonl").read_text().splitlines()]
+    user_of = {r["prompt"]: r["user"] for r in rows}
+    assert len(user_of) == len(rows), "the test needs one prompt per row"
+    users: dict = {}
+    for desc, adapter, prompts in LoadsAdapters.seen:
+        if desc == "lora":
+            users.setdefault(adapter, set()).update(user_of[t] for t in prompts)
+    with_adapter = {a: u for a, u in users.items() if a is not None}
+    assert len(with_adapter) >= 2, "rows of at least two users with adapters"
+    for adapter, us in with_adapter.items():
+        assert len(us) == 1, f"rows of several users share the adapter {adapter.path}"
+        (user,) = us
+        assert Path(adapter.path).name == safe_name(user) and adapter.rank == 4
+        assert Path(adapter.path, "adapter_model.safetensors").is_file()
+        assert adapter.name.startswith("lora:")
+    ref_rows = [json.loads(x) for x in (tmp_path / "hf" / "lora" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["candidates"] for r in rows} == {r["id"]: r["candidates"] for r in ref_rows}
+    assert got["methods"]["lora"]["rougeL"] == ref["methods"]["lora"]["rougeL"]

@@ -76,3 +76,58 @@ def test_a_model_built_in_memory_is_refused_naming_the_source(setup) -> None:
     engine = build_engine(setup[2].cfg)
     with pytest.raises(ConfigError, match="model.source=tiny_random"):
         list(engine.generate(LoadedModel(model, tok, "tiny", "tiny"), ["a"], DecodingParams(4)))
+
+
+def test_per_user_lora_adapters_through_lora_requests_equal_peft_mixed_batches(setup, tmp_path) -> None:
+    """Rows of two users' adapters and base-model rows in one call: vLLM's LoRARequests
+    (each row its adapter's folder) against PEFT's mixed batch (adapter_names) on
+    transformers, greedy, token for token. The adapters are random (B drawn, not zero),
+    so each changes the generations."""
+    import contextlib
+    import copy
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from fints_repro.models.engines import RowAdapter, build_engine
+
+    lm, texts, _ = setup
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        wrapped = get_peft_model(copy.deepcopy(lm.model), LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in wrapped.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.5)
+        wrapped.save_pretrained(tmp_path / f"user{seed}")
+        paths.append(str(tmp_path / f"user{seed}"))
+    adapters = [None if i % 3 == 2 else RowAdapter(f"lora:u{i % 3}", paths[i % 3], 8)
+                for i in range(len(texts))]
+    params = DecodingParams(max_new_tokens=24)
+
+    peft = PeftModel.from_pretrained(copy.deepcopy(lm.model), paths[0], adapter_name="a0")
+    peft.load_adapter(paths[1], adapter_name="a1")
+    peft.eval()
+    names = ["__base__" if a is None else f"a{paths.index(a.path)}" for a in adapters]
+
+    def context(rows):
+        return contextlib.nullcontext({"adapter_names": [names[i] for i in rows]})
+
+    hf: dict[int, str] = {}
+    for idx, gens in generate_batches(dataclasses.replace(lm, model=peft), texts, params,
+                                      batch_size=8, batch_context=context, progress=False):
+        hf.update(zip(idx, gens))
+    base: dict[int, str] = {}
+    for idx, gens in generate_batches(lm, texts, params, batch_size=8, progress=False):
+        base.update(zip(idx, gens))
+    changed = sum(hf[i] != base[i] for i, a in enumerate(adapters) if a is not None)
+    assert changed >= 3, f"the random adapters changed only {changed} rows"
+
+    engine = build_engine(setup[2].cfg, adapter_rank=8)
+    try:
+        got = _all(engine, lm, texts, params, adapters=adapters)
+    finally:
+        engine.close()
+    assert got == [[hf[i]] for i in range(len(texts))]

@@ -26,7 +26,7 @@ from fints_repro.cache import GenerationStore, content_hash
 from fints_repro.config import EngineConfig
 from fints_repro.errors import ConfigError
 from fints_repro.models.chat import clip_chat_prompts
-from fints_repro.models.engines.base import CAPABILITIES, ENGINES, Engine
+from fints_repro.models.engines.base import CAPABILITIES, ENGINES, Engine, RowAdapter
 from fints_repro.models.engines.hf import HFEngine
 from fints_repro.models.generation import DecodingParams
 from fints_repro.models.inspect import shape_of
@@ -34,7 +34,7 @@ from fints_repro.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CAPABILITIES", "ENGINES", "Engine", "build_engine", "check_engine", "close_engine",
+__all__ = ["CAPABILITIES", "ENGINES", "Engine", "RowAdapter", "build_engine", "check_engine", "close_engine",
            "engine_for", "engine_schema", "generate_cached", "greedy_cached", "rows_need", "with_engine"]
 
 def engine_schema() -> type:
@@ -48,13 +48,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_engine(cfg: EngineConfig) -> Engine:
-    return ENGINES.get(cfg.name, "engine.name")(cfg)
+def build_engine(cfg: EngineConfig, adapter_rank: int = 0) -> Engine:
+    return ENGINES.get(cfg.name, "engine.name")(cfg, adapter_rank=adapter_rank)
 
 
-def with_engine(lm: LoadedModel, cfg: EngineConfig) -> LoadedModel:
-    """``lm`` whose rows ``cfg``'s engine generates (built now, its model loaded on first use)."""
-    return dataclasses.replace(lm, engine=build_engine(cfg))
+def with_engine(lm: LoadedModel, cfg: EngineConfig, adapter_rank: int = 0) -> LoadedModel:
+    """``lm`` whose rows ``cfg``'s engine generates (built now, its model loaded on first
+    use); ``adapter_rank``: the largest LoRA rank of the adapters its rows bring (0: none)."""
+    return dataclasses.replace(lm, engine=build_engine(cfg, adapter_rank))
 
 
 def rows_need(backbone: Any, steered: bool, n_candidates: int = 1) -> set[str]:

@@ -3,9 +3,9 @@ hooks (steering vectors, adapters) entered around each batch: the reference engi
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-from fints_repro.models.engines.base import ENGINES, Engine
+from fints_repro.models.engines.base import ENGINES, Engine, RowAdapter
 from fints_repro.models.generation import DecodingParams, generate_batches
 from fints_repro.models.loading import LoadedModel
 
@@ -14,8 +14,12 @@ from fints_repro.models.loading import LoadedModel
 class HFEngine(Engine):
     name = "hf"
     supports = frozenset({"per_row_steering", "per_row_adapters", "n_samples"})
+    runs_hooks = True
 
-    def generate(self, lm: LoadedModel, texts: Sequence[str], params: DecodingParams,
+    def generate(self, lm: LoadedModel, texts: Sequence[str], params: DecodingParams, *,
+                 adapters: Optional[Sequence[Optional[RowAdapter]]] = None,
                  **options: Any) -> Iterator[tuple[list[int], list[str]]]:
-        # the options of Engine.generate are generate_batches' own
+        # Each row's adapter runs through the batch context (the backbone's PEFT wrapper,
+        # every adapter loaded): ``adapters`` is for engines that load them from files.
+        # The other options of Engine.generate are generate_batches' own.
         return generate_batches(lm, texts, params, **options)

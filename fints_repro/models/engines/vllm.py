@@ -11,6 +11,12 @@ share a step.) The checkpoint's generation defaults are not read
 (``generation_config="vllm"``): every decoding setting is the run's. The engine's model
 is loaded on its first request, in vLLM's engine-core process, and held next to
 transformers' for the run (the hooks' rows need that one).
+
+Per-user LoRA adapters (the unsteered rows of ``backbone=lora``) go in as vLLM's
+``LoRARequest``s, each row its user's adapter folder as the backbone saved it (PEFT's
+format): vLLM's multi-LoRA batching runs rows of different users in one step. Adapter
+slots are reserved when the model is loaded, so the run says beforehand which rank its
+adapters have (``adapter_rank``; with none, LoRA stays off).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fints_repro.checks import at_least, fail, in_range
 from fints_repro.errors import ConfigError
-from fints_repro.models.engines.base import ENGINES, Engine
+from fints_repro.models.engines.base import ENGINES, Engine, RowAdapter
 from fints_repro.models.generation import BatchContext, DecodingParams, derived_seed, plan_batches
 from fints_repro.models.inspect import shape_of
 from fints_repro.models.loading import LoadedModel
@@ -63,6 +69,11 @@ class VLLMSettings:
     # the CPU a seeded request whose prefill is split fails (vLLM rewinds its generator's
     # offset, which CPU generators lack); greedy-only runs may turn it on.
     chunked_prefill: bool = False
+    # Per-user LoRA adapters: how many one engine step runs together (vLLM's max_loras;
+    # rows of further users wait for a slot), and the rank their slots are reserved with
+    # (null: the run's adapters' own rank, rounded up to one vLLM supports).
+    max_loras: int = 8
+    max_lora_rank: Optional[int] = None
 
     def check(self, key: str, engine: Any) -> None:
         at_least(f"{key}.tensor_parallel_size", self.tensor_parallel_size, 1)
@@ -72,6 +83,8 @@ class VLLMSettings:
         at_least(f"{key}.cpu_kv_cache_gib", self.cpu_kv_cache_gib, 1)
         at_least(f"{key}.chunk_size", self.chunk_size, 1)
         at_least(f"{key}.cpu_reserved_cores", self.cpu_reserved_cores, 0, optional=True)
+        at_least(f"{key}.max_loras", self.max_loras, 1)
+        at_least(f"{key}.max_lora_rank", self.max_lora_rank, 1, optional=True)
         bind = self.cpu_threads_bind
         if bind not in ("auto", "nobind") and not (bind and all(c.isdigit() or c in ",-|" for c in bind)):
             fail(f"{key}.cpu_threads_bind", bind, "expected auto, nobind or core ids (0-1, 0,2)")
@@ -80,13 +93,15 @@ class VLLMSettings:
 @ENGINES.register("vllm", settings=VLLMSettings)
 class VLLMEngine(Engine):
     name = "vllm"
-    supports = frozenset({"n_samples"})
+    supports = frozenset({"n_samples", "per_row_adapters"})
 
-    def __init__(self, cfg: Any):
-        super().__init__(cfg)
+    def __init__(self, cfg: Any, adapter_rank: int = 0):
+        super().__init__(cfg, adapter_rank)
         self.settings: VLLMSettings = cfg.vllm
         self._llm: Any = None
         self._source: str | None = None
+        self._lora_rank = 0  # the adapter slots' rank of the loaded model (0: LoRA off)
+        self._lora_ids: dict[str, int] = {}  # adapter name -> vLLM's integer id
 
     @classmethod
     def check_available(cls) -> None:
@@ -95,7 +110,24 @@ class VLLMEngine(Engine):
 
     def cache_identity(self) -> list[Any]:
         s = self.settings
-        return [self.name, _version(), s.tensor_parallel_size, s.max_model_len, s.chunked_prefill]
+        identity = [self.name, _version(), s.tensor_parallel_size, s.max_model_len,
+                    s.chunked_prefill]
+        # LoRA's layers change the forward pass of every row, with an adapter or without
+        return identity + ([("lora", self.lora_slots())] if self.adapter_rank else [])
+
+    def lora_slots(self) -> tuple[int, int]:
+        """(rank, count) of the adapter slots the model is loaded with."""
+        from typing import get_args
+
+        from vllm.config.lora import MaxLoRARanks
+
+        want = self.settings.max_lora_rank or self.adapter_rank
+        ranks = sorted(get_args(MaxLoRARanks))
+        fits = [r for r in ranks if r >= want]
+        if not fits:
+            raise ConfigError(f"engine=vllm: LoRA rank {want} is above the largest vLLM "
+                              f"supports ({ranks[-1]})")
+        return fits[0], self.settings.max_loras
 
     # ------------------------------------------------------------------ the model
 
@@ -136,6 +168,9 @@ class VLLMEngine(Engine):
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         if s.max_num_seqs is not None:
             kw["max_num_seqs"] = s.max_num_seqs
+        if self.adapter_rank:
+            self._lora_rank, kw["max_loras"] = self.lora_slots()
+            kw.update(enable_lora=True, max_lora_rank=self._lora_rank)
         log.info("engine=vllm: loading %s (vLLM %s)", lm.source, _version())
         self._llm, self._source = vllm.LLM(**kw), lm.source
         return self._llm
@@ -145,7 +180,31 @@ class VLLMEngine(Engine):
             import gc
 
             self._llm = None
+            self._lora_ids.clear()
             gc.collect()
+
+    def lora_requests(self, adapters: Sequence[Optional[RowAdapter]], rows: Sequence[int]) -> Optional[list[Any]]:
+        """vLLM's ``LoRARequest`` per row (None: the base model), or None when no row
+        has an adapter."""
+        if not any(adapters[i] for i in rows):
+            return None
+        if not self._lora_rank:
+            raise ConfigError("engine=vllm was loaded without LoRA (no adapter rank was given "
+                              "when the run started), and rows with adapters came")
+        from vllm.lora.request import LoRARequest
+
+        out: list[Any] = []
+        for i in rows:
+            a = adapters[i]
+            if a is None:
+                out.append(None)
+                continue
+            if a.rank > self._lora_rank:
+                raise ConfigError(f"engine=vllm: adapter {a.path} has rank {a.rank}, above the "
+                                  f"slots' {self._lora_rank} (engine.vllm.max_lora_rank)")
+            lora_id = self._lora_ids.setdefault(a.name, len(self._lora_ids) + 1)
+            out.append(LoRARequest(a.name, lora_id, a.path))
+        return out
 
     # ------------------------------------------------------------------ generation
 
@@ -170,12 +229,16 @@ class VLLMEngine(Engine):
     def generate(self, lm: LoadedModel, texts: Sequence[str], params: DecodingParams, *,
                  batch_size: int = 8, sort_by_length: bool = True,
                  skip: set[int] | frozenset[int] = frozenset(),
-                 batch_context: BatchContext | None = None, num_return_sequences: int = 1,
-                 cache_implementation: str | None = None, progress: bool = True,
+                 batch_context: BatchContext | None = None,
+                 adapters: Optional[Sequence[Optional[RowAdapter]]] = None,
+                 num_return_sequences: int = 1, cache_implementation: str | None = None,
+                 progress: bool = True,
                  desc: str = "generate") -> Iterator[tuple[list[int], list[str]]]:
         if batch_context is not None:
             raise ValueError("engine=vllm runs no per-row context (steering hooks, adapters): "
                              "engine_for routes such rows to engine=hf")
+        if adapters is not None and len(adapters) != len(texts):
+            raise ValueError(f"{len(adapters)} adapters for {len(texts)} texts")
         if num_return_sequences < 1:
             raise ValueError(f"num_return_sequences={num_return_sequences}; expected >= 1")
         todo = [i for i in range(len(texts)) if i not in skip]
@@ -204,7 +267,8 @@ class VLLMEngine(Engine):
         for start in range(0, len(order), self.settings.chunk_size):
             chunk = order[start:start + self.settings.chunk_size]
             outs = llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in chunk],
-                                [for_prompt(i) for i in chunk], use_tqdm=False)
+                                [for_prompt(i) for i in chunk], use_tqdm=False,
+                                lora_request=self.lora_requests(adapters, chunk) if adapters else None)
             gens: list[str] = []
             for out in outs:
                 cands = [tok.decode(c.token_ids, skip_special_tokens=True) for c in out.outputs]
