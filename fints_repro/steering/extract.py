@@ -11,8 +11,9 @@ on plain text (no chat template). Answer tokens, by ``answer_tokenization``:
   tokens are the positions from len(tokens(question)) on (a token merged across the
   boundary counts as the answer's when it ends there).
 
-Sequences run in right-padded batches (positions then start at 0, as unpadded), sorted by
-length, and each forward pass stops after the deepest layer needed. Vectors are cached by
+Sequences run in right-padded batches (positions then start at 0, as unpadded), one user's
+pairs per batch, sorted by length, and each forward pass stops after the deepest layer
+needed. Vectors are cached by
 content hash (model, layer, sites, read mode, tokenization, pairs).
 """
 
@@ -101,6 +102,7 @@ def answer_means(
     stop_early: bool = True, overlength: str = "error", names: Sequence[str] | None = None,
     row_context: Callable[[list[int]], ContextManager] | None = None,
     token_weights: Sequence[Sequence[float]] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean activation over answer tokens, ``{site: [N, H]}`` (float32, CPU); with
     ``token_weights[i]`` (one weight per answer token of sequence i) the weighted mean
@@ -110,7 +112,10 @@ def answer_means(
     or, with ``overlength="truncate"``, loses question tokens from its middle (the answer
     is kept whole). ``row_context(rows)``: the context each batch's forward runs in, given
     the indices of its sequences; a dict it yields goes to the forward (e.g. PEFT's
-    per-row ``adapter_names``)."""
+    per-row ``adapter_names``). ``groups[i]``: sequence i's group (its user); a batch
+    never mixes groups, so a sequence's activations, to the last bit, depend only on its
+    group's sequences (what makes a user's vectors the same in every part of a sharded
+    experiment: the padded length of a batch changes the kernels' rounding)."""
     seqs = tokenize_pair_texts(lm, questions, answers, answer_tokenization)
     if any(len(ids) <= start for ids, start in seqs):
         bad = next(i for i, (ids, start) in enumerate(seqs) if len(ids) <= start)
@@ -125,11 +130,15 @@ def answer_means(
     reads = {s: read_site(s, attn_read) for s in sites}
     keys = [(layer, r) for r in dict.fromkeys(reads.values())]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    by_group: dict[str, list[int]] = {}
+    for i in order:  # each group longest first
+        by_group.setdefault("" if groups is None else groups[i], []).append(i)
+    batches = [rows[b:b + batch_size] for g in sorted(by_group) for rows in [by_group[g]]
+               for b in range(0, len(rows), batch_size)]
     out: dict[str, torch.Tensor] = {}
     pad = lm.tokenizer.pad_token_id
     bar = tqdm(total=len(seqs), desc=desc, unit="seq", disable=not progress, leave=False)
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
+    for rows in batches:
         ids, attn, answer = pad_batch(seqs, rows, pad)
         weights = answer.float() if token_weights is None else answer_weights(seqs, rows, token_weights)
         ctx = row_context(rows) if row_context else contextlib.nullcontext()
@@ -196,7 +205,8 @@ def pair_vectors(
     # `separate` adds nothing to the key.
     join = "space" if answer_tokenization == "separate" else "joint"
     recipe = {"model": lm.fingerprint, "layer": layer, "sites": sorted(sites),
-              "attn_read": attn_read, "answer_join": join, "mean": "answer_tokens"}
+              "attn_read": attn_read, "answer_join": join, "mean": "answer_tokens",
+              "batches": "per_user"}
     data_hash = content_hash([[p.prompt, p.chosen, p.rejected] for p in pairs])
     if identities is not None and any(identities):
         if len(identities) != len(pairs):
@@ -214,7 +224,7 @@ def pair_vectors(
     qs = [p.prompt for p in pairs]
     common = dict(attn_read=attn_read, answer_tokenization=answer_tokenization,
                   batch_size=batch_size, layers_path=layers_path, progress=progress,
-                  overlength=overlength, row_context=row_context)
+                  overlength=overlength, row_context=row_context, groups=[p.user for p in pairs])
     chosen = answer_means(lm, qs, [p.chosen for p in pairs], layer, sites, desc="extract chosen",
                           names=[f"the chosen side of the pair for item {p.item_id!r} of user "
                                  f"{p.user!r}" for p in pairs], token_weights=chosen_weights,

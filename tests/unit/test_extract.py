@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -243,11 +244,13 @@ def test_pair_vectors_recomputed_cached_and_keyed(llama: LoadedModel, tmp_path: 
     assert len(files) == 4
     assert sorted(vector_metadata(p)["attn_read"] for p in files) == ["output"] * 3 + ["residual"]
 
-    # `separate` keeps the key vectors were cached under before `joint` existed; `joint`
-    # is another file, and says so in its metadata.
-    old_recipe = {"model": lm.fingerprint, "layer": LAYER, "sites": sorted(sites),
-                  "attn_read": "output", "answer_join": "space", "mean": "answer_tokens"}
-    assert path.name == f"{content_hash([old_recipe, meta['data_hash']])}.safetensors"
+    # The key: the recipe (`separate` adds nothing to it; one user's pairs per batch,
+    # whose last bits differ from mixed batches', is in it) and the pairs; `joint` is
+    # another file, and says so in its metadata.
+    recipe = {"model": lm.fingerprint, "layer": LAYER, "sites": sorted(sites),
+              "attn_read": "output", "answer_join": "space", "mean": "answer_tokens",
+              "batches": "per_user"}
+    assert path.name == f"{content_hash([recipe, meta['data_hash']])}.safetensors"
     assert meta["answer_tokenization"] == "separate"
     joint = pair_vectors(lm, pairs, LAYER, sites, answer_tokenization="joint", batch_size=2,
                          cache_dir=tmp_path, progress=False)
@@ -323,3 +326,26 @@ def test_bad_requests_fail_loudly(llama: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(SteeringError, match="outside the model"):
         answer_means(llama, QUESTIONS, ANSWERS, 4, ["attn"], progress=False)
     assert not (tmp_path / "vectors").exists() or not list((tmp_path / "vectors").iterdir())
+
+
+def test_a_batch_never_mixes_groups_so_a_groups_means_are_its_own_to_the_bit(lm: LoadedModel) -> None:
+    """groups (pair_vectors: each pair's user): every batch holds one group's sequences,
+    and a group's means, bit for bit, are those of extracting that group alone (what
+    keeps a user's vectors the same in every part of a sharded experiment)."""
+    n = len(QUESTIONS)
+    groups = ["b" if i % 2 else "a" for i in range(n)]
+    batches: list[list[int]] = []
+
+    def record(rows):
+        batches.append(list(rows))
+        return contextlib.nullcontext()
+
+    both = answer_means(lm, QUESTIONS, ANSWERS, LAYER, ["mlp"], batch_size=8, progress=False,
+                        groups=groups, row_context=record)
+    assert batches and all(len({groups[i] for i in rows}) == 1 for rows in batches)
+    assert sorted(i for rows in batches for i in rows) == list(range(n))
+    for g in ("a", "b"):
+        idx = [i for i in range(n) if groups[i] == g]
+        alone = answer_means(lm, [QUESTIONS[i] for i in idx], [ANSWERS[i] for i in idx], LAYER,
+                             ["mlp"], batch_size=8, progress=False)
+        assert torch.equal(both["mlp"][idx], alone["mlp"])
