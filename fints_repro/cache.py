@@ -8,7 +8,9 @@ Every write is safe when several processes (a joblib or SLURM sweep) share the c
   folder, then is renamed over the target (``atomic_file``), so a reader sees the old file
   or the new one, never a mix, and two writers never share a temporary file;
 - a JSONL store is appended to with one ``write`` per batch (``append_jsonl``), after a
-  newline if a killed run left the last line cut;
+  newline if a killed run left the last line cut; the parts of a sharded experiment
+  (``shard.count > 1``) each append to a file of their own beside it and read them all
+  (``GenerationStore``, ``writing_as``), so no two jobs write one file;
 - files are created ``0644`` (``FILE_MODE``), whatever the umask or ``mkstemp`` would give,
   so a cache shared between users is readable by all of them;
 - work that must run once (the model conversion) takes a file lock under
@@ -251,9 +253,26 @@ def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]], what: str = "
         tmp.write_bytes(_encode_rows(rows))
 
 
+_WRITER = {"tag": ""}  # this process's part of a sharded experiment ("" : the whole)
+
+
+@contextlib.contextmanager
+def writing_as(tag: str) -> Iterator[None]:
+    """Within the block, stores append to files of their own tagged ``tag`` (one per
+    part of a sharded experiment, e.g. ``part-1-of-3``)."""
+    before = _WRITER["tag"]
+    _WRITER["tag"] = tag
+    try:
+        yield
+    finally:
+        _WRITER["tag"] = before
+
+
 class GenerationStore:
     """Append-only JSONL of generations keyed by prompt hash, one file per
-    (model, decoding, batching, steering) fingerprint.
+    (model, decoding, batching, steering) fingerprint: ``<key>.jsonl``, and beside it
+    ``<key>.<tag>.jsonl`` written by the parts of a sharded experiment (``writing_as``);
+    a store reads them all and appends to its own.
 
     A line is ``{"key": str, "generation": str}``; a damaged line is dropped with a warning
     when the store is opened, and its generation is made again.
@@ -262,10 +281,12 @@ class GenerationStore:
     ROW = {"key": str, "generation": str}
 
     def __init__(self, path: Path):
-        self.path = path
-        self.items: dict[str, str] = {
-            r["key"]: r["generation"] for r in read_jsonl_lenient(path, required=self.ROW)
-        }
+        tag = _WRITER["tag"]
+        self.path = path.with_name(f"{path.stem}.{tag}{path.suffix}") if tag else path
+        self.items: dict[str, str] = {}
+        for part in [path, *sorted(path.parent.glob(f"{path.stem}.*{path.suffix}"))]:
+            self.items.update((r["key"], r["generation"])
+                              for r in read_jsonl_lenient(part, required=self.ROW))
 
     @staticmethod
     def key(text: str) -> str:

@@ -187,6 +187,8 @@ def check_run_config(cfg: "RunConfig") -> None:
     at_least("eval.bootstrap", cfg.eval.bootstrap, 0)
     at_least("eval.max_read_chars", cfg.eval.max_read_chars, 1)
     at_least("threads", cfg.threads, 1, optional=True)
+    at_least("shard.count", cfg.shard.count, 1)
+    in_range("shard.index", cfg.shard.index, 0, cfg.shard.count, high_open=True)
     one_of("model.dtype", m.dtype, DTYPES)
     if not _DEVICE.match(m.device):
         fail("model.device", m.device, "expected auto, cpu, mps, cuda or cuda:N")

@@ -397,6 +397,16 @@ class EngineConfig:
 
 
 @dataclass
+class ShardConfig:
+    """One experiment split over jobs (docs/scale.md): ``count`` parts of its evaluated
+    users, this job running part ``index`` (0-based) for every method. ``count: 1`` is the
+    whole experiment. ``python -m fints_repro.report merge SWEEP_DIR`` joins the parts."""
+
+    count: int = 1
+    index: int = 0
+
+
+@dataclass
 class EvalConfig:
     bootstrap: int = 1000
     # What a task reads of a generation (to parse, score, make a pair or a reward input):
@@ -431,6 +441,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     # Methods compared on the same data and model in one run (empty: the configured
     # backbone + steering alone). Each entry names group options, e.g.
     # {backbone: rag, steering: none}.

@@ -22,17 +22,18 @@ from omegaconf import OmegaConf
 
 from fints_repro import stages
 from fints_repro.backbones import BACKBONES, build_backbone
-from fints_repro.cache import make_dir, write_json_atomic, write_text_atomic
+from fints_repro.cache import make_dir, write_json_atomic, write_text_atomic, writing_as
 from fints_repro.checks import check_layer
 from fints_repro.compose import Method, check_names, resolve_methods
 from fints_repro.config import RunConfig
 from fints_repro.data.load import SplitReader, load_samples
-from fints_repro.errors import DataError
+from fints_repro.errors import ConfigError, DataError
 from fints_repro.models.inspect import shape_from_config
 from fints_repro.models.engines import with_engine
 from fints_repro.models.loading import load_model
 from fints_repro.provenance import machine, provenance
-from fints_repro.report import FAILED, INTERRUPTED, markdown
+from fints_repro.report import FAILED, INTERRUPTED, markdown, metric_keys
+from fints_repro.shards import shard_samples
 from fints_repro.stages import RunContext, with_task_system_prompt
 from fints_repro.tasks import build_task
 from fints_repro.tracking import open_tracker
@@ -109,19 +110,6 @@ def run_method(ctx: RunContext, method: Method, run_dir: Path
     return metrics, rows
 
 
-def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
-    """The score columns of a results table, in the order the task reports them (``n``, its
-    metrics, the entries that extend them such as bootstrap medians, then per-type means);
-    timings, counts and steering statistics are left out."""
-    skip = {"n_generated", "n_cached", "n_prompts_truncated", "n_generations_cut",
-            "samples_per_second", "scoring_share"}
-    keys: list[str] = []
-    for m in results.values():
-        keys += [k for k, v in m.items() if k not in keys and k not in skip
-                 and not k.startswith(("seconds_", "steering_", "backbone_")) and isinstance(v, (int, float))]
-    return keys
-
-
 def run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | None = None
                    ) -> dict[str, Any]:
     """Run every method of ``cfg``. ``overrides``: what ``cfg`` was composed from (needed to
@@ -157,13 +145,21 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved), "the run's config")
 
     reader = SplitReader()
-    samples = load_samples(cfg.dataset, seed=cfg.seed, reader=reader)
-    if not samples:
+    all_samples = load_samples(cfg.dataset, seed=cfg.seed, reader=reader)
+    if not all_samples:
         raise DataError(f"dataset {cfg.dataset.name}: no samples left after user/history selection")
+    samples = shard_samples(all_samples, cfg.shard)
     n_users = len({s.user for s in samples})
+    if not samples:
+        raise ConfigError(f"shard.count={cfg.shard.count}: more parts than the experiment's "
+                          f"{len({s.user for s in all_samples})} users (part {cfg.shard.index} "
+                          "has none)")
     n_empty = sum(1 for s in samples if not s.history)
-    log.info("%d samples of %d users (%d with an empty history)", len(samples), n_users, n_empty)
-    ctx = RunContext(cfg, task, samples, list(overrides or ()), reader)  # the model: below
+    log.info("%d samples of %d users (%d with an empty history)%s", len(samples), n_users, n_empty,
+             f"; part {cfg.shard.index} of {cfg.shard.count} of the experiment's "
+             f"{len(all_samples)} samples" if cfg.shard.count > 1 else "")
+    ctx = RunContext(cfg, task, samples, list(overrides or ()), reader,  # the model: below
+                     all_samples=all_samples if cfg.shard.count > 1 else [])
     check_pair_sources(cfg, methods, ctx)
 
     t0 = time.time()
@@ -176,8 +172,10 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] | No
         cfg.dataset.system_prompt)
     log.info("model %s loaded in %.1fs on %s", lm.fingerprint, time.time() - t0, lm.device)
     ctx.lm = lm
+    tag = f"part-{cfg.shard.index}-of-{cfg.shard.count}" if cfg.shard.count > 1 else ""
     try:
-        results = _run_methods(cfg, ctx, methods, run_dir, resolved)
+        with writing_as(tag):  # each part appends to cache files of its own
+            results = _run_methods(cfg, ctx, methods, run_dir, resolved)
     finally:
         ctx.close()  # the engines' models (vLLM's KV cache) before the next job of a sweep
     return _summarise(cfg, task, ctx, results, run_dir, started, n_users, n_empty)

@@ -1,6 +1,7 @@
 """Multirun results → tables and plots.
 
     python -m fints_repro.report <multirun dir>
+    python -m fints_repro.report merge <sweep dir>     # a sharded experiment's parts
 
 (also run by a Hydra callback at the end of every multirun, see conf/config.yaml)
 
@@ -40,6 +41,8 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from fints_repro.cache import atomic_file, write_text_atomic
+from fints_repro.errors import DataError
+from fints_repro.shards import merge, sharded_jobs
 
 # What a job leaves in its run dir when it ends without metrics: FAILED (a multirun job's
 # exception, its traceback) or INTERRUPTED (SIGTERM / SIGINT; fints_repro/signals.py).
@@ -99,6 +102,19 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def metric_keys(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The score columns of a results table, in the order the task reports them (``n``, its
+    metrics, the entries that extend them such as bootstrap medians, then per-type means);
+    timings, counts and steering statistics are left out."""
+    skip = {"n_generated", "n_cached", "n_prompts_truncated", "n_generations_cut",
+            "samples_per_second", "scoring_share"}
+    keys: list[str] = []
+    for m in results.values():
+        keys += [k for k, v in m.items() if k not in keys and k not in skip
+                 and not k.startswith(("seconds_", "steering_", "backbone_")) and isinstance(v, (int, float))]
+    return keys
 
 
 def _mean_sd(vals: list[float]) -> str:
@@ -277,10 +293,10 @@ def write_report(root: Path) -> dict[str, Path]:
     scores = task["metrics"]
     extended = sorted({k for r in rows for k in r
                        if any(k.startswith(f"{m}_") or k.endswith(f"/{m}") for m in scores)})
-    metric_keys = [k for k in ("n", *scores, *extended, "steering_n_pairs",
-                               "steering_n_samples_unsteered", "seconds_generation")
-                   if any(k in r for r in rows)]
-    columns = ["job", "status", *over_keys, "method", *metric_keys]
+    shown = [k for k in ("n", *scores, *extended, "steering_n_pairs",
+                         "steering_n_samples_unsteered", "seconds_generation")
+             if any(k in r for r in rows)]
+    columns = ["job", "status", *over_keys, "method", *shown]
     if any(r["status"] == "failed" for r in rows):
         columns.append("error")
     out = {"csv": root / "summary.csv", "md": root / "summary.md"}
@@ -425,8 +441,21 @@ def write_folder_readme(root: Path, command: str, provenance: dict[str, Any] | N
     return out
 
 
+def write_merged(root: Path) -> list[Path]:
+    """The sharded experiments under ``root`` merged (``shards.merge``), each merged folder
+    with its ``summary.md``."""
+    outs = merge(root)
+    for out in outs:
+        methods = json.loads((out / "metrics.json").read_text())["methods"]
+        table = markdown([{"method": m, **v} for m, v in methods.items()],
+                         ["method", *metric_keys(methods)])
+        write_text_atomic(out / "summary.md", table, "the merged results table")
+    return outs
+
+
 class ReportCallback(Callback):
-    """Hydra callback: write the report when a multirun ends (listed in conf/config.yaml)."""
+    """Hydra callback: write the report when a multirun ends (listed in conf/config.yaml),
+    and merge the parts of a sharded experiment (``shard.count > 1``)."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
@@ -435,10 +464,31 @@ class ReportCallback(Callback):
                 print(f"report {name}: {path}")
         except SystemExit as e:  # no job folders: nothing ran
             print(f"report: {e}")
+            return
+        if sharded_jobs(root):
+            try:
+                for out in write_merged(root):
+                    print(f"merged: {out}")
+            except DataError as e:  # a part failed: the report says which; merge after its rerun
+                print(f"merge: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        ap = argparse.ArgumentParser(
+            prog="python -m fints_repro.report merge",
+            description="join the parts of a sharded experiment (shard.count=N) into "
+                        "SWEEP_DIR/merged/: rows in the whole run's order, scores recomputed")
+        ap.add_argument("sweep_dir", type=Path)
+        a = ap.parse_args(argv[1:])
+        try:
+            outs = write_merged(a.sweep_dir)
+        except DataError as e:
+            raise SystemExit(f"merge: {e}") from e
+        for out in outs:
+            print(f"merged: {out}\n{(out / 'summary.md').read_text()}")
+        return
     if argv[:1] == ["readme"]:
         ap = argparse.ArgumentParser(
             prog="python -m fints_repro.report readme",

@@ -70,6 +70,10 @@ class RunContext:
     _retrievers: dict[Optional[str], Retriever] = field(default_factory=dict, repr=False)
     _models: dict[str, LoadedModel] = field(default_factory=dict, repr=False)
     _train_items: Optional[dict[str, list[HistoryItem]]] = field(default=None, repr=False)
+    # Every evaluated sample of the experiment when this run is one part of it
+    # (shard.count > 1; empty otherwise): what stages over all users see (pairs' other
+    # users, BiPO with scope=all).
+    all_samples: list[Sample] = field(default_factory=list)
 
     def retriever(self, name: str | None = None) -> Retriever:
         """The run's retriever, or the ``retriever`` group option ``name`` (built once)."""
@@ -128,6 +132,7 @@ class RunContext:
             generator=lambda: self.model(steering.pairs.generator),
             layers_path=self.cfg.model.layers_path, progress=self.cfg.progress,
             pair_items=self.train_items, overlength=self.cfg.generation.overlength,
+            all_samples=self.all_samples,
         )
 
     def fit_context(self, method: Method) -> FitContext:

@@ -73,6 +73,10 @@ class PairSource:
     # generation.overlength: a generator prompt longer than the generator's context is an
     # error (naming it) or is cut in its middle
     overlength: str = "error"
+    # Every evaluated sample of the experiment, when a run holds only a part of its users
+    # (shard.count > 1): the other users whose items go into a generator prompt are drawn
+    # from all of them, as in the whole run. Empty: the samples given.
+    all_samples: Sequence[Sample] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ def build_pairs(
     items_by_user: Mapping[str, Sequence[HistoryItem]] | None = None,
     task: "Task | None" = None,
     overlength: str = "error",
+    pool: Sequence[Sample] = (),
 ) -> dict[str, list[Pair]]:
     """{user: pairs} for every user of ``samples`` (``[]`` where none was kept), pairs in
     item order, then attempt order. ``lm`` is the generator (``cfg.generator`` or the
@@ -189,7 +194,8 @@ def build_pairs(
     ``items_by_user``: the items pairs are made from, per user (``cfg.source=train_samples``:
     the users' training-split samples); default (None) the history items of the users'
     samples. Pairs are made for the users of ``samples``; the other users' items in the
-    prompts are drawn from every user of ``items_by_user`` (or of ``samples``).
+    prompts are drawn from every user of ``items_by_user`` (or of ``pool``, the whole
+    experiment's samples when ``samples`` are a part of it, else of ``samples``).
     ``task``: its ``accept_pair`` keeps or drops each attempt (default: the text task of
     ``dataset``, ROUGE-L below ``dataset.pair_rouge_threshold``).
     ``overlength`` (the run's ``generation.overlength``): a generator prompt longer than
@@ -201,7 +207,7 @@ def build_pairs(
         raise ConfigError(f"pairs: k_other must be >= 1, got {k}")
     users = sorted({s.user for s in samples})
     if items_by_user is None:
-        history = user_history(samples)
+        history = user_history(pool or samples)
     else:
         history = {u: list(items_by_user.get(u, ())) for u in sorted(set(items_by_user) | set(users))}
     layout = cfg.prompt_layout
@@ -331,10 +337,12 @@ def user_pairs(cfg: PairsConfig, samples: Sequence[Sample], source: PairSource
     if cfg.source == "train_samples" and source.pair_items:
         # the run's users only: the other users' items in a generator prompt come from the
         # sampled users, as in the authors' code, not from every user of the split
-        users = {s.user for s in samples}
+        # (all of the experiment's when this run holds a part of its users)
+        users = {s.user for s in (source.all_samples or samples)}
         items = {u: v for u, v in source.pair_items().items() if u in users}
     by_user = build_pairs(samples, source.generator(), source.dataset, cfg, items_by_user=items,
                           task=source.task, overlength=source.overlength,
-                          cache_dir=source.cache_dir, seed=source.seed, progress=source.progress)
+                          cache_dir=source.cache_dir, seed=source.seed, progress=source.progress,
+                          pool=source.all_samples)
     log.info("contrastive pairs: %s", pair_stats(by_user))
     return by_user

@@ -20,17 +20,18 @@ their loss curves.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from fints_repro.cache import content_hash
+from fints_repro.cache import content_hash, lock_for
 from fints_repro.checks import at_least, one_of, positive
 from fints_repro.config import SteeringConfig
 from fints_repro.data.schema import Sample
@@ -179,22 +180,17 @@ def train_vector(lm: LoadedModel, pairs: Sequence[Pair], layer: int, cfg: BiPOSe
     return v.detach().float().cpu(), losses
 
 
-@STEERING.register(NAME, settings=BiPOSettings)
-def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
-         inputs: SteeringInputs, chosen_weights=None) -> SteeringPlan:
-    """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
-    (SteerX); None: every token."""
-    own: BiPOSettings = settings_of(cfg, NAME, "steering")
-    layer = validate(cfg, lm, inputs.layers_path)
-    by_user = user_pairs(cfg.pairs, samples, inputs)
+def _group_vectors(lm: LoadedModel, by_user: dict[str, list[Pair]], layer: int,
+                   own: BiPOSettings, cfg: SteeringConfig, inputs: SteeringInputs,
+                   recipe: dict[str, Any], chosen_weights
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], dict[str, list[Pair]]]:
+    """One vector per group of pairs (a user's, or everyone's: ``scope``), each cached by
+    the content hash of its recipe and pairs; with the loss curves, and the groups."""
     groups = ({u: ps for u, ps in by_user.items() if ps} if own.scope == "user"
               else {"*": [p for ps in by_user.values() for p in ps]})
     groups = {g: ps for g, ps in groups.items() if ps}
     vectors: dict[str, torch.Tensor] = {}
     curves: dict[str, list[float]] = {}
-    recipe = {"model": lm.fingerprint, "layer": layer, "site": SITE,
-              "tokenization": cfg.answer_tokenization, "bipo": dataclasses.asdict(own),
-              "seed": inputs.seed}
     for g, ps in groups.items():
         cw = chosen_weights(ps) if chosen_weights is not None else None
         parts = [recipe, [[p.prompt, p.chosen, p.rejected] for p in ps]]
@@ -214,6 +210,31 @@ def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
         log.info("BiPO vector for %s: %d pairs, %d steps, loss %.4f -> %.4f, norm %.3f", g,
                  len(ps), len(losses), losses[0], losses[-1], v.norm().item())
         vectors[g], curves[g] = v, losses
+    return vectors, curves, groups
+
+
+@STEERING.register(NAME, settings=BiPOSettings)
+def bipo(cfg: SteeringConfig, lm: LoadedModel, samples: Sequence[Sample],
+         inputs: SteeringInputs, chosen_weights=None) -> SteeringPlan:
+    """``chosen_weights(pairs)``: per pair, weights over the chosen side's answer tokens
+    (SteerX); None: every token."""
+    own: BiPOSettings = settings_of(cfg, NAME, "steering")
+    layer = validate(cfg, lm, inputs.layers_path)
+    recipe = {"model": lm.fingerprint, "layer": layer, "site": SITE,
+              "tokenization": cfg.answer_tokenization, "bipo": dataclasses.asdict(own),
+              "seed": inputs.seed}
+    # scope=all in one part of a sharded experiment: the one vector over every user's
+    # pairs, made by the first part under a lock the other parts wait on, then read
+    everyone = own.scope == "all" and bool(inputs.all_samples)
+    pair_samples = inputs.all_samples if everyone else samples
+    guard: Any = contextlib.nullcontext()
+    if everyone:
+        key = content_hash([recipe, dataclasses.asdict(cfg.pairs), [s.id for s in pair_samples]])
+        guard = lock_for(Path(inputs.cache_dir) / "vectors" / f"bipo-all-{key}")
+    with guard:
+        by_user = user_pairs(cfg.pairs, pair_samples, inputs)
+        vectors, curves, groups = _group_vectors(lm, by_user, layer, own, cfg, inputs, recipe,
+                                                 chosen_weights)
     H = hidden_size(lm.model)
     out = torch.zeros((len(samples), H))
     steered = []
