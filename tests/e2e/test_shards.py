@@ -4,6 +4,7 @@ multirun ends."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -57,33 +58,6 @@ def _assert_merged_equals_whole(merged: Path, whole: Path, methods: list[str]) -
         assert mm["n_generated"] + mm["n_cached"] == wm["n_generated"] + wm["n_cached"]
 
 
-def test_three_parts_merged_equal_the_whole_run_row_for_row(tiny_overrides, tmp_path) -> None:
-    from fints_repro.report import write_merged
-
-    ov = ["+exp=demo", *tiny_overrides, METHODS, *SHARDED]
-    run([*ov, f"cache_dir={tmp_path / 'whole-cache'}"], tmp_path / "whole")
-    sweep = tmp_path / "sweep"
-    for i in range(3):  # each part its own folder, all sharing one cache
-        run([*ov, "shard.count=3", f"shard.index={i}"], sweep / str(i))
-        part = _rows(sweep / str(i) / "zero_shot" / "predictions.jsonl")
-        assert {r["user"] for r in part} == set(shard_users(
-            [f"demo_user_{u:02d}" for u in range(3)], ShardConfig(3, i)))
-    (merged,) = write_merged(sweep)
-    assert merged == sweep / "merged"
-    _assert_merged_equals_whole(merged, tmp_path / "whole", ["zero_shot", "rag+fine_grained", "bipo_all"])
-    # BiPO over every user: one vector, trained once, read by the other two parts
-    vectors = sorted((tmp_path / "cache" / "vectors").glob("bipo-*.safetensors"))
-    assert len(vectors) == 1
-    parts = [json.loads((sweep / str(i) / "metrics.json").read_text())["methods"]["bipo_all"]
-             for i in range(3)]
-    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["methods"]["bipo_all"]
-    assert {p["steering_n_pairs"] for p in parts} == {whole["steering_n_pairs"]}
-    # no two parts appended to one cache file: each part's generations are in its own
-    stores = sorted(p.name for p in (tmp_path / "cache" / "generations").glob("*.jsonl"))
-    assert stores and all(".part-" in name for name in stores)
-    assert (merged / "summary.md").read_text().startswith("| method | n | rouge1")
-
-
 def test_a_missing_or_failed_part_is_named_and_nothing_is_merged(tiny_overrides, tmp_path) -> None:
     from fints_repro.errors import DataError
     from fints_repro.report import write_merged
@@ -111,21 +85,50 @@ def test_more_parts_than_users_stops_at_start_up(tiny_overrides, tmp_path) -> No
              "shard.index=3"], tmp_path / "run")
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_a_multirun_over_parts_through_a_launcher_is_merged_when_it_ends(
-        launcher, tiny_overrides, tmp_path) -> None:
-    """`-m shard.index=0,1` through Hydra's joblib and submitit_local launchers (one
-    process per part): the callback merges the parts, equal to the whole run."""
-    ov = ["+exp=demo", *tiny_overrides, "methods=[{backbone: zero_shot},{backbone: rag}]",
-          "threads=1"]
-    run(ov, tmp_path / "whole")
-    sweep = tmp_path / "sweep"
-    extra = (["hydra.launcher.n_jobs=2"] if launcher == "joblib" else
-             ["hydra.launcher.timeout_min=10", "hydra.launcher.tasks_per_node=1"])
-    cmd = [sys.executable, "-m", "fints_repro.run", "-m", *ov, "shard.count=2", "shard.index=0,1",
-           f"hydra/launcher={launcher}", *extra, f"hydra.sweep.dir={sweep}"]
+def _multirun(ov: list[str], sweep: Path, launcher: list[str]) -> str:
+    cmd = [sys.executable, "-m", "fints_repro.run", "-m", *ov, *launcher,
+           f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"merged: {sweep / 'merged'}" in done.stdout
-    _assert_merged_equals_whole(sweep / "merged", tmp_path / "whole", ["zero_shot", "rag"])
+    assert f"merged: {sweep / 'merged'}" in done.stdout  # by the callback, when the multirun ended
+    return done.stdout
+
+
+def test_three_parts_side_by_side_merged_equal_the_whole_run_row_for_row(
+        tiny_overrides, tmp_path) -> None:
+    """Three parts at once (joblib, one process each, sharing one cache): the merged rows
+    and scores equal the whole run's (own cache); BiPO's one vector over every user is
+    trained once; each part appended to cache files of its own."""
+    ov = ["+exp=demo", *tiny_overrides, METHODS, *SHARDED, "threads=1"]
+    run([*ov, f"cache_dir={tmp_path / 'whole-cache'}"], tmp_path / "whole")
+    sweep = tmp_path / "sweep"
+    _multirun([*ov, "shard.count=3", "shard.index=0,1,2"], sweep,
+              ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"])
+    _assert_merged_equals_whole(sweep / "merged", tmp_path / "whole",
+                                ["zero_shot", "rag+fine_grained", "bipo_all"])
+    users = [f"demo_user_{u:02d}" for u in range(3)]
+    for job in sorted(p for p in sweep.iterdir() if p.name.isdigit()):
+        shard = json.loads((job / "metrics.json").read_text())
+        i = [int(o.split("=")[1]) for o in (job / ".hydra" / "overrides.yaml").read_text().split()
+             if o.startswith("shard.index=")][0]
+        part = _rows(job / "zero_shot" / "predictions.jsonl")
+        assert {r["user"] for r in part} == set(shard_users(users, ShardConfig(3, i)))
+        whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["methods"]["bipo_all"]
+        assert shard["methods"]["bipo_all"]["steering_n_pairs"] == whole["steering_n_pairs"]
+    assert len(list((tmp_path / "cache" / "vectors").glob("bipo-*.safetensors"))) == 1
+    stores = sorted(p.name for p in (tmp_path / "cache" / "generations").glob("*.jsonl"))
+    assert stores and all(".part-" in name for name in stores)
+    assert (sweep / "merged" / "summary.md").read_text().startswith("| method | n | rouge1")
+    # the sweep's own report, one row per (part, method), as for any multirun
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 9
+    assert sorted({r["shard.index"] for r in rows}) == ["0", "1", "2"]
+
+
+def test_parts_through_submitit_local_are_merged_when_the_multirun_ends(tiny_overrides, tmp_path) -> None:
+    ov = ["+exp=demo", *tiny_overrides, "methods=[{backbone: zero_shot}]", "threads=1"]
+    run(ov, tmp_path / "whole")
+    _multirun([*ov, "shard.count=2", "shard.index=0,1"], tmp_path / "sweep",
+              ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"])
+    _assert_merged_equals_whole(tmp_path / "sweep" / "merged", tmp_path / "whole", ["zero_shot"])

@@ -64,15 +64,6 @@ def test_a_failing_job_is_reported_and_the_others_run(tmp_path: Path) -> None:
     assert rows["99"]["status"] == "failed" and "outside the model" in rows["99"]["error"]
 
 
-def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None:
-    proc, out = _multirun(tmp_path, ["steering.layer=1", "steering.scale=1,2", "hydra/launcher=joblib",
-                                     "hydra.launcher.n_jobs=2"], "joblib")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert sorted(r["steering.scale"] for r in rows) == ["1", "2"]
-    assert {r["status"] for r in rows} == {"ok"}
-
-
 def test_slurm_launcher_config_composes() -> None:
     from hydra import compose, initialize_config_module
 
@@ -80,7 +71,11 @@ def test_slurm_launcher_config_composes() -> None:
 
     register_configs()
     with initialize_config_module(config_module="fints_repro.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=submitit_slurm_gpu"],
+        cfg = compose("config", overrides=["hydra/launcher=submitit_slurm_gpu",
+                                           "hydra.launcher.partition=gpu", "hydra.launcher.gres=gpu:1",
+                                           "hydra.launcher.mem_gb=80", "shard.count=8"],
                       return_hydra_config=True)
     assert cfg.hydra.launcher.gpus_per_node == 1
+    assert (cfg.hydra.launcher.partition, cfg.hydra.launcher.gres, cfg.hydra.launcher.mem_gb) == ("gpu", "gpu:1", 80)
+    assert cfg.shard.count == 8
     assert "submitit" in cfg.hydra.launcher._target_.lower()

@@ -93,7 +93,7 @@ class FakeBuildPairs:
         self.pairs, self.calls = pairs, 0
 
     def __call__(self, samples, lm, dataset, cfg, *, cache_dir, seed, progress=True,
-                 items_by_user=None, task=None, overlength="error"):
+                 items_by_user=None, task=None, overlength="error", pool=()):
         self.calls += 1
         assert {s.user for s in samples} <= set(self.pairs)
         return {u: list(ps) for u, ps in self.pairs.items()}
