@@ -31,10 +31,10 @@ def _cache(tmp_path: Path, name: str) -> str:
 def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
     base = ["+exp=demo", "logger=none", "progress=false", "eval.bootstrap=200",
             "methods=[{backbone: zero_shot},{backbone: rag}]"]
-    summary = run(base + [_cache(tmp_path, "c1"), f"dataset.path={tmp_path / 'data'}"],
-                  tmp_path / "a")
+    summary = run(base + [_cache(tmp_path, "c1"), f"dataset.path={tmp_path / 'data'}",
+                          "dataset.n_users=4"], tmp_path / "a")
     m = summary["methods"]
-    assert summary["n_samples"] == 32 and summary["n_users"] == 8 and summary["synthetic_data"]
+    assert summary["n_samples"] == 16 and summary["n_users"] == 4 and summary["synthetic_data"]
     assert m["rag"]["rougeL"] > m["zero_shot"]["rougeL"] + 0.05, m
     assert all(r["prediction"] for r in _rows(tmp_path / "a", "rag"))
 
