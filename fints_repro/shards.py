@@ -63,21 +63,25 @@ def _config(job: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def _experiment_key(cfg: dict[str, Any]) -> str:
-    """What the shards of one experiment share: the config without ``shard.index`` and
-    the run folder."""
-    rest = {k: v for k, v in cfg.items() if k not in ("run_dir",)}
+def _experiment(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the parts of one experiment share: the config without ``shard.index`` and the
+    run folder."""
+    rest = {k: v for k, v in cfg.items() if k != "run_dir"}
     rest["shard"] = {"count": cfg.get("shard", {}).get("count", 1)}
-    return json.dumps(rest, sort_keys=True, default=str)
+    return rest
 
 
-def sharded_jobs(root: Path) -> dict[str, list[Path]]:
-    """The sharded jobs under a sweep folder, by experiment (see ``_experiment_key``)."""
-    groups: dict[str, list[Path]] = {}
+Job = tuple[Path, dict[str, Any]]  # a part's run folder and its config.yaml
+
+
+def sharded_jobs(root: Path) -> dict[str, list[Job]]:
+    """The sharded jobs under a sweep folder, by experiment (``_experiment``, as JSON)."""
+    groups: dict[str, list[Job]] = {}
     for job in sorted(p for p in root.iterdir() if (p / "config.yaml").is_file()):
         cfg = _config(job)
         if cfg.get("shard", {}).get("count", 1) > 1:
-            groups.setdefault(_experiment_key(cfg), []).append(job)
+            key = json.dumps(_experiment(cfg), sort_keys=True, default=str)
+            groups.setdefault(key, []).append((job, cfg))
     return groups
 
 
@@ -88,8 +92,9 @@ def _typed(cls: type[T], node: dict[str, Any]) -> T:
 
 
 def _differences(configs: list[dict[str, Any]]) -> list[str]:
-    """Per config, ``key=value`` of the top-level settings where the configs differ."""
-    keys = sorted({k for c in configs for k in c} - {"run_dir", "shard"})
+    """Per experiment (``_experiment``), ``key=value`` of the top-level settings where
+    they differ."""
+    keys = sorted({k for c in configs for k in c})
     varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str)
                                         for c in configs}) > 1]
     out = []
@@ -99,7 +104,7 @@ def _differences(configs: list[dict[str, Any]]) -> list[str]:
             v = c.get(k)
             parts.append(f"{k}={v}" if not isinstance(v, (dict, list)) else
                          f"{k}-{content_hash(v)[:8]}")
-        out.append(",".join(parts) or "experiment")
+        out.append(",".join(parts))
     return out
 
 
@@ -112,21 +117,21 @@ def merge(root: Path) -> list[Path]:
     groups = sharded_jobs(root)
     if not groups:
         raise DataError(f"{root}: no job folder of a sharded run (shard.count > 1)", file=root)
-    configs = [_config(jobs[0]) for jobs in groups.values()]
+    configs = [_experiment(jobs[0][1]) for jobs in groups.values()]
     names = _differences(configs) if len(groups) > 1 else [""]
     out = []
-    for (key, jobs), name in zip(groups.items(), names):
+    for jobs, name in zip(groups.values(), names):
         target = root / MERGED / name if name else root / MERGED
         out.append(merge_experiment(jobs, target))
     return out
 
 
-def merge_experiment(jobs: Sequence[Path], out: Path) -> Path:
-    """The parts of one experiment (``jobs``: its run folders) merged into ``out``."""
+def merge_experiment(jobs: Sequence[Job], out: Path) -> Path:
+    """The parts of one experiment (``jobs``: their run folders and configs) merged into
+    ``out``."""
     by_index: dict[int, Path] = {}
     cfg: dict[str, Any] = {}
-    for job in jobs:
-        cfg = _config(job)
+    for job, cfg in jobs:
         i = cfg["shard"]["index"]
         if i in by_index:
             raise DataError(f"part {i} of the experiment ran twice: {by_index[i]} and {job}", file=job)
@@ -135,7 +140,7 @@ def merge_experiment(jobs: Sequence[Path], out: Path) -> Path:
     missing = sorted(set(range(count)) - set(by_index))
     if missing:
         raise DataError(f"{out.parent}: parts {missing} of {count} have no run folder "
-                        f"(found: {', '.join(str(j) for j in jobs)}); run them and merge again",
+                        f"(found: {', '.join(str(j) for j, _ in jobs)}); run them and merge again",
                         file=out.parent)
     summaries = {}
     for i, job in sorted(by_index.items()):
@@ -216,6 +221,5 @@ def merged_method_metrics(aggregate: dict[str, Any], parts: Sequence[dict[str, A
     if len(decodings) != 1:
         raise ConfigError(f"the parts decoded differently: {sorted(decodings)}")
     out["decoding"] = parts[0].get("decoding")
-    out["shards"] = [{k: v for k, v in p.items() if k not in out or k == "samples_per_second"}
-                     for p in parts]
+    out["shards"] = [{k: v for k, v in p.items() if k not in out} for p in parts]
     return out
