@@ -21,7 +21,7 @@ from fints_repro.errors import ConfigError
 from fints_repro.text import pattern
 
 if TYPE_CHECKING:
-    from fints_repro.config import DatasetConfig, RunConfig, SteeringConfig, TrainConfig
+    from fints_repro.config import DatasetConfig, ModelConfig, RunConfig, SteeringConfig, TrainConfig
 
 POSITIONS = ("all", "prompt", "generated")
 SITES = ("resid", "attn", "mlp")
@@ -192,12 +192,36 @@ def check_run_config(cfg: "RunConfig") -> None:
     one_of("model.dtype", m.dtype, DTYPES)
     if not _DEVICE.match(m.device):
         fail("model.device", m.device, "expected auto, cpu, mps, cuda or cuda:N")
+    check_device_map(m, cfg.engine.name)
     one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     at_least("logger.n_table_rows", cfg.logger.n_table_rows, 0)
     check_steering(cfg.steering)
     for i, spec in enumerate(cfg.methods):
         if not spec.backbone:
             fail(f"methods[{i}].backbone", spec.backbone, "names no backbone")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_MAPPED_DEVICE = re.compile(r"^(cpu|disk|mps|cuda(:\d+)?|\d+)$")
+
+
+def check_device_map(m: "ModelConfig", engine: str) -> None:
+    """``model.device_map``: null, a strategy name, or {module name: device}."""
+    dm = m.device_map
+    if dm is None:
+        return
+    if engine != "hf":
+        fail("model.device_map", dm, f"is for engine=hf; engine={engine} splits a model with its "
+             "own settings (vLLM: engine.vllm.tensor_parallel_size)")
+    if isinstance(dm, str):
+        one_of("model.device_map", dm, DEVICE_MAPS)
+        return
+    if not hasattr(dm, "items") or not dm:
+        fail("model.device_map", dm, f"expected one of {list(DEVICE_MAPS)} or a non-empty "
+             "mapping {module name: device}")
+    for name, device in dm.items():
+        if not _MAPPED_DEVICE.match(str(device)):
+            fail(f"model.device_map.{name}", device, "expected cpu, disk, mps, cuda:N or a GPU index")
 
 
 def check_layer(layer: int | None, n_layers: int, key: str = "steering.layer") -> None:

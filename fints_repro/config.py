@@ -216,6 +216,11 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # A model larger than one device: an accelerate device map placing its modules, "auto"
+    # (or balanced | balanced_low_0 | sequential) or {module name: device | "disk"}; null =
+    # the whole model on model.device (which a map overrides). Modules mapped to "disk" are offloaded under
+    # ${cache_dir}/offload.
+    device_map: Optional[Any] = None
     # tiny_random: the transformers model_type and config overrides
     arch: str = ""
     arch_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -48,7 +48,11 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (under a device map, the first
+        module's)."""
+        emb = self.model.get_input_embeddings()
+        weight = getattr(emb, "weight", None) if emb is not None else None
+        return weight.device if weight is not None else next(self.model.parameters()).device
 
 
 def _mps_available() -> bool:
@@ -311,28 +315,73 @@ def resolve_weights(cfg: ModelConfig, cache_dir: str | Path) -> tuple[str, str]:
     )
 
 
+def _device_type(placed: Any) -> str:
+    """The torch device type a device map entry computes on ("disk" and "cpu": the CPU;
+    an integer: a CUDA index)."""
+    if isinstance(placed, int) or str(placed).isdigit():
+        return "cuda"
+    return "cpu" if str(placed) == "disk" else torch.device(str(placed)).type
+
+
+def _device_map(cfg: ModelConfig) -> str | dict[str, Any] | None:
+    dm = cfg.device_map
+    if dm is None or isinstance(dm, str):
+        return dm
+    return {str(k): (int(v) if str(v).isdigit() else str(v)) for k, v in dm.items()}
+
+
+def _dispatch(model: PreTrainedModel, device_map: str | dict[str, Any], dtype: torch.dtype,
+              offload_dir: Path) -> PreTrainedModel:
+    """Place a model built in memory (tiny_random) by a device map with accelerate, as
+    ``from_pretrained(device_map=...)`` places a loaded one."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    model.to(dtype=dtype)
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules,
+                                           dtype=dtype)
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(offload_dir))
+    model.hf_device_map = dict(device_map)
+    return model
+
+
 def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedModel:
+    """The model and tokenizer ``cfg`` names, in eval mode with frozen weights, on
+    ``model.device`` or placed module by module by ``model.device_map`` (accelerate)."""
+    device_map = _device_map(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    offload_dir = Path(cache_dir) / "offload" / cfg.name
     src: str | None = None
     if cfg.source == "tiny_random":
         from fints_repro.models.tiny import tiny_model
 
         model, tok = tiny_model(cfg.arch, **dict(cfg.arch_kwargs))
         fp = content_hash(["tiny", cfg.arch, dict(cfg.arch_kwargs)])
+        if device_map is not None:
+            model = _dispatch(model, device_map, dtype, offload_dir)
     else:
         src, fp = resolve_weights(cfg, cache_dir)
         kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        if device_map is not None:
+            kw.update(device_map=device_map, offload_folder=str(offload_dir))
         try:
-            tok = AutoTokenizer.from_pretrained(src, **kw)
+            tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision,
+                                                trust_remote_code=cfg.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
         except OSError as e:
             if cfg.source != "hub":
                 raise
             raise hub_unavailable(src, f"model {cfg.name}", "name a local copy (model.source="
                                   "local model.id=/path/to/model)", e) from e
-    model.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu" and cfg.cpu_tune_malloc:
+    if device_map is None:
+        model.to(device=device, dtype=dtype)
+        placement = device.type
+    else:
+        placement = "+".join(sorted({_device_type(v) for v in model.hf_device_map.values()}))
+        log.info("model %s placed by device map: %s", cfg.name, model.hf_device_map)
+    model.eval()
+    if placement == "cpu" and cfg.cpu_tune_malloc:
         tune_malloc()
     model.requires_grad_(False)
     if tok.pad_token is None:
@@ -341,7 +390,8 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     tok.padding_side = "left"
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    # Numerics depend on dtype and device type too: they are part of every cache key.
-    fp = content_hash([fp, str(dtype), device.type])
+    # Numerics depend on dtype and device type too: they are part of every cache key (a
+    # map over CPU modules alone computes what the unmapped CPU model does).
+    fp = content_hash([fp, str(dtype), placement])
     return LoadedModel(model, tok, fingerprint=f"{cfg.name}-{fp}", name=cfg.name,
                        system_prompt=cfg.system_prompt, source=src)

@@ -146,9 +146,9 @@ def answer_means(
                                    stop_early=stop_early) as acts:
             lm.model(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), use_cache=False,
                      **(extra or {}))
-        w = weights.to(lm.device)[..., None]
         for site, r in reads.items():
-            a = acts[(layer, r)].float()
+            a = acts[(layer, r)].float()  # means in fp32 whatever the model's dtype
+            w = weights.to(a.device)[..., None]  # under a device map: the layer's device
             mean = (a * w).sum(1) / w.sum(1)
             if site not in out:
                 out[site] = torch.empty((len(seqs), a.shape[-1]), dtype=torch.float32)

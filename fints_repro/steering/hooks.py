@@ -217,10 +217,18 @@ def _adder(vector: torch.Tensor, state: _CallState):
                 f"steering vector batch {vector.shape[0]} does not match the activation batch "
                 f"{h.shape[0]} (one vector per row, or one for all)"
             )
-        v = vector if state.mask is None else vector * state.mask[..., None].to(h.dtype)
+        # In the activation's dtype and on its device at the add: under a device map the
+        # layers (and the masks computed at the input) may sit on different devices.
+        v = vector.to(device=h.device, dtype=h.dtype)
+        if state.mask is not None:
+            v = v * state.mask[..., None].to(device=h.device, dtype=h.dtype)
         return replace_first(output, (h + v).view(out.shape))
 
     return hook
+
+
+def _module_param(module: nn.Module) -> torch.Tensor | None:
+    return next(module.parameters(), None)
 
 
 def validate_vectors(
@@ -308,8 +316,15 @@ def steer(
         handles.append(owner.register_forward_pre_hook(_model_pre_hook(state), with_kwargs=True))
         for (layer, site), v in vectors.items():
             src = v if v.requires_grad else v.detach()
-            v3 = src.to(device=param.device, dtype=param.dtype).reshape(-1, 1, v.shape[-1])
             mod = site_module(model, layer, site, layers_path)
+            # Cast once to where the module runs (its own weights: under a device map not
+            # the first parameter's device; offloaded weights are on "meta", then the add
+            # casts); the add casts to the activation anyway, a no-op when they match.
+            where = _module_param(mod)
+            where = param if where is None else where
+            v3 = src.to(device=where.device if where.device.type != "meta" else src.device,
+                        dtype=where.dtype if where.is_floating_point() else src.dtype)
+            v3 = v3.reshape(-1, 1, v.shape[-1])
             handles.append(mod.register_forward_hook(_adder(v3, state)))
         yield
     finally:

@@ -32,9 +32,11 @@ def packed(lm: LoadedModel, questions: Sequence[str], answers: Sequence[str],
 
 
 def _token_logp(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """``[B, T-1]``: log p(ids[t] | ids[:t]) for t = 1 .. T-1, on the model's device."""
+    """``[B, T-1]``: log p(ids[t] | ids[:t]) for t = 1 .. T-1, in fp32 on the device of the
+    logits (under a device map, the output head's)."""
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
-    return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    targets = ids[:, 1:, None].to(logits.device)
+    return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets)[..., 0]
 
 
 def sequence_logprobs(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor,
@@ -44,9 +46,9 @@ def sequence_logprobs(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Ten
     dev = next(model.parameters()).device
     ids, attn, answer = ids.to(dev), attn.to(dev), answer.to(dev)
     logp = _token_logp(model, ids, attn)
-    w = answer[:, 1:].float()
+    w = answer[:, 1:].to(logp.device, torch.float32)
     if weights is not None:
-        w = w * weights.to(dev, torch.float32)[:, 1:]
+        w = w * weights.to(logp.device, torch.float32)[:, 1:]
     return (logp * w).sum(-1)
 
 

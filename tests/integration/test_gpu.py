@@ -1,5 +1,5 @@
 """On a CUDA device (marked ``gpu``: skipped without one): per-row steering gives the CPU's
-logits, and in bf16 the vector is added in the activation's dtype (the hooks cast it), so
+logits, also with the layers split between the CPU and the GPU by a device map, and in bf16 the vector is added in the activation's dtype (the hooks cast it), so
 a bf16 model steered by an fp32 vector equals one steered by the vector cast by hand."""
 
 from __future__ import annotations
@@ -53,3 +53,23 @@ def test_a_bf16_model_adds_the_vector_in_bf16() -> None:
         by_hand = gpu_model(**batch).logits
     assert fp32_vectors.dtype == torch.bfloat16
     assert torch.equal(fp32_vectors, by_hand)
+
+
+@torch.inference_mode()
+def test_steering_a_model_split_between_cpu_and_gpu_equals_the_cpu(tmp_path) -> None:
+    from fints_repro.config import ModelConfig
+    from fints_repro.models.loading import load_model
+
+    model, enc, vectors = _setup()
+    with steer(model, vectors):
+        cpu = model(**enc).logits
+    split = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+             "model.layers.1": 0, "model.layers.2": 0, "model.layers.3": "cpu",
+             "model.norm": "cpu", "lm_head": 0}
+    lm = load_model(ModelConfig(name="tiny", source="tiny_random", arch="llama", dtype="float32",
+                                device_map=split), tmp_path)
+    assert lm.model.model.layers[1].self_attn.q_proj.weight.device.type == "cuda"
+    with steer(lm.model, vectors):  # vectors given on the CPU, added on each layer's device
+        got = lm.model(**enc).logits.cpu()
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], cpu[mask], atol=1e-4, rtol=1e-4)

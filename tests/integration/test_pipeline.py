@@ -109,3 +109,23 @@ def test_selecting_an_unknown_user_names_it(tiny_overrides, tmp_path: Path) -> N
               "dataset.users=[nobody_42]"], tmp_path / "run")
     summary = _run(["+exp=demo_compare", *tiny_overrides, "dataset.users=[demo_user_01]"], tmp_path / "ok")
     assert summary["n_users"] == 1
+
+
+def test_a_run_under_a_device_map_gives_the_whole_models_rows(tiny_overrides, tmp_path: Path) -> None:
+    """model.device_map through the whole pipeline (generation, pair vectors, per-row
+    steering), with the steered layers offloaded to disk: the same rows as the model in one
+    piece, each computed afresh (separate caches)."""
+    split = ("{model.embed_tokens: cpu, model.rotary_emb: cpu, model.layers.0: cpu, "
+             "model.layers.1: disk, model.layers.2: disk, model.layers.3: cpu, model.norm: cpu, "
+             "lm_head: cpu}")
+    over = ["+exp=demo", *tiny_overrides, "methods=[{backbone: rag}, {backbone: rag, steering: "
+            "fine_grained}]", "steering.layer=2"]
+    whole = _run([*over, f"cache_dir={tmp_path / 'c1'}"], tmp_path / "whole")
+    mapped = _run([*over, f"cache_dir={tmp_path / 'c2'}", f"model.device_map={split}"],
+                  tmp_path / "mapped")
+    for method in ("rag", "rag+fine_grained"):
+        assert mapped["methods"][method]["n_generated"] == mapped["n_samples"]
+        assert _predictions(tmp_path / "mapped", method) == _predictions(tmp_path / "whole", method)
+    assert whole["methods"]["rag+fine_grained"]["rougeL"] == mapped["methods"]["rag+fine_grained"]["rougeL"]
+    offloaded = list((tmp_path / "c2" / "offload").rglob("*.dat"))
+    assert offloaded  # the layers really went to disk
