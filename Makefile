@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 
-.PHONY: install demo demo-compare demo-drift demo-pwab lint test test-fast test-integration test-e2e test-vllm bench bench-engines bench-steering bench-backbones bench-methods bipo-budget repro-demo \
+.PHONY: install demo demo-compare demo-drift demo-pwab lint test test-fast test-integration test-e2e test-vllm bench bench-engines bench-steering bench-backbones bench-methods bench-throughput bench-gpu plan-demo bipo-budget repro-demo \
 	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx sweep-demo-bipo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
@@ -93,6 +93,15 @@ bench-backbones: install  ## mixed-adapter batches, adapter training, best-of-N 
 
 bench-methods: install  ## each steering method's preparation cost per user, from cached pairs
 	$(BIN)/python scripts/bench_methods.py --exp demo_methods --out results/bench-methods
+
+bench-throughput: install  ## prefill and decoding tokens/s of the demo's model here, for `python -m fints_repro.plan`
+	$(BIN)/python scripts/bench_throughput.py +exp=demo
+
+bench-gpu: install  ## the Llama-3.1-8B config in bf16 on one CUDA device (docs/scale.md)
+	$(BIN)/python scripts/bench_gpu.py --out results/bench-gpu
+
+plan-demo: install  ## the demo's work per stage and its estimated time, before running it
+	$(BIN)/python -m fints_repro.plan +exp=demo
 
 bipo-budget: install  ## one user's BiPO vector at the demo's and at the authors' code's budget
 	$(BIN)/python scripts/bipo_budget.py --exp demo_methods --out results/bipo-budget

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 DEFAULT_TABLE = Path(__file__).resolve().parent.parent / "results" / "throughput.json"
 
@@ -62,3 +63,38 @@ def add_entries(entries: Iterable[Throughput], path: str | Path = DEFAULT_TABLE)
         json.dump(rows, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def time_prefill_and_generate(model, input_ids, attention_mask, new_tokens: int, repeats: int,
+                              sync: Callable[[], None] = lambda: None) -> tuple[float, float, object]:
+    """(best seconds of the prompt pass, of ``generate`` with ``new_tokens`` new tokens for
+    every row, its output), each the best of ``repeats`` after one untimed warm-up. The
+    decoding steps take the difference."""
+    import torch
+
+    enc = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def prefill():
+        with torch.inference_mode():
+            return model(**enc, use_cache=True, logits_to_keep=1)
+
+    def generate():
+        with torch.inference_mode():
+            return model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False)
+
+    return (*best_of(prefill, repeats, sync)[:1], *best_of(generate, repeats, sync))
+
+
+def best_of(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None
+            ) -> tuple[float, object]:
+    """(best seconds of ``repeats`` runs after one untimed warm-up, the last result)."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, out

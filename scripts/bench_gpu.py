@@ -37,7 +37,13 @@ except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fints_repro.steering.hooks import steer  # noqa: E402
-from fints_repro.throughput import DEFAULT_TABLE, Throughput, add_entries  # noqa: E402
+from fints_repro.throughput import (  # noqa: E402
+    DEFAULT_TABLE,
+    Throughput,
+    add_entries,
+    best_of,
+    time_prefill_and_generate,
+)
 
 # meta-llama/Llama-3.1-8B-Instruct's config.json, the fields that decide the compute
 LLAMA31_8B = dict(
@@ -68,16 +74,7 @@ class Clock:
             torch.cuda.synchronize(self.device)
 
     def best(self, fn) -> tuple[float, object]:
-        """(best seconds of ``repeats`` runs after a warm-up, the last run's result)."""
-        out = fn()
-        best = float("inf")
-        for _ in range(self.repeats):
-            self.sync()
-            t0 = time.perf_counter()
-            out = fn()
-            self.sync()
-            best = min(best, time.perf_counter() - t0)
-        return best, out
+        return best_of(fn, self.repeats, self.sync)
 
     def peak_reset(self) -> None:
         if self.device.type == "cuda":
@@ -153,13 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
                        (layer, "mlp"): 0.5 * torch.randn(batch, H, generator=gen)}
             shared = {k: v[0] for k, v in per_row.items()}
 
-            def prefill():
-                with torch.inference_mode():
-                    return model(**enc, use_cache=True, logits_to_keep=1)
-
             clock.peak_reset()
-            t_prefill, _ = clock.best(prefill)
-            t_plain, plain = clock.best(lambda: generate(model, enc))
+            t_prefill, t_plain, plain = time_prefill_and_generate(
+                model, enc["input_ids"], enc["attention_mask"], new, clock.repeats, clock.sync)
             peak_plain = clock.peak_gib()
 
             def steered(vectors):

@@ -345,6 +345,51 @@ def _dispatch(model: PreTrainedModel, device_map: str | dict[str, Any], dtype: t
     return model
 
 
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone, set up as ``load_model`` sets it (what a plan counts
+    tokens with). A GGUF model not converted yet is converted first (once)."""
+    if cfg.source == "tiny_random":
+        from fints_repro.models.tiny import byte_tokenizer
+
+        tok = byte_tokenizer()
+    else:
+        src, _ = resolve_weights(cfg, cache_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision,
+                                                trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            if cfg.source != "hub":
+                raise
+            raise hub_unavailable(src, f"model {cfg.name}", "name a local copy (model.source="
+                                  "local model.id=/path/to/model)", e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def parameter_count(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> int | None:
+    """The model's parameter count from its config, no weights loaded (None: its config is
+    not readable from here)."""
+    from transformers import AutoConfig
+
+    try:
+        if cfg.source == "tiny_random":
+            from fints_repro.models.tiny import tiny_config
+
+            config = tiny_config(cfg.arch, **dict(cfg.arch_kwargs))
+        else:
+            src, _ = resolve_weights(cfg, cache_dir)
+            config = AutoConfig.from_pretrained(src, revision=cfg.revision,
+                                                trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, ConfigError) as e:
+        log.debug("parameter count of %s unknown: %s", cfg.name, e)
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedModel:
     """The model and tokenizer ``cfg`` names, in eval mode with frozen weights, on
     ``model.device`` or placed module by module by ``model.device_map`` (accelerate)."""

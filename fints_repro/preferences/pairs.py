@@ -173,6 +173,34 @@ def _check(cfg: PairsConfig, items_by_user) -> None:
         raise ConfigError(f"steering.pairs.max_new_tokens={cfg.max_new_tokens}: must be >= 1")
 
 
+def _default_task(dataset: DatasetConfig, seed: int) -> "Task":
+    from fints_repro.config import EvalConfig, GenerationConfig
+    from fints_repro.tasks import build_task
+
+    return build_task(dataset, GenerationConfig(), EvalConfig(), seed)
+
+
+def pair_attempts(
+    samples: Sequence[Sample], dataset: DatasetConfig, cfg: PairsConfig, *, seed: int,
+    items_by_user: Mapping[str, Sequence[HistoryItem]] | None = None,
+    task: "Task | None" = None, pool: Sequence[Sample] = (),
+) -> list[_Attempt]:
+    """The generator prompts ``build_pairs`` runs (arguments as there), in order, without
+    a model: one per item and attempt of each user of ``samples``. What a plan counts."""
+    _check(cfg, items_by_user)
+    k = cfg.k_other if cfg.k_other is not None else dataset.pair_k_other
+    if k < 1:
+        raise ConfigError(f"pairs: k_other must be >= 1, got {k}")
+    users = sorted({s.user for s in samples})
+    if items_by_user is None:
+        history = user_history(pool or samples)
+    else:
+        history = {u: list(items_by_user.get(u, ())) for u in sorted(set(items_by_user) | set(users))}
+    task = task if task is not None else _default_task(dataset, seed)
+    return _plan_attempts(history, users, k, cfg.attempts, seed, cfg.prompt_layout, task,
+                          task.pair_pool(history))
+
+
 def build_pairs(
     samples: Sequence[Sample],
     lm: LoadedModel,
@@ -201,23 +229,10 @@ def build_pairs(
     ``overlength`` (the run's ``generation.overlength``): a generator prompt longer than
     the generator's context stops the run naming the item (``error``) or is cut in its
     middle (``truncate``)."""
-    _check(cfg, items_by_user)
-    k = cfg.k_other if cfg.k_other is not None else dataset.pair_k_other
-    if k < 1:
-        raise ConfigError(f"pairs: k_other must be >= 1, got {k}")
     users = sorted({s.user for s in samples})
-    if items_by_user is None:
-        history = user_history(pool or samples)
-    else:
-        history = {u: list(items_by_user.get(u, ())) for u in sorted(set(items_by_user) | set(users))}
-    layout = cfg.prompt_layout
-    if task is None:
-        from fints_repro.config import EvalConfig, GenerationConfig
-        from fints_repro.tasks import build_task
-
-        task = build_task(dataset, GenerationConfig(), EvalConfig(), seed)
-    plan = _plan_attempts(history, users, k, cfg.attempts, seed, layout, task,
-                          task.pair_pool(history))
+    task = task if task is not None else _default_task(dataset, seed)
+    plan = pair_attempts(samples, dataset, cfg, seed=seed, items_by_user=items_by_user,
+                         task=task, pool=pool)
     out = UserPairs({u: [] for u in users})
     for p in plan:
         out.attempts[p.user] += 1
@@ -234,7 +249,7 @@ def build_pairs(
                     "user's output at or above dataset.pair_rouge_threshold), %d could not be "
                     "scored", len(plan), out.outcomes["no_answer"],
                     f"no match of dataset.pair_answer_regex={dataset.pair_answer_regex!r}"
-                    if layout == "authors" and dataset.pair_answer_regex else "empty",
+                    if cfg.prompt_layout == "authors" and dataset.pair_answer_regex else "empty",
                     out.outcomes["filtered"], out.outcomes["unscorable"])
     return out
 
@@ -279,6 +294,16 @@ def _generate_rejected(plan: Sequence[_Attempt], lm: LoadedModel, dataset: Datas
     return generation
 
 
+def extraction_question(attempt: _Attempt, cfg: PairsConfig, dataset: DatasetConfig,
+                        task: "Task") -> str:
+    """The text an attempt's pair answers are appended to (``steering.pairs.extraction_prompt``)."""
+    if cfg.extraction_prompt == "task":
+        return item_question(attempt.item, dataset, cfg.prompt_layout)
+    if cfg.extraction_prompt == "task_text":
+        return task.task_text(attempt.item)
+    return attempt.prompt
+
+
 def _keep_pairs(plan: Sequence[_Attempt], generation: Mapping[str, str], task: "Task",
                 dataset: DatasetConfig, cfg: PairsConfig, out: UserPairs) -> None:
     """Reads each attempt's answer (no answer: counted), lets the task's criterion keep or
@@ -294,9 +319,7 @@ def _keep_pairs(plan: Sequence[_Attempt], generation: Mapping[str, str], task: "
     verdicts = task.accept_pairs([(p.item.output, r, p.item) for p, r in answered], cfg)
     for (p, rejected), verdict in zip(answered, verdicts):
         if verdict.keep:
-            prompt = {"task": lambda: item_question(p.item, dataset, layout),
-                      "task_text": lambda: task.task_text(p.item),
-                      "generation_prompt": lambda: p.prompt}[cfg.extraction_prompt]()
+            prompt = extraction_question(p, cfg, dataset, task)
             chosen, rejected = task.pair_sides(p.item.output, rejected, cfg)
             out[p.user].append(Pair(p.user, p.item.id, prompt, chosen, rejected,
                                     verdict.score, p.attempt))
@@ -327,20 +350,33 @@ def attempt_stats(pairs: dict[str, list[Pair]]) -> dict[str, Any]:
             "pair_outcomes": dict(getattr(pairs, "outcomes", {}))}
 
 
+def _pair_items(cfg: PairsConfig, samples: Sequence[Sample], source: PairSource
+                ) -> dict[str, list[HistoryItem]] | None:
+    """The items pairs are made from, per user (None: the samples' profile items)."""
+    if cfg.source != "train_samples" or not source.pair_items:
+        return None
+    # the run's users only: the other users' items in a generator prompt come from the
+    # sampled users, as in the authors' code, not from every user of the split (all of
+    # the experiment's when this run holds a part of its users)
+    users = {s.user for s in (source.all_samples or samples)}
+    return {u: v for u, v in source.pair_items().items() if u in users}
+
+
+def user_pair_attempts(cfg: PairsConfig, samples: Sequence[Sample], source: PairSource
+                       ) -> list[_Attempt]:
+    """The generator prompts ``user_pairs`` would run, without running them (no model)."""
+    return pair_attempts(samples, source.dataset, cfg, seed=source.seed, task=source.task,
+                         items_by_user=_pair_items(cfg, samples, source), pool=source.all_samples)
+
+
 def user_pairs(cfg: PairsConfig, samples: Sequence[Sample], source: PairSource
                ) -> dict[str, list[Pair]]:
     """{user: contrastive pairs} for the users of ``samples``, as ``cfg`` (the run's
     ``steering.pairs``) says they are made (from the profile items, or the users'
     training-split items), by the generator of ``source``; cached by ``build_pairs``. What
     steering methods extract vectors from and what a reward-model backbone trains on."""
-    items = None
-    if cfg.source == "train_samples" and source.pair_items:
-        # the run's users only: the other users' items in a generator prompt come from the
-        # sampled users, as in the authors' code, not from every user of the split
-        # (all of the experiment's when this run holds a part of its users)
-        users = {s.user for s in (source.all_samples or samples)}
-        items = {u: v for u, v in source.pair_items().items() if u in users}
-    by_user = build_pairs(samples, source.generator(), source.dataset, cfg, items_by_user=items,
+    by_user = build_pairs(samples, source.generator(), source.dataset, cfg,
+                          items_by_user=_pair_items(cfg, samples, source),
                           task=source.task, overlength=source.overlength,
                           cache_dir=source.cache_dir, seed=source.seed, progress=source.progress,
                           pool=source.all_samples)
