@@ -13,7 +13,8 @@ logits by a relative 1.4; a sign error or a lost vector fails):
   final loss within 0.02 of fp32's [0.001];
 - LoRA: fp32 adapter weights on the bf16 model; its held-out loss within 0.02 nats of the
   fp32 model's adapter [0.0003], and below the base model's;
-- the trained reward model: rewards within 0.1 of fp32's [0.04] and the same preferences.
+- the trained reward model (one epoch): rewards within 0.03 of fp32's [0.010] and the same
+  preferences.
 """
 
 from __future__ import annotations
@@ -152,12 +153,12 @@ def test_a_reward_model_trained_on_a_bf16_model_scores_as_fp32s(tmp_path: Path) 
     with pytest.MonkeyPatch.context() as mp:
         for dtype in ("float32", "bfloat16"):
             lm = load_model(replace(CFG, dtype=dtype))
-            bb, res = rm._backbone(tmp_path / dtype, mp, {"alice": rm._pairs("alice", 0, 16)},
-                                   train=rm.FAST, n=2)
+            bb, res = rm._backbone(tmp_path / dtype, mp, {"alice": rm._pairs("alice", 0, 8)},
+                                   train=rm.QUICK, n=2)
             bb.fit(lm, samples, res)
             rewards[dtype] = torch.tensor(bb.selector.reward_scores(samples, candidates))
             bb.close(lm)
-    assert rm._accuracy(rewards["float32"].tolist()) >= 0.9
+    assert not torch.equal(rewards["float32"][:, 0], rewards["float32"][:, 1])
     assert (rewards["bfloat16"].argmax(1) == rewards["float32"].argmax(1)).all()
-    assert (rewards["bfloat16"] - rewards["float32"]).abs().max().item() <= 0.1
+    assert (rewards["bfloat16"] - rewards["float32"]).abs().max().item() <= 0.03
 
