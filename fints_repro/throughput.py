@@ -86,10 +86,11 @@ def time_prefill_and_generate(model, input_ids, attention_mask, new_tokens: int,
     return (*best_of(prefill, repeats, sync)[:1], *best_of(generate, repeats, sync))
 
 
-def best_of(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None
-            ) -> tuple[float, object]:
-    """(best seconds of ``repeats`` runs after one untimed warm-up, the last result)."""
-    out = fn()
+def best_of(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None,
+            warmup: Callable[[], object] | None = None) -> tuple[float, object]:
+    """(best seconds of ``repeats`` runs after one untimed warm-up, the last result);
+    ``warmup``: a shorter call that warms the same kernels (default ``fn`` itself)."""
+    out = (warmup or fn)()
     best = float("inf")
     for _ in range(repeats):
         sync()

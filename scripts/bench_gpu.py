@@ -73,8 +73,8 @@ class Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def best(self, fn) -> tuple[float, object]:
-        return best_of(fn, self.repeats, self.sync)
+    def best(self, fn, repeats: int | None = None, warmup=None) -> tuple[float, object]:
+        return best_of(fn, repeats or self.repeats, self.sync, warmup)
 
     def peak_reset(self) -> None:
         if self.device.type == "cuda":
@@ -220,11 +220,13 @@ def bench_lora(model, grid: dict, prompts, generate, clock: Clock) -> list[dict]
             t_mixed, mixed = clock.best(lambda: generate(peft_model, enc, adapter_names=names))
             peak = clock.peak_gib()
 
-            def one_at_a_time():
-                return torch.cat([generate(peft_model, {k: v[i:i + 1] for k, v in enc.items()},
-                                           adapter_names=[names[i]]) for i in range(batch)])
+            def one(i: int):
+                return generate(peft_model, {k: v[i:i + 1] for k, v in enc.items()},
+                                adapter_names=[names[i]])
 
-            t_single, single = clock.best(one_at_a_time)
+            # B calls in a row: long enough to time once, after one call as the warm-up
+            t_single, single = clock.best(lambda: torch.cat([one(i) for i in range(batch)]),
+                                          repeats=1, warmup=lambda: one(0))
             new = mixed.shape[1] - enc["input_ids"].shape[1]
             rows.append(dict(batch=batch, prompt_tokens=grid["lora_prompt"], new_tokens=new,
                              adapters=batch, rank=grid["lora_rank"],
