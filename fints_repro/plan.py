@@ -22,6 +22,7 @@ guessed.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -353,16 +354,13 @@ def _by_model(rows: list[Throughput], model: str, params: int | None) -> tuple[l
 
 
 def main(argv: Sequence[str] | None = None) -> list[Stage]:
-    args = list(sys.argv[1:] if argv is None else argv)
-    gpu = table_path = json_path = None
-    for flag in ("--gpu", "--table", "--json"):
-        if flag in args:
-            i = args.index(flag)
-            value = args[i + 1]
-            del args[i:i + 2]
-            gpu, table_path, json_path = (value if flag == "--gpu" else gpu,
-                                          value if flag == "--table" else table_path,
-                                          value if flag == "--json" else json_path)
+    ap = argparse.ArgumentParser(prog="python -m fints_repro.plan", description=__doc__.splitlines()[0],
+                                 epilog="Every other argument is a Hydra override, as for run.")
+    ap.add_argument("--gpu", help="also estimate on a measured GPU whose name contains this")
+    ap.add_argument("--table", help=f"the throughput table (default {DEFAULT_TABLE})")
+    ap.add_argument("--json", help="also write the stages as JSON here")
+    opts, args = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    gpu, table_path, json_path = opts.gpu, opts.table, opts.json
     cfg = compose_run(args)
     planner = Planner(cfg, args)
     stages = planner.plan()

@@ -57,8 +57,8 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 FULL_GRID = dict(batches=(1, 8, 32), prompts=(128, 512), new_tokens=32, lora_batches=(8, 32),
                  lora_prompt=128, lora_rank=8)
-TINY_GRID = dict(batches=(1, 4), prompts=(16, 32), new_tokens=4, lora_batches=(4,),
-                 lora_prompt=16, lora_rank=4)
+TINY_GRID = dict(batches=(1, 4), prompts=(8, 16), new_tokens=4, lora_batches=(4,),
+                 lora_prompt=8, lora_rank=4)
 
 
 def note(msg: str) -> None:

@@ -49,7 +49,7 @@ def test_demo_rag_beats_zero_shot_and_is_deterministic(tmp_path: Path) -> None:
 
 def test_demo_steering_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
     """Pairs (one attempt per history item), vectors and both steering methods on SmolLM2
-    for 2 users:
+    for 2 users with 4 history items and 2 test items each:
     every sample of a user with pairs is steered, vectors have the model's hidden size and
     are finite, and steering changes some generations."""
     from fints_repro.steering.store import load_vectors
@@ -58,14 +58,15 @@ def test_demo_steering_end_to_end_on_the_embedded_model(tmp_path: Path) -> None:
     # print("...") line their answer is read from (10 pairs of 192 attempts on the demo)
     summary = run([
         "+exp=demo", "fidelity=ours", "logger=none", "progress=false", "eval.bootstrap=100",
-        "dataset.n_users=2", "steering.pairs.attempts=1",
+        "dataset.n_users=2", "dataset.demo.n_history=4", "dataset.demo.n_test=2",
+        "steering.pairs.attempts=1",
         _cache(tmp_path, "c"), f"dataset.path={tmp_path / 'data'}",
         "methods=[{backbone: rag},{backbone: rag, steering: caa},"
         "{backbone: rag, steering: fine_grained}]"], tmp_path / "run")
     m = summary["methods"]
     for name in ("rag+caa", "rag+fine_grained"):
         assert m[name]["steering_layer"] == 20 and m[name]["steering_n_pairs"] > 0
-        assert m[name]["steering_n_samples_steered"] + m[name]["steering_n_samples_unsteered"] == 8
+        assert m[name]["steering_n_samples_steered"] + m[name]["steering_n_samples_unsteered"] == 4
     [vec_file] = list((tmp_path / "c" / "vectors").glob("*.safetensors"))
     vecs = load_vectors(vec_file)
     assert set(vecs) == {"attn", "mlp"} and all(v.shape[1] == 576 and v.isfinite().all()

@@ -123,12 +123,20 @@ def test_bipo_trains_an_fp32_vector_against_a_half_model(fp32, half) -> None:
 
 
 def test_lora_trains_fp32_adapters_on_a_bf16_model(tmp_path: Path) -> None:
+    from fints_repro.backbones import FitContext, backbone_schema, build_backbone
+    from fints_repro.backbones.lora import LoraSettings
+    from fints_repro.config import EvalConfig, GenerationConfig
+    from fints_repro.tasks import build_task
     from tests.unit import test_lora as lora
 
     losses = {}
     for dtype in ("float32", "bfloat16"):
         lm = load_model(replace(CFG, dtype=dtype))
-        backbone, resources = lora._backbone(tmp_path / dtype)
+        train = replace(lora.FAST, epochs=4)  # half the unit test's budget: enough to learn
+        cfg = backbone_schema()(name="lora", k=0, lora=LoraSettings(train=train))
+        backbone = build_backbone(cfg, build_task(lora.DATASET, GenerationConfig(), EvalConfig()),
+                                  lambda: None)
+        resources = FitContext(cache_dir=tmp_path / dtype)
         backbone.fit(lm, lora._samples(("alice",)), resources)
         held = backbone._examples(lm, lora._items("alice", 3, start=50))
         base = lora._loss(lm.model, lm.tokenizer, held)

@@ -119,7 +119,7 @@ def test_a_run_under_a_device_map_gives_the_whole_models_rows(tiny_overrides, tm
              "model.layers.1: disk, model.layers.2: disk, model.layers.3: cpu, model.norm: cpu, "
              "lm_head: cpu}")
     over = ["+exp=demo", *tiny_overrides, "methods=[{backbone: rag}, {backbone: rag, steering: "
-            "fine_grained}]", "steering.layer=2"]
+            "fine_grained}]", "steering.layer=2", "dataset.demo.n_users=2"]
     whole = _run([*over, f"cache_dir={tmp_path / 'c1'}"], tmp_path / "whole")
     mapped = _run([*over, f"cache_dir={tmp_path / 'c2'}", f"model.device_map={split}"],
                   tmp_path / "mapped")
