@@ -258,7 +258,7 @@ def _lora(planner: Planner, m: Method, backbone, pairs) -> list[Stage]:
     lm = SimpleNamespace(tokenizer=planner.tok, system_prompt=planner.count.system_prompt)
     steps = tokens = users = 0
     for items in history.values():
-        examples = backbone._examples(lm, items)
+        examples = backbone.training_examples(lm, items)
         if not examples:
             continue
         users += 1

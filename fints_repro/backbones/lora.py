@@ -203,7 +203,7 @@ class LoRA(Backbone):
 
     # ------------------------------------------------------------------ fit
 
-    def _examples(self, lm, items: Sequence[HistoryItem]) -> list[dict]:
+    def training_examples(self, lm, items: Sequence[HistoryItem]) -> list[dict]:
         """The user's training texts: each item's task question (as pairs and extraction
         phrase it) -> its output."""
         d = self.task.dataset
@@ -232,7 +232,7 @@ class LoRA(Backbone):
 
         users = sorted(history)
         for user in tqdm(users, desc="lora adapters", unit="user", disable=not progress, leave=False):
-            examples = self._examples(lm, history[user])
+            examples = self.training_examples(lm, history[user])
             if not examples:
                 self.keys[user] = ""
                 continue

@@ -345,27 +345,41 @@ def _dispatch(model: PreTrainedModel, device_map: str | dict[str, Any], dtype: t
     return model
 
 
+@contextlib.contextmanager
+def _hub_errors(cfg: ModelConfig, src: str):
+    """A hub model that cannot be read from here: an error saying to name a local copy."""
+    try:
+        yield
+    except OSError as e:
+        if cfg.source != "hub":
+            raise
+        raise hub_unavailable(src, f"model {cfg.name}", "name a local copy (model.source="
+                              "local model.id=/path/to/model)", e) from e
+
+
+def _ready(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A pad token (the EOS where there is none) and left padding: decoder-only batched
+    generation needs it."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _read_tokenizer(cfg: ModelConfig, src: str) -> PreTrainedTokenizerBase:
+    with _hub_errors(cfg, src):
+        return AutoTokenizer.from_pretrained(src, revision=cfg.revision,
+                                             trust_remote_code=cfg.trust_remote_code)
+
+
 def load_tokenizer(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> PreTrainedTokenizerBase:
     """The model's tokenizer alone, set up as ``load_model`` sets it (what a plan counts
     tokens with). A GGUF model not converted yet is converted first (once)."""
     if cfg.source == "tiny_random":
         from fints_repro.models.tiny import byte_tokenizer
 
-        tok = byte_tokenizer()
-    else:
-        src, _ = resolve_weights(cfg, cache_dir)
-        try:
-            tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision,
-                                                trust_remote_code=cfg.trust_remote_code)
-        except OSError as e:
-            if cfg.source != "hub":
-                raise
-            raise hub_unavailable(src, f"model {cfg.name}", "name a local copy (model.source="
-                                  "local model.id=/path/to/model)", e) from e
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
+        return _ready(byte_tokenizer())
+    return _ready(_read_tokenizer(cfg, resolve_weights(cfg, cache_dir)[0]))
 
 
 def parameter_count(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> int | None:
@@ -410,15 +424,9 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
         kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         if device_map is not None:
             kw.update(device_map=device_map, offload_folder=str(offload_dir))
-        try:
-            tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision,
-                                                trust_remote_code=cfg.trust_remote_code)
+        tok = _read_tokenizer(cfg, src)
+        with _hub_errors(cfg, src):
             model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
-        except OSError as e:
-            if cfg.source != "hub":
-                raise
-            raise hub_unavailable(src, f"model {cfg.name}", "name a local copy (model.source="
-                                  "local model.id=/path/to/model)", e) from e
     if device_map is None:
         model.to(device=device, dtype=dtype)
         placement = device.type
@@ -429,10 +437,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path = ".cache") -> LoadedMode
     if placement == "cpu" and cfg.cpu_tune_malloc:
         tune_malloc()
     model.requires_grad_(False)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    # Decoder-only batched generation needs left padding.
-    tok.padding_side = "left"
+    tok = _ready(tok)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     # Numerics depend on dtype and device type too: they are part of every cache key (a

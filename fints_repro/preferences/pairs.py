@@ -108,7 +108,10 @@ class UserPairs(dict):
 
 
 @dataclass(frozen=True)
-class _Attempt:
+class Attempt:
+    """One generation of the rejected side: a user's item, its attempt number and the
+    generator prompt (other users' items drawn for it)."""
+
     user: str
     item: HistoryItem
     attempt: int
@@ -136,11 +139,11 @@ def _draw_others(
 def _plan_attempts(
     history: dict[str, list[HistoryItem]], users: Sequence[str], k: int, attempts: int,
     seed: int, layout: str, task: "Task", pool: Mapping[str, Sequence[HistoryItem]],
-) -> list[_Attempt]:
+) -> list[Attempt]:
     """Attempts for the items of ``users``; other users' items are drawn from ``pool``
     (the task's ``pair_pool``: by default ``history`` itself)."""
     with_pool = [u for u, items in pool.items() if items]
-    plan: list[_Attempt] = []
+    plan: list[Attempt] = []
     stranded = []
     for user in users:
         items = history[user]
@@ -154,7 +157,7 @@ def _plan_attempts(
             for a in range(attempts):
                 rng = random.Random(f"{seed}|{user}|{item.id}|{a}")
                 prompt = task.pair_prompt(_draw_others(rng, others, pool, k), item, layout)
-                plan.append(_Attempt(user, item, a, prompt))
+                plan.append(Attempt(user, item, a, prompt))
     if stranded:
         log.warning("pairs: no other user has history for %d user(s) (%s): they get no pairs",
                     len(stranded), ", ".join(stranded[:5]) + (" ..." if len(stranded) > 5 else ""))
@@ -184,7 +187,7 @@ def pair_attempts(
     samples: Sequence[Sample], dataset: DatasetConfig, cfg: PairsConfig, *, seed: int,
     items_by_user: Mapping[str, Sequence[HistoryItem]] | None = None,
     task: "Task | None" = None, pool: Sequence[Sample] = (),
-) -> list[_Attempt]:
+) -> list[Attempt]:
     """The generator prompts ``build_pairs`` runs (arguments as there), in order, without
     a model: one per item and attempt of each user of ``samples``. What a plan counts."""
     _check(cfg, items_by_user)
@@ -254,7 +257,7 @@ def build_pairs(
     return out
 
 
-def _generate_rejected(plan: Sequence[_Attempt], lm: LoadedModel, dataset: DatasetConfig,
+def _generate_rejected(plan: Sequence[Attempt], lm: LoadedModel, dataset: DatasetConfig,
                        cfg: PairsConfig, *, cache_dir: str | Path, seed: int, progress: bool,
                        overlength: str, max_read_chars: int) -> dict[str, str]:
     """{generator prompt: the generator's text}, each distinct prompt generated once (cached
@@ -294,7 +297,7 @@ def _generate_rejected(plan: Sequence[_Attempt], lm: LoadedModel, dataset: Datas
     return generation
 
 
-def extraction_question(attempt: _Attempt, cfg: PairsConfig, dataset: DatasetConfig,
+def extraction_question(attempt: Attempt, cfg: PairsConfig, dataset: DatasetConfig,
                         task: "Task") -> str:
     """The text an attempt's pair answers are appended to (``steering.pairs.extraction_prompt``)."""
     if cfg.extraction_prompt == "task":
@@ -304,7 +307,7 @@ def extraction_question(attempt: _Attempt, cfg: PairsConfig, dataset: DatasetCon
     return attempt.prompt
 
 
-def _keep_pairs(plan: Sequence[_Attempt], generation: Mapping[str, str], task: "Task",
+def _keep_pairs(plan: Sequence[Attempt], generation: Mapping[str, str], task: "Task",
                 dataset: DatasetConfig, cfg: PairsConfig, out: UserPairs) -> None:
     """Reads each attempt's answer (no answer: counted), lets the task's criterion keep or
     drop it, and appends the kept pairs to ``out`` with the outcome counts."""
@@ -363,7 +366,7 @@ def _pair_items(cfg: PairsConfig, samples: Sequence[Sample], source: PairSource
 
 
 def user_pair_attempts(cfg: PairsConfig, samples: Sequence[Sample], source: PairSource
-                       ) -> list[_Attempt]:
+                       ) -> list[Attempt]:
     """The generator prompts ``user_pairs`` would run, without running them (no model)."""
     return pair_attempts(samples, source.dataset, cfg, seed=source.seed, task=source.task,
                          items_by_user=_pair_items(cfg, samples, source), pool=source.all_samples)

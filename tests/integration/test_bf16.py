@@ -138,7 +138,7 @@ def test_lora_trains_fp32_adapters_on_a_bf16_model(tmp_path: Path) -> None:
                                   lambda: None)
         resources = FitContext(cache_dir=tmp_path / dtype)
         backbone.fit(lm, lora._samples(("alice",)), resources)
-        held = backbone._examples(lm, lora._items("alice", 3, start=50))
+        held = backbone.training_examples(lm, lora._items("alice", 3, start=50))
         base = lora._loss(lm.model, lm.tokenizer, held)
         peft_lm = backbone.model(lm)
         adapter_dtypes = {p.dtype for n, p in peft_lm.model.named_parameters() if "lora_" in n}

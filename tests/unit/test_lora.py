@@ -131,7 +131,7 @@ def test_an_adapter_learns_its_user_and_leaves_the_model_as_found(tmp_path) -> N
     backbone, res = _backbone(tmp_path)
     samples = _samples(("alice",))
     backbone.fit(lm, samples, res)
-    held_out = backbone._examples(lm, _items("alice", 3, start=50))
+    held_out = backbone.training_examples(lm, _items("alice", 3, start=50))
     base_loss = _loss(lm.model, lm.tokenizer, held_out)
     peft_lm = backbone.model(lm)
     with backbone.user_context(lm, ["alice"]) as kw:
