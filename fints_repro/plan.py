@@ -64,6 +64,7 @@ class Stage:
     batch: int = 1
     shared_with: str = ""  # cached by this earlier method's identical stage: no cost
     note: str = ""
+    counted: bool = True  # False: work the plan has no counter for (no estimate either)
     seconds: dict[str, float | None] = field(default_factory=dict)  # per device, estimated
 
 
@@ -148,7 +149,7 @@ class Planner:
                       new_tokens=len(prompts) * budget, batch=p.batch_size,
                       note=f"{len(attempts)} attempts; at most one pair each")
         if p.generator:
-            stage.note += f"; generator {p.generator} (timed as the run's model)"
+            stage.note += f"; generator {p.generator} (counted and timed as the run's model)"
         return self.shared(stage, asdict(p)), attempts
 
     def pair_sequences(self, m: Method, attempts) -> list[tuple[str, int, int]]:
@@ -173,8 +174,8 @@ def _batches_per_user(seqs: list[tuple[str, int, int]], batch: int) -> int:
 def _unknown(kind: str) -> Callable[..., list[Stage]]:
     def work(planner: Planner, m: Method, *args) -> list[Stage]:
         name = m.steering.name if kind == "steering" else m.backbone.name
-        return [Stage(m.name, f"{kind} {name}", note="no work counter for this plug-in: "
-                      "its preparation is not counted (fints_repro/plan.py)")]
+        return [Stage(m.name, f"{kind} {name}", counted=False, note="no work counter for this "
+                      "plug-in: its preparation is not counted (fints_repro/plan.py)")]
     return work
 
 
@@ -273,7 +274,8 @@ def _lora(planner: Planner, m: Method, backbone, pairs) -> list[Stage]:
 def _reward(planner: Planner, m: Method, backbone, pairs) -> list[Stage]:
     rm = backbone.rm
     if rm.reward != "trained":
-        return [Stage(m.name, f"reward {rm.reward}", note="the judge's rounds are not counted")]
+        return [Stage(m.name, f"reward {rm.reward}", counted=False,
+                      note="the judge's rounds are not counted")]
     stage, attempts = pairs
     seqs = planner.pair_sequences(m, attempts)
     t = rm.train
@@ -316,10 +318,10 @@ def estimate(stage: Stage, entries: list[Throughput], scale: float) -> float | N
     and prompt length; decoding as batches of ``stage.batch`` rows stepping through the
     whole budget, each step as long as one at the nearest measured batch; training at
     three forward passes per token."""
+    if not stage.counted:
+        return None
     if stage.shared_with or not entries:
         return 0.0 if stage.shared_with else None
-    if stage.note.startswith("no work counter"):
-        return None
     avg_prompt = stage.prompt_tokens / stage.rows if stage.rows else 128
     t = _nearest(entries, stage.batch, int(avg_prompt))
     seconds = stage.prompt_tokens / t.prefill_tokens_per_s
@@ -388,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> list[Stage]:
 def render(cfg: RunConfig, planner: Planner, stages: list[Stage], sources: dict[str, str],
            params: int | None) -> str:
     cols = ["method", "stage", "users", "rows", "prompt_tokens", "new_tokens", "forward_passes",
-            "train_steps", "train_tokens", "batch", "shared_with", "note"]
+            "train_steps", "train_tokens", "batch", "shared_with", "note"]  # not `counted`: in the note
     rows = []
     for s in stages:
         row = {c: getattr(s, c) for c in cols}
