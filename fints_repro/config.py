@@ -218,8 +218,8 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # A model larger than one device: an accelerate device map placing its modules, "auto"
     # (or balanced | balanced_low_0 | sequential) or {module name: device | "disk"}; null =
-    # the whole model on model.device (which a map overrides). Modules mapped to "disk" are offloaded under
-    # ${cache_dir}/offload.
+    # the whole model on model.device (which a map overrides). Modules mapped to "disk"
+    # are offloaded under ${cache_dir}/offload.
     device_map: Optional[Any] = None
     # tiny_random: the transformers model_type and config overrides
     arch: str = ""

@@ -98,6 +98,8 @@ class Planner:
         self.methods = resolve_methods(cfg, overrides)
         self.seen: dict[str, str] = {}  # a stage's identity -> the first method that runs it
         self.users = len({s.user for s in self.samples})
+        # per pair settings, planned and tokenized once: (attempts, sequences)
+        self._pair_work: dict[str, tuple[list, list[tuple[str, int, int]]]] = {}
 
     def shared(self, stage: Stage, identity: Any) -> Stage:
         key = json.dumps([stage.stage, identity], sort_keys=True, default=str)
@@ -113,10 +115,10 @@ class Planner:
         out: list[Stage] = []
         for m in self.methods:
             backbone = build_backbone(m.backbone, self.task, self.ctx.retriever)
-            pairs = None
+            pairs = None  # the method's pairs stage, if it makes pairs
             if m.steering.name != "none" or m.backbone.name == "reward_model":
                 pairs = self.pairs(m)
-                out.append(pairs[0])
+                out.append(pairs)
             out += BACKBONE_WORK.get(m.backbone.name, _unknown("backbone"))(self, m, backbone, pairs)
             if m.steering.name != "none":
                 out += STEERING_WORK.get(m.steering.name, _unknown("steering"))(self, m, pairs)
@@ -138,10 +140,25 @@ class Planner:
             return self.shared(stage, [m.backbone, self.max_new(m)])
         return stage
 
-    def pairs(self, m: Method) -> tuple[Stage, list]:
+    def pair_work(self, m: Method) -> tuple[list, list[tuple[str, int, int]]]:
+        """The method's pair attempts and, per attempt (the upper bound on its pairs),
+        (user, chosen tokens, rejected tokens at most) of question + answer as extraction
+        and training read them; made once per pair settings."""
+        p, d = m.steering.pairs, self.cfg.dataset
+        key = json.dumps(asdict(p), sort_keys=True, default=str)
+        if key not in self._pair_work:
+            attempts = user_pair_attempts(p, self.samples, self.ctx.steering_inputs(m.steering))
+            budget = p.max_new_tokens or d.max_new_tokens
+            seqs = []
+            for a in attempts:
+                q = self.count.text(extraction_question(a, p, d, self.task), special=True)
+                seqs.append((a.user, q + self.count.text(" " + a.item.output), q + budget))
+            self._pair_work[key] = attempts, seqs
+        return self._pair_work[key]
+
+    def pairs(self, m: Method) -> Stage:
         p = m.steering.pairs
-        inputs = self.ctx.steering_inputs(m.steering)
-        attempts = user_pair_attempts(p, self.samples, inputs)
+        attempts, _ = self.pair_work(m)
         prompts = list(dict.fromkeys(a.prompt for a in attempts))
         budget = p.max_new_tokens or self.cfg.dataset.max_new_tokens
         stage = Stage(m.name, "pairs", users=len({a.user for a in attempts}), rows=len(prompts),
@@ -150,25 +167,14 @@ class Planner:
                       note=f"{len(attempts)} attempts; at most one pair each")
         if p.generator:
             stage.note += f"; generator {p.generator} (counted and timed as the run's model)"
-        return self.shared(stage, asdict(p)), attempts
-
-    def pair_sequences(self, m: Method, attempts) -> list[tuple[str, int, int]]:
-        """Per attempt (the upper bound on its pairs): (user, chosen tokens, rejected tokens
-        at most) of question + answer, as extraction and training read them."""
-        p, d = m.steering.pairs, self.cfg.dataset
-        budget = p.max_new_tokens or d.max_new_tokens
-        out = []
-        for a in attempts:
-            q = self.count.text(extraction_question(a, p, d, self.task), special=True)
-            out.append((a.user, q + self.count.text(" " + a.item.output), q + budget))
-        return out
+        return self.shared(stage, asdict(p))
 
 
-def _batches_per_user(seqs: list[tuple[str, int, int]], batch: int) -> int:
-    by_user: dict[str, int] = {}
-    for user, *_ in seqs:
-        by_user[user] = by_user.get(user, 0) + 1
-    return sum(math.ceil(n / batch) for n in by_user.values())
+def _by_user(seqs: list[tuple[str, int, int]]) -> dict[str, list[tuple[str, int, int]]]:
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for s in seqs:
+        out.setdefault(s[0], []).append(s)
+    return out
 
 
 def _unknown(kind: str) -> Callable[..., list[Stage]]:
@@ -182,13 +188,12 @@ def _unknown(kind: str) -> Callable[..., list[Stage]]:
 def _extraction(planner: Planner, m: Method, pairs, weighted_by: Any = None) -> list[Stage]:
     """``weighted_by``: what weights the chosen tokens (SteerX's settings), part of what
     the cached vectors are for."""
-    stage, attempts = pairs
-    seqs = planner.pair_sequences(m, attempts)
+    _, seqs = planner.pair_work(m)
     b = m.steering.extract_batch_size
     return [planner.shared(Stage(
-        m.name, "extraction", users=stage.users, rows=2 * len(seqs),
+        m.name, "extraction", users=pairs.users, rows=2 * len(seqs),
         prompt_tokens=sum(c + r for _, c, r in seqs),
-        forward_passes=2 * _batches_per_user(seqs, b), batch=b,
+        forward_passes=2 * sum(math.ceil(len(g) / b) for g in _by_user(seqs).values()), batch=b,
         note="chosen and rejected, one pass each; rejected at the budget"),
         [asdict(m.steering.pairs), m.steering.layer, list(m.steering.sites), m.steering.attn_read,
          weighted_by])]
@@ -196,11 +201,9 @@ def _extraction(planner: Planner, m: Method, pairs, weighted_by: Any = None) -> 
 
 def _bipo(planner: Planner, m: Method, pairs, weighted_by: Any = None) -> list[Stage]:
     own = getattr(m.steering, "bipo")
-    stage, attempts = pairs
-    seqs = planner.pair_sequences(m, attempts)
-    groups: dict[str, list] = {}
-    for s in seqs:
-        groups.setdefault(s[0] if own.scope == "user" else "*", []).append(s)
+    _, seqs = planner.pair_work(m)
+    groups = _by_user(seqs) if own.scope == "user" else {"*": seqs}
+    groups = {g: v for g, v in groups.items() if v}
     steps = tokens = 0
     for g in groups.values():
         n = own.max_steps if own.max_steps is not None else own.epochs * math.ceil(len(g) / own.batch_size)
@@ -208,7 +211,7 @@ def _bipo(planner: Planner, m: Method, pairs, weighted_by: Any = None) -> list[S
         steps += n
         tokens += int(n * min(own.batch_size, len(g)) * per_seq)
     reference = 2 * len(seqs)  # one pass without the vector over every sequence
-    return [Stage(m.name, "bipo", users=len(groups) if own.scope == "user" else stage.users,
+    return [Stage(m.name, "bipo", users=len(groups) if own.scope == "user" else pairs.users,
                   rows=2 * len(seqs), prompt_tokens=sum(c + r for _, c, r in seqs),
                   forward_passes=math.ceil(reference / own.batch_size), train_steps=steps,
                   train_tokens=tokens, batch=own.batch_size,
@@ -217,15 +220,14 @@ def _bipo(planner: Planner, m: Method, pairs, weighted_by: Any = None) -> list[S
 
 def _steerx(planner: Planner, m: Method, pairs) -> list[Stage]:
     own = getattr(m.steering, "steerx")
-    stage, attempts = pairs
-    seqs = planner.pair_sequences(m, attempts)
+    _, seqs = planner.pair_work(m)
     d = planner.cfg.dataset
     k = own.k if own.k is not None else d.rag_k
     items = [h for hs in user_history(planner.samples).values() for h in hs]
     per_item = (sum(planner.count.text(h.input + " " + h.output) for h in items) / len(items)
                 if items else 0)
     chosen = sum(c for _, c, _ in seqs)
-    logprobs = planner.shared(Stage(m.name, "logprobs", users=stage.users, rows=2 * len(seqs),
+    logprobs = planner.shared(Stage(m.name, "logprobs", users=pairs.users, rows=2 * len(seqs),
                      prompt_tokens=int(2 * chosen + len(seqs) * k * per_item),
                      forward_passes=2 * math.ceil(len(seqs) / own.batch_size), batch=own.batch_size,
                      note=f"with and without {k} history items (their length: the mean item's)"),
@@ -239,9 +241,9 @@ def _steerx(planner: Planner, m: Method, pairs) -> list[Stage]:
     if own.description:
         words = " ".join(["word"] * own.description_tokens)  # the prompt's length, about
         out.append(planner.shared(Stage(
-            m.name, "descriptions", users=stage.users, rows=stage.users,
-            prompt_tokens=stage.users * planner.count.chat(own.description_prompt.format(tokens=words)),
-            new_tokens=stage.users * own.description_max_new_tokens, batch=own.batch_size),
+            m.name, "descriptions", users=pairs.users, rows=pairs.users,
+            prompt_tokens=pairs.users * planner.count.chat(own.description_prompt.format(tokens=words)),
+            new_tokens=pairs.users * own.description_max_new_tokens, batch=own.batch_size),
             [selection, own.description_tokens, own.description_prompt, own.description_max_new_tokens]))
     return out
 
@@ -276,13 +278,10 @@ def _reward(planner: Planner, m: Method, backbone, pairs) -> list[Stage]:
     if rm.reward != "trained":
         return [Stage(m.name, f"reward {rm.reward}", counted=False,
                       note="the judge's rounds are not counted")]
-    stage, attempts = pairs
-    seqs = planner.pair_sequences(m, attempts)
+    _, seqs = planner.pair_work(m)
     t = rm.train
     steps = tokens = 0
-    by_user: dict[str, list] = {}
-    for s in seqs:
-        by_user.setdefault(s[0], []).append(s)
+    by_user = _by_user(seqs)
     for g in by_user.values():
         steps += math.ceil(math.ceil(len(g) / t.batch_size) * t.epochs)
         tokens += int(sum(c + r for _, c, r in g) * t.epochs)

@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
 
     def prompts(batch: int, length: int) -> dict:
-        ids = torch.randint(1000 % config["vocab_size"], config["vocab_size"], (batch, length),
-                            generator=gen)
+        low = min(1000, config["vocab_size"] // 2)  # above the special tokens
+        ids = torch.randint(low, config["vocab_size"], (batch, length), generator=gen)
         return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
     def generate(model_, enc, **kw):

@@ -51,16 +51,19 @@ def main(argv: list[str] | None = None) -> list:
             t_prefill, t_gen, _ = time_prefill_and_generate(model, ids, torch.ones_like(ids), args.new,
                                                             args.repeats, sync)
             decode = t_gen - t_prefill
+            if decode <= 0:  # noise hid the decoding steps: no figure rather than a wrong one
+                print(f"batch {batch} x {length}: no decoding time left after the prompt pass",
+                      file=sys.stderr)
+                continue
             entry = Throughput(
                 model=cfg.model.name, params=params, device=card, device_type=device.type,
                 dtype=str(model.dtype).removeprefix("torch."), batch=batch, prompt_tokens=length,
                 prefill_tokens_per_s=round(batch * length / t_prefill, 1),
-                decode_tokens_per_s=round(batch * (args.new - 1) / decode, 1) if decode > 0 else 0.0,
+                decode_tokens_per_s=round(batch * (args.new - 1) / decode, 1),
                 date=time.strftime("%Y-%m-%d"),
                 source="scripts/bench_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv))
             print(entry, file=sys.stderr, flush=True)
-            if decode > 0:
-                entries.append(entry)
+            entries.append(entry)
     add_entries(entries, args.table or DEFAULT_TABLE)
     return entries
 

@@ -227,10 +227,6 @@ def _adder(vector: torch.Tensor, state: _CallState):
     return hook
 
 
-def _module_param(module: nn.Module) -> torch.Tensor | None:
-    return next(module.parameters(), None)
-
-
 def validate_vectors(
     model: nn.Module, vectors: Mapping[SiteKey, torch.Tensor], layers_path: str = ""
 ) -> None:
@@ -317,12 +313,11 @@ def steer(
         for (layer, site), v in vectors.items():
             src = v if v.requires_grad else v.detach()
             mod = site_module(model, layer, site, layers_path)
-            # Cast once to where the module runs (its own weights: under a device map not
-            # the first parameter's device; offloaded weights are on "meta", then the add
-            # casts); the add casts to the activation anyway, a no-op when they match.
-            where = _module_param(mod)
-            where = param if where is None else where
-            v3 = src.to(device=where.device if where.device.type != "meta" else src.device,
+            # Cast once to the module's own weights (under a device map, not the first
+            # parameter's device; offloaded weights sit on "meta": the add moves it); the
+            # add casts to the activation, a no-op when they match.
+            where = next(mod.parameters(), param)
+            v3 = src.to(device=src.device if where.device.type == "meta" else where.device,
                         dtype=where.dtype if where.is_floating_point() else src.dtype)
             v3 = v3.reshape(-1, 1, v.shape[-1])
             handles.append(mod.register_forward_hook(_adder(v3, state)))
