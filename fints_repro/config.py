@@ -34,6 +34,16 @@ class DemoDataConfig:
 
 
 @dataclass
+class DemoStyleConfig:
+    """The SYNTHETIC style demo (fints_repro/data/demo_style.py): users per kind."""
+
+    users: dict[str, int] = field(default_factory=lambda: {
+        "casual": 4, "formal": 4, "positive": 4, "topic": 4})
+    n_history: int = 12
+    n_test: int = 8
+
+
+@dataclass
 class PwabDataConfig:
     """``dataset=pwab`` / ``demo_pwab`` (PersonalWAB single-turn function calling): the
     official files under ``dataset.path``, the tool environment and the call parser."""
@@ -111,7 +121,7 @@ class DemoPwabConfig:
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    # Which loader reads it: lamp | longlamp | demo
+    # Which loader reads it: lamp | longlamp | pwab | demo | demo_style | demo_pwab
     loader: str = MISSING
     benchmark: str = MISSING  # the benchmark task: lamp4 | lamp5 | longlamp_abstract | demo_news
     # The registered task class (fints_repro/tasks/): prompt pieces, parsing, scoring,
@@ -144,6 +154,9 @@ class DatasetConfig:
     metrics: list[str] = field(default_factory=lambda: ["rouge"])
     # Contrastive pairs are kept only below this ROUGE-L F (docs/fidelity.md).
     pair_rouge_threshold: float = 0.15
+    # task_type=text_style: the style metric's fluency limit on a prediction's per-token
+    # NLL under the unsteered model (nats; null: no NLL guard). docs/demo_style.md.
+    style_max_nll: Optional[float] = None
     # Other users' history items in the pair generator's prompt (5 LaMP-4, 3 abstracts).
     pair_k_other: int = 5
     # User and history selection (docs/fidelity.md). `users`: these user ids only.
@@ -162,6 +175,7 @@ class DatasetConfig:
     time_split: bool = False
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     demo_pwab: DemoPwabConfig = field(default_factory=DemoPwabConfig)
+    demo_style: DemoStyleConfig = field(default_factory=DemoStyleConfig)
     pwab: PwabDataConfig = field(default_factory=PwabDataConfig)
     # The task's system prompt (function calling: the rules and the tool list), before the
     # model's own (model.system_prompt); every stage that renders a chat prompt uses it.

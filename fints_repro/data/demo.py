@@ -529,9 +529,9 @@ TOPIC_NAMES: tuple[str, ...] = tuple(TOPICS)
 MIN_WORDS, MAX_WORDS = 60, 120
 
 # First day of the synthetic calendar, and the gap (days) between consecutive items.
-_EPOCH_START = datetime(2023, 1, 2, tzinfo=timezone.utc)
-_DAY = 86400
-_GAP_DAYS = (1, 6)
+EPOCH_START = datetime(2023, 1, 2, tzinfo=timezone.utc)
+DAY = 86400
+GAP_DAYS = (1, 6)
 
 
 # --------------------------------------------------------------------------------------
@@ -584,7 +584,7 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _make_article(rng: random.Random, topic: str, weekday: str) -> tuple[str, dict[str, str]]:
+def make_article(rng: random.Random, topic: str, weekday: str) -> tuple[str, dict[str, str]]:
     """One article of ``topic`` about an event on ``weekday``, and its key facts."""
     t = TOPICS[topic]
     entity, entity_short = rng.choice(t["entities"])
@@ -674,7 +674,7 @@ def generate_demo_news(*, n_users: int, n_history: int, n_test: int, seed: int,
             topic = (rng.choice(favoured) if rng.random() < FAVOURED_TOPIC_PROB
                      else rng.choice(TOPIC_NAMES))
             for _ in range(1000):
-                article, facts = _make_article(rng, topic, weekday)
+                article, facts = make_article(rng, topic, weekday)
                 if article not in seen_articles:
                     break
             else:  # pragma: no cover - the template space is far larger than any demo
@@ -684,14 +684,14 @@ def generate_demo_news(*, n_users: int, n_history: int, n_test: int, seed: int,
                     "base_headline": base_headline(facts)}
             return article, render_headline(style, facts), meta
 
-        day = _EPOCH_START.timestamp() + rng.randint(0, 60) * _DAY
+        day = EPOCH_START.timestamp() + rng.randint(0, 60) * DAY
         history: list[HistoryItem] = []
         for h in range(n_history):
             style = new_style if h >= n_history - n_new else old_style
             article, headline, meta = draw(style, int(day))
             history.append(HistoryItem(id=f"{user}-h{h:03d}", input=article, output=headline,
                                        timestamp=int(day), meta=meta))
-            day += rng.randint(*_GAP_DAYS) * _DAY
+            day += rng.randint(*GAP_DAYS) * DAY
         for q in range(n_test):
             article, headline, meta = draw(new_style, int(day))
             meta.update(user_topics=list(favoured), drift=drift, old_style=old_style,
@@ -699,7 +699,7 @@ def generate_demo_news(*, n_users: int, n_history: int, n_test: int, seed: int,
             samples.append(Sample(id=f"{user}-q{q:03d}", user=user, input=PROMPT + article,
                                   target=headline, history=tuple(history), timestamp=int(day),
                                   meta=meta))
-            day += rng.randint(*_GAP_DAYS) * _DAY
+            day += rng.randint(*GAP_DAYS) * DAY
     return samples
 
 

@@ -139,6 +139,32 @@ def _read_demo(cfg: DatasetConfig, seed: int) -> list[Sample]:
     return load_lamp(questions, outputs, task="lamp4")
 
 
+@LOADERS.register("demo_style")
+def _read_demo_style(cfg: DatasetConfig, seed: int) -> list[Sample]:
+    """The synthetic style demo, generated once per spec into ``dataset.path/<spec hash>``;
+    each sample's kind, preference and topic (``dev_styles.json``) into its meta, its type
+    as ``demo_style.sample_type`` names it."""
+    from fints_repro.data.demo_style import STYLES_FILE, generate_demo_style, sample_type, write_demo_style
+    from fints_repro.data.lamp import lamp_paths, load_lamp, read_json
+
+    spec = {**asdict(cfg.demo_style), "seed": seed}
+    out = _spec_dir(cfg, spec)
+    questions, outputs = lamp_paths(out, "dev")
+    _generate_once(out, questions, lambda folder: write_demo_style(generate_demo_style(**spec), folder),
+                   "style demo data")
+    styles_path = out / STYLES_FILE
+    styles = read_json(styles_path, hint="delete the folder and run again to regenerate it")
+    samples = []
+    for s in load_lamp(questions, outputs, task="lamp4"):
+        style = styles.get(s.id) if isinstance(styles, dict) else None
+        if not isinstance(style, dict) or not {"kind", "preference", "topic"} <= style.keys():
+            raise DataError(f"sample {s.id!r} has no kind, preference and topic", file=str(styles_path),
+                            record=s.id)
+        samples.append(replace(s, meta={**s.meta, **style},
+                               type=sample_type(style["kind"], style["preference"])))
+    return samples
+
+
 def pwab_root(cfg: DatasetConfig, seed: int) -> Path:
     """The folder with the PersonalWAB-format files: ``dataset.path`` (``pwab``), or the
     SYNTHETIC demo generated once per spec into ``dataset.path/<spec hash>`` (``demo_pwab``)."""
