@@ -177,7 +177,9 @@ def merge_experiment(jobs: Sequence[Job], out: Path) -> Path:
                             f"(first: {absent[:5]})", file=out)
         ordered = [rows[s.id] for s in samples]
         preds = [task.parse(r["generation"]) for r in ordered]
-        scores = task.score(preds, samples, cfg["seed"])
+        # a task's model-time values (the style metric's NLL) are kept in each row's scores
+        values = {name: [r["scores"].get(name) for r in ordered] for name in task.model_values}
+        scores = task.score(preds, samples, cfg["seed"], values or None)
         for r, own in zip(ordered, scores.per_sample):
             if json.dumps(r["scores"], sort_keys=True) != json.dumps(own, sort_keys=True):
                 # a row's scores are its own: the same in any run of its experiment

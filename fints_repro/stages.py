@@ -366,11 +366,37 @@ class Scored:
 
 def parse_and_score(ctx: RunContext, method: Method, selected: Selected) -> Scored:
     """The task parses each chosen text and scores it against the gold output (function
-    calling: executing every call)."""
+    calling: executing every call), with the model-time values it names."""
     preds = [ctx.task.parse(r) for r in selected.raw]
     if any(s.target is None for s in ctx.samples):
         log.warning("[%s] the data has no gold outputs: predictions only, no metrics", method.name)
-    return Scored(preds, ctx.task.score(preds, ctx.samples, ctx.cfg.seed))
+    values = model_values(ctx, preds) if ctx.task.model_values else None
+    return Scored(preds, ctx.task.score(preds, ctx.samples, ctx.cfg.seed, values))
+
+
+def model_values(ctx: RunContext, predictions: Sequence[Any]) -> dict[str, list[float | None]]:
+    """What the task's ``model_values`` name, per prediction, on the run's model without
+    steering or adapters: ``nll``, the mean per-token NLL of the prediction after the
+    sample's zero-shot chat prompt (None for an empty prediction). Cached on disk by
+    (model, prompt, prediction), so each text is scored once across methods and runs."""
+    from fints_repro.models.chat import render_chat
+    from fints_repro.steering.logprob import mean_token_nll
+
+    unknown = sorted(set(ctx.task.model_values) - {"nll"})
+    if unknown:
+        raise ValueError(f"task {ctx.task.name!r} asks for model values {unknown}; known: ['nll']")
+    lm = ctx.model(None)
+    prompts = [render_chat(lm.tokenizer, s.input, lm.system_prompt) for s in ctx.samples]
+    texts = [str(p).strip() for p in predictions]
+    store = GenerationStore(Path(ctx.cfg.cache_dir) / "nll" / f"{content_hash([lm.fingerprint])}.jsonl")
+    keys = [GenerationStore.key(f"{p}\0{t}") for p, t in zip(prompts, texts)]
+    todo = sorted({i for i, (k, t) in enumerate(zip(keys, texts)) if t and k not in store.items},
+                  key=lambda i: keys[i])
+    if todo:
+        got = mean_token_nll(lm, [prompts[i] for i in todo], [texts[i] for i in todo],
+                             batch_size=ctx.cfg.generation.batch_size)
+        store.add([(keys[i], repr(v)) for i, v in zip(todo, got)])
+    return {"nll": [float(store.items[k]) if t else None for k, t in zip(keys, texts)]}
 
 
 # ------------------------------------------------------------------ write

@@ -1,7 +1,9 @@
 """One entry point for all metrics, over a registry of metric functions.
 
 A metric function takes the predictions, the references (same length, non-empty, no
-None) and the :class:`MetricOptions`, and returns ``(aggregate, per_sample)``:
+None) and the :class:`MetricOptions` (settings, and what a metric may need of each sample
+beyond its reference: its preference, model-time values such as the unsteered model's
+NLL), and returns ``(aggregate, per_sample)``:
 ``aggregate`` maps names to numbers (or a string describing how it was computed) and
 ``per_sample`` maps names to one value per sample. Adding a metric is one decorated
 function::
@@ -13,12 +15,14 @@ function::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import cast
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, cast
 
 from fints_repro.registry import Registry
 
+from . import style
 from .meteor import meteor
 from .rouge import rouge
 
@@ -28,10 +32,17 @@ PerSample = dict[str, list[float]]
 
 @dataclass(frozen=True)
 class MetricOptions:
-    """Settings shared by the metric functions; each reads the ones it needs."""
+    """What the metric functions get besides predictions and references; each reads what
+    it needs. ``preferences``: per sample, the style its user wants on it (the style
+    demo's ``meta["preference"]``); ``values``: per-sample numbers a model computed for the
+    predictions (``nll``: per-token NLL under the unsteered model; None where it has none);
+    ``max_nll``: the style metric's fluency limit on ``nll`` (None: no NLL guard)."""
 
     bootstrap: int = 1000
     seed: int = 0
+    preferences: Optional[Sequence[str]] = None
+    values: Mapping[str, Sequence[Optional[float]]] = field(default_factory=dict)
+    max_nll: Optional[float] = None
 
 
 MetricFn = Callable[[Sequence[str], Sequence[str], MetricOptions], tuple[Aggregate, PerSample]]
@@ -65,6 +76,43 @@ def _meteor(
     return dict(result.aggregate), {"meteor": result.scores}
 
 
+@register_metric("style")
+def _style(
+    predictions: Sequence[str], references: Sequence[str], options: MetricOptions
+) -> tuple[Aggregate, PerSample]:
+    """Per sample: ``style`` 1 when the prediction is fluent and has its preference
+    (eval/style.py), ``casual`` / ``positive`` 1 when fluent and casual / positive,
+    ``fluent`` 1 when neither degenerate nor (with ``max_nll``) its ``nll`` above it;
+    aggregates are means (``nll``: over the samples that have one)."""
+    prefs = options.preferences
+    if prefs is None or len(prefs) != len(predictions):
+        raise ValueError("the style metric needs each sample's preference (meta['preference'] "
+                         "of dataset=demo_style's samples)")
+    nll = options.values.get("nll")
+    if options.max_nll is not None and (nll is None or len(nll) != len(predictions)):
+        raise ValueError("the style metric's fluency guard (max_nll) needs each prediction's "
+                         "per-token NLL under the unsteered model (values['nll'])")
+    nll = nll if nll is not None else [None] * len(predictions)
+
+    def fluent(text: str, value: Optional[float]) -> bool:
+        if style.is_degenerate(text):
+            return False
+        return options.max_nll is None or (value is not None and value <= options.max_nll)
+
+    ok = [fluent(p, v) for p, v in zip(predictions, nll)]
+    rows: PerSample = {
+        "style": [float(f and style.has_style(p, pref)) for p, pref, f in zip(predictions, prefs, ok)],
+        "casual": [float(f and style.is_casual(p)) for p, f in zip(predictions, ok)],
+        "positive": [float(f and style.is_positive(p)) for p, f in zip(predictions, ok)],
+        "fluent": [float(f) for f in ok],
+    }
+    agg: Aggregate = {k: statistics.fmean(v) for k, v in rows.items()}
+    known = [v for v in nll if v is not None]
+    if known:
+        agg["nll"] = statistics.fmean(known)
+    return agg, rows
+
+
 def compute_metrics(
     names: list[str],
     predictions: Sequence[str],
@@ -72,6 +120,9 @@ def compute_metrics(
     *,
     bootstrap: int = 1000,
     seed: int = 0,
+    preferences: Sequence[str] | None = None,
+    values: Mapping[str, Sequence[float | None]] | None = None,
+    max_nll: float | None = None,
 ) -> tuple[dict[str, float | str], list[dict[str, float]]]:
     """Compute the named metrics; return ``(aggregate, per_sample_rows)``.
 
@@ -98,7 +149,8 @@ def compute_metrics(
     if n == 0:
         return aggregate, []
     checked_references = cast(Sequence[str], references)  # None was ruled out above
-    options = MetricOptions(bootstrap=bootstrap, seed=seed)
+    options = MetricOptions(bootstrap=bootstrap, seed=seed, preferences=preferences,
+                            values=dict(values or {}), max_nll=max_nll)
     columns: PerSample = {}
     for name in names:
         agg, per_sample = METRICS.get(name)(predictions, checked_references, options)

@@ -107,13 +107,19 @@ class Task:
         form the pairs' sides have (text tasks: the parsed prediction)."""
         return str(self.parse(generation))
 
+    # Per-sample values a model computes for the predictions before they are scored
+    # (``stages.model_values``: ``nll``, the per-token NLL under the unsteered model).
+    model_values: tuple[str, ...] = ()
+
     def score_predictions(self, predictions: Sequence[Any], samples: Sequence[Sample],
-                          seed: int) -> Scores:
+                          seed: int, values: Mapping[str, Sequence[Any]] | None = None) -> Scores:
         raise NotImplementedError
 
-    def score(self, predictions: Sequence[Any], samples: Sequence[Sample], seed: int) -> Scores:
-        """Per-sample and aggregate scores; adds per-type means where samples have types."""
-        scores = self.score_predictions(predictions, samples, seed)
+    def score(self, predictions: Sequence[Any], samples: Sequence[Sample], seed: int,
+              values: Mapping[str, Sequence[Any]] | None = None) -> Scores:
+        """Per-sample and aggregate scores; adds per-type means where samples have types.
+        ``values``: the ``model_values`` the task names, one per prediction."""
+        scores = self.score_predictions(predictions, samples, seed, values)
         types = sorted({s.type for s in samples if s.type is not None})
         for t in types:
             rows = [sc for s, sc in zip(samples, scores.per_sample) if s.type == t]

@@ -326,7 +326,7 @@ class FunctionCallingTask(Task):
         return self.pair_answer(generation, "") or self.read(generation).strip()
 
     def score_predictions(self, predictions: Sequence[dict], samples: Sequence[Sample],
-                          seed: int) -> Scores:
+                          seed: int, values=None) -> Scores:
         t0 = time.time()
         ex = execute(self.environment, predictions, [s.type for s in samples],
                      [s.meta["target_asin"] for s in samples],

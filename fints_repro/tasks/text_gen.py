@@ -35,7 +35,7 @@ class TextGenTask(Task):
         return self._post(self.read(generation))
 
     def score_predictions(self, predictions: Sequence[str], samples: Sequence[Sample],
-                          seed: int) -> Scores:
+                          seed: int, values=None) -> Scores:
         targets = [s.target for s in samples]
         if any(t is None for t in targets):  # an unlabelled split: predictions only
             return Scores({"n": len(samples)}, [{} for _ in samples])

@@ -132,3 +132,26 @@ def test_parts_through_submitit_local_are_merged_when_the_multirun_ends(tiny_ove
     _multirun([*ov, "shard.count=2", "shard.index=0,1"], tmp_path / "sweep",
               ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"])
     _assert_merged_equals_whole(tmp_path / "sweep" / "merged", tmp_path / "whole", ["zero_shot"])
+
+
+def test_a_task_with_model_time_scores_merges_without_the_model(tiny_overrides, tmp_path) -> None:
+    """The style demo's metric reads each row's NLL under the unsteered model: the merge
+    scores again from the NLL kept in the parts' rows, and equals the whole run."""
+    from fints_repro.report import write_merged
+
+    ov = ["+exp=demo_style", *tiny_overrides, "methods=[{backbone: zero_shot}]",
+          "dataset.demo_style.users.casual=1", "dataset.demo_style.users.formal=1",
+          "dataset.demo_style.users.positive=0", "dataset.demo_style.users.topic=1",
+          "dataset.demo_style.n_history=2", "dataset.demo_style.n_test=2"]
+    run(ov, tmp_path / "whole")
+    for i in range(2):
+        run([*ov, "shard.count=2", f"shard.index={i}"], tmp_path / "sweep" / str(i))
+    write_merged(tmp_path / "sweep")
+    _assert_merged_equals_whole(tmp_path / "sweep" / "merged", tmp_path / "whole", ["zero_shot"])
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())["methods"]["zero_shot"]
+    merged = json.loads((tmp_path / "sweep" / "merged" / "metrics.json").read_text())["methods"]["zero_shot"]
+    keys = [k for k in whole if k.split("/")[-1] in ("style", "casual", "positive", "fluent", "nll")]
+    assert "style" in keys and "topic_casual/style" in keys and "nll" in keys
+    assert {k: merged[k] for k in keys} == {k: whole[k] for k in keys}
+    rows = _rows(tmp_path / "whole" / "zero_shot" / "predictions.jsonl")
+    assert len(rows) == 6 and any(r["scores"]["nll"] is not None for r in rows)

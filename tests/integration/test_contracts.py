@@ -134,7 +134,32 @@ def _function_calling_case():
         {"function_accuracy": 0, "result_accuracy": 0.0, "call_error": "unknown_tool"}]
 
 
-CASES = {"text_gen": _text_gen_case, "function_calling": _function_calling_case}
+def _text_style_case():
+    from dataclasses import replace
+
+    from fints_repro.compose import compose_run
+    from fints_repro.config import EvalConfig, GenerationConfig
+    from fints_repro.data.schema import Sample
+    from fints_repro.tasks import build_task
+
+    task = build_task(compose_run(["dataset=demo_style"]).dataset, GenerationConfig(), EvalConfig())
+    s = Sample("s", "u", "Generate a headline for the following article: x", "No way! A b won!", ())
+    samples = [replace(s, id=f"s{i}", meta={"preference": p}, type=t) for i, (p, t) in
+               enumerate([("casual", "casual"), ("formal", "topic_formal"), ("casual", "casual")])]
+    # "Wow, a b won!": casual ("!", "wow") and positive ("won"); its NLL 1.2 is under the
+    # limit (5.0): style 1. "A b won title": formal, fluent: style 1. The third is casual
+    # but its NLL (6.0) is above the limit: not fluent, style 0. ROUGE-1 of the first
+    # ("wow a b won") against "no way a b won": 3 shared unigrams, P = 3/4, R = 3/5, F = 2/3.
+    return task, samples, ["Wow, a b won!", "A b won title", "Wow, a b won!"], [
+        {"style": 1.0, "casual": 1.0, "positive": 1.0, "fluent": 1.0, "nll": 1.2,
+         "rouge1": 2 / 3},
+        {"style": 1.0, "casual": 0.0, "positive": 1.0, "fluent": 1.0, "nll": 0.9},
+        {"style": 0.0, "casual": 0.0, "positive": 0.0, "fluent": 0.0, "nll": 6.0}], \
+        {"nll": [1.2, 0.9, 6.0]}
+
+
+CASES = {"text_gen": _text_gen_case, "function_calling": _function_calling_case,
+         "text_style": _text_style_case}
 
 
 def test_every_task_has_a_hand_made_case() -> None:
@@ -143,8 +168,9 @@ def test_every_task_has_a_hand_made_case() -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_task_scores_a_hand_made_prediction(name: str) -> None:
-    task, samples, generations, want = CASES[name]()
-    scores = task.score([task.parse(g) for g in generations], samples, seed=0)
+    task, samples, generations, want, *values = CASES[name]()  # values: the task's model_values
+    scores = task.score([task.parse(g) for g in generations], samples, seed=0,
+                        values=values[0] if values else None)
     assert len(scores.per_sample) == len(want) == len(samples)
     for got, expected in zip(scores.per_sample, want):
         for k, v in expected.items():
