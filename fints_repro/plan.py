@@ -123,7 +123,19 @@ class Planner:
             if m.steering.name != "none":
                 out += STEERING_WORK.get(m.steering.name, _unknown("steering"))(self, m, pairs)
             out.append(self.generation(m, backbone))
+            if self.task.model_values:
+                out.append(self.model_values(m))
         return out
+
+    def model_values(self, m: Method) -> Stage:
+        """The task's model-time scores (the style metric's NLL): one forward pass over
+        each sample's zero-shot chat prompt and its prediction, at most the budget."""
+        rows = len(self.samples)
+        batch = self.cfg.generation.batch_size
+        tokens = sum(self.count.chat(s.input) for s in self.samples) + rows * self.max_new(m)
+        return Stage(m.name, "scoring " + "+".join(self.task.model_values), users=self.users,
+                     rows=rows, prompt_tokens=tokens, forward_passes=math.ceil(rows / batch),
+                     batch=batch, note="predictions at the budget; a text scored before is cached")
 
     def max_new(self, m: Method) -> int:
         return m.generation.max_new_tokens or self.cfg.dataset.max_new_tokens

@@ -119,3 +119,21 @@ def test_the_paper_preset_is_planned_with_every_backbone(tmp_path: Path, capsys)
     judge = stages[("reward_model", "reward judge")]
     assert not judge.counted and judge.seconds == {"here (cpu, float32)": None}
     assert "no measured figure" in capsys.readouterr().out
+
+
+def test_a_task_with_model_time_scores_plans_its_scoring_stage(tiny_overrides, tmp_path: Path) -> None:
+    """+exp=demo_style: each method's NLL scoring is one pass over every sample's zero-shot
+    chat prompt and its prediction at the budget, counted by hand."""
+    from fints_repro.compose import compose_run
+    from fints_repro.data.load import load_samples
+    from fints_repro.plan import main
+
+    over = ["+exp=demo_style", *tiny_overrides, "methods=[{backbone: zero_shot}]",
+            "dataset.demo_style.users.casual=1", "dataset.demo_style.users.formal=0",
+            "dataset.demo_style.users.positive=0", "dataset.demo_style.users.topic=1",
+            "dataset.demo_style.n_history=2", "dataset.demo_style.n_test=3"]
+    stages = {(s.method, s.stage): s for s in main([*over, "--table", str(tmp_path / "none.json")])}
+    samples = load_samples(compose_run(over).dataset, seed=0)
+    scoring = stages[("zero_shot", "scoring nll")]
+    assert scoring.rows == 6 and scoring.forward_passes == 6  # batch size 1 (tiny_overrides)
+    assert scoring.prompt_tokens == sum(_hand_tokens(_chat(s.input)) for s in samples) + 6 * 6
