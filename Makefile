@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 
 .PHONY: install demo demo-compare demo-drift demo-pwab lint test test-fast test-integration test-e2e test-vllm bench bench-engines bench-steering bench-backbones bench-methods bench-throughput bench-gpu plan-demo bipo-budget repro-demo \
-	repro-demo-backbones repro-demo-pwab repro-demo-methods sweep-demo sweep-demo-pwab sweep-demo-steerx sweep-demo-bipo \
+	repro-demo-backbones repro-demo-pwab repro-demo-methods repro-demo-style sweep-demo-style sweep-demo sweep-demo-pwab sweep-demo-steerx sweep-demo-bipo \
 	sparsity-demo repro-lamp-news repro-longlamp clean-cache
 
 # VLLM=1: the environment with vLLM's CPU build (engine=vllm; docs/engines.md), which needs
@@ -133,6 +133,15 @@ repro-demo-methods: install  ## BiPO and SteerX next to CAA and Fints, on the ne
 	$(call publish,repro-demo-methods)
 	$(RUN) -m +exp=demo_pwab_methods logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-pwab-methods
 	$(call publish,repro-demo-pwab-methods)
+
+repro-demo-style: install sweep-demo-style  ## the steerable-style demo: zero-shot, RAG, CAA, Fints, SteerX, BiPO, 3 seeds; the claim's table and plot
+	$(RUN) -m +exp=demo_style logger=none seed=0,1,2 hydra.sweep.dir=outputs/repro-demo-style
+	$(call publish,repro-demo-style)
+	$(BIN)/python scripts/demo_style_report.py --sweep outputs/sweep-demo-style --seeds outputs/repro-demo-style --out results/repro-demo-style
+
+sweep-demo-style: install  ## layer x strength (residual; CAA also on attention/MLP) on a slice of the style demo
+	$(RUN) -m +exp=demo_style_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-style
+	$(call publish,sweep-demo-style)
 
 sweep-demo-steerx: install  ## SteerX's tau x strength on the embedded data
 	$(RUN) -m +exp=demo_steerx_sweep logger=none hydra.sweep.dir=outputs/sweep-demo-steerx
