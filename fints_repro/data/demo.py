@@ -625,6 +625,17 @@ def make_article(rng: random.Random, topic: str, weekday: str) -> tuple[str, dic
     return text, facts
 
 
+def distinct_article(rng: random.Random, topic: str, weekday: str, seen: set[str]
+                     ) -> tuple[str, dict[str, str]]:
+    """An article (and its facts) not in ``seen``, which it is added to."""
+    for _ in range(1000):
+        article, facts = make_article(rng, topic, weekday)
+        if article not in seen:
+            seen.add(article)
+            return article, facts
+    raise RuntimeError("could not draw a distinct synthetic article")  # pragma: no cover
+
+
 # --------------------------------------------------------------------------------------
 # Users and samples
 # --------------------------------------------------------------------------------------
@@ -673,13 +684,7 @@ def generate_demo_news(*, n_users: int, n_history: int, n_test: int, seed: int,
             weekday = WEEKDAYS[datetime.fromtimestamp(ts, tz=timezone.utc).weekday()]
             topic = (rng.choice(favoured) if rng.random() < FAVOURED_TOPIC_PROB
                      else rng.choice(TOPIC_NAMES))
-            for _ in range(1000):
-                article, facts = make_article(rng, topic, weekday)
-                if article not in seen_articles:
-                    break
-            else:  # pragma: no cover - the template space is far larger than any demo
-                raise RuntimeError("could not draw a distinct synthetic article")
-            seen_articles.add(article)
+            article, facts = distinct_article(rng, topic, weekday, seen_articles)
             meta = {"synthetic": True, "style": style, "topic": topic, "facts": facts,
                     "base_headline": base_headline(facts)}
             return article, render_headline(style, facts), meta

@@ -51,7 +51,7 @@ from fints_repro.data.demo import (
     TOPIC_NAMES,
     WEEKDAYS,
     base_headline,
-    make_article,
+    distinct_article,
     write_lamp_format,
 )
 from fints_repro.data.schema import HistoryItem, Sample
@@ -129,13 +129,7 @@ def generate_demo_style(*, users: Mapping[str, int], n_history: int, n_test: int
             def draw(i: int, ts: int) -> tuple[str, str, dict[str, Any]]:
                 weekday = WEEKDAYS[datetime.fromtimestamp(ts, tz=timezone.utc).weekday()]
                 topic = order[i] if topics else rng.choice(pool)
-                for _ in range(1000):
-                    article, facts = make_article(rng, topic, weekday)
-                    if article not in seen:
-                        break
-                else:  # pragma: no cover - the template space is far larger than any demo
-                    raise RuntimeError("could not draw a distinct synthetic article")
-                seen.add(article)
+                article, facts = distinct_article(rng, topic, weekday, seen)
                 preference = preference_of.get(topic, preference_of.get("*", ""))
                 meta = {"synthetic": True, "kind": kind, "preference": preference,
                         "topic": topic, "facts": facts, "base_headline": base_headline(facts)}

@@ -58,7 +58,23 @@ def token_logprobs(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[st
     """Per sequence, ``log p(y_t | prompt, y_<t)`` of each answer token (float32, CPU),
     prompt and ``" " + answer`` tokenised apart, so the answer's tokens are the same
     whatever the prompt (what a token-level effect of the prompt compares)."""
-    seqs = packed(lm, prompts, answers, "separate")
+    return _answer_logps(lm, packed(lm, prompts, answers, "separate"), batch_size)
+
+
+@torch.no_grad()
+def mean_token_nll(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
+                   batch_size: int = 8) -> list[float]:
+    """Per sequence, the mean over the answer's tokens of ``-log p(y_t | prompt, y_<t)``,
+    prompt and answer tokenised as one string (``joint``: the answer as a model that was
+    given the rendered prompt generated it)."""
+    seqs = packed(lm, prompts, answers, "joint")
+    return [-float(t.mean()) for t in _answer_logps(lm, seqs, batch_size)]
+
+
+def _answer_logps(lm: LoadedModel, seqs: Sequence[tuple[list[int], int]], batch_size: int
+                  ) -> list[torch.Tensor]:
+    """Per (ids, answer start), the log-probabilities of its answer tokens (float32, CPU),
+    longest sequences batched first."""
     out: list[torch.Tensor | None] = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     dev = next(lm.model.parameters()).device
@@ -71,22 +87,3 @@ def token_logprobs(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[st
             out[i] = logp[r, start - 1:len(seq) - 1]
     return out  # type: ignore[return-value]
 
-
-@torch.no_grad()
-def mean_token_nll(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
-                   batch_size: int = 8) -> list[float]:
-    """Per sequence, the mean over the answer's tokens of ``-log p(y_t | prompt, y_<t)``,
-    prompt and answer tokenised as one string (``joint``: the answer as a model that was
-    given the rendered prompt generated it)."""
-    seqs = packed(lm, prompts, answers, "joint")
-    out = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    dev = next(lm.model.parameters()).device
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        ids, attn, _ = pad_batch(seqs, rows, lm.tokenizer.pad_token_id)
-        logp = _token_logp(lm.model, ids.to(dev), attn.to(dev)).cpu()
-        for r, i in enumerate(rows):
-            seq, start = seqs[i]
-            out[i] = -float(logp[r, start - 1:len(seq) - 1].mean())
-    return out

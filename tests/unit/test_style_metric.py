@@ -92,7 +92,8 @@ def test_the_loader_gives_meta_and_types_from_the_written_files(tmp_path) -> Non
                        "dataset.demo_style.users.casual=1", "dataset.demo_style.users.formal=0",
                        "dataset.demo_style.users.positive=0", "dataset.demo_style.users.topic=1", "dataset.demo_style.n_test=4"])
     loaded = load_samples(cfg.dataset, seed=0)
-    made = generate_demo_style(users={"casual": 1, "topic": 1}, n_history=12, n_test=4, seed=0)
+    made = generate_demo_style(users={"casual": 1, "topic": 1},
+                               n_history=cfg.dataset.demo_style.n_history, n_test=4, seed=0)
     assert [(s.id, s.target, s.type, s.meta["preference"], s.meta["topic"]) for s in loaded] == \
         [(s.id, s.target, s.type, s.meta["preference"], s.meta["topic"]) for s in made]
 
