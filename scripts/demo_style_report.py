@@ -40,12 +40,10 @@ def num(v: str | None) -> float | None:
 
 
 def topic_rate(row: dict[str, str]) -> float | None:
-    """Both halves of the topic users, weighted by their counts."""
+    """Both halves of the topic users (equal in size: each user's test items are half
+    sports, half politics)."""
     a, b = num(row.get("topic_casual/style")), num(row.get("topic_formal/style"))
-    na, nb = num(row.get("topic_casual/n")), num(row.get("topic_formal/n"))
-    if None in (a, b, na, nb) or not (na + nb):
-        return None
-    return (a * na + b * nb) / (na + nb)
+    return None if a is None or b is None else (a + b) / 2
 
 
 def mean_sd(vals: list[float]) -> str:
@@ -82,11 +80,9 @@ def claim_table(rows: list[dict[str, str]]) -> str:
     per_seed = ["", f"Per seed, {FG} − {CAA} on the topic users (both halves): " + ", ".join(
         f"seed {s}: {topic_rate(at[s, FG]) - topic_rate(at[s, CAA]):+.3f}" for s in seeds
         if (s, FG) in at and (s, CAA) in at)]
-    n = {key: num(next(iter(at.values())).get(key.replace("/style", "/n") if key != "style" else "n"))
-         for key, _ in RATES}
-    counts = ", ".join(f"{name} {int(n[key])}" for key, name in RATES if n[key])
-    return "\n".join([f"Mean ± sample sd over seeds {', '.join(seeds)} (rates of the `style` "
-                      f"metric; rows per seed: {counts}).", "", *lines, *per_seed, ""])
+    n = num(next(iter(at.values())).get("n"))
+    return "\n".join([f"Mean ± sample sd over seeds {', '.join(seeds)} of the `style` metric's "
+                      f"rate ({int(n or 0)} rows per seed).", "", *lines, *per_seed, ""])
 
 
 def plot(rows: list[dict[str, str]], layer: str, path: Path) -> None:
