@@ -567,11 +567,11 @@ def test_missing_lamp_data_lists_every_place_looked(tmp_path: Path) -> None:
 
 
 def test_loaders_are_registered_and_unknown_ones_listed(tmp_path: Path, monkeypatch) -> None:
-    assert LOADERS.names() == ["demo", "demo_pwab", "lamp", "longlamp", "pwab"]
+    assert LOADERS.names() == ["demo", "demo_pwab", "demo_style", "lamp", "longlamp", "pwab"]
     with pytest.raises(ValueError, match="twice"):
         LOADERS.register("lamp")(lambda cfg, seed: [])
     cfg = DatasetConfig(name="x", loader="csv", benchmark="lamp4", path=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"unknown dataset.loader='csv' \(demo \| demo_pwab \| lamp \| longlamp \| pwab\)"):
+    with pytest.raises(ConfigError, match=r"unknown dataset.loader='csv' \(demo \| demo_pwab \| demo_style \| lamp \| longlamp \| pwab\)"):
         load_samples(cfg, seed=0)
     # A new source is one registered function.
     monkeypatch.setitem(LOADERS._items, "fixture", lambda cfg, seed: load_lamp(
