@@ -75,12 +75,12 @@ def test_every_component_kind_has_one_registry_that_finds_its_plugins_by_itself(
     from fints_repro.tasks import TASKS
     from fints_repro.tracking import TRACKERS
 
-    expected = {TASKS: ["function_calling", "text_gen"],
+    expected = {TASKS: ["function_calling", "text_gen", "text_style"],
                 BACKBONES: ["lora", "rag", "reward_model", "zero_shot"],
                 STEERING: ["bipo", "caa", "fine_grained", "none", "steerx"],
-                METRICS: ["meteor", "rouge"], POSTPROCESS: ["fints_first_line", "strip"],
+                METRICS: ["meteor", "rouge", "style"], POSTPROCESS: ["fints_first_line", "strip"],
                 RETRIEVERS: ["bm25", "contriever", "dense", "minilm"],
-                LOADERS: ["demo", "demo_pwab", "lamp", "longlamp", "pwab"],
+                LOADERS: ["demo", "demo_pwab", "demo_style", "lamp", "longlamp", "pwab"],
                 TRACKERS: ["none", "wandb"]}
     for registry, names in expected.items():  # (this file registers a probe backbone)
         assert [n for n in registry.names() if not registry.origin(n).startswith("tests.")] == names
