@@ -390,8 +390,9 @@ def model_values(ctx: RunContext, predictions: Sequence[Any]) -> dict[str, list[
     texts = [str(p).strip() for p in predictions]
     store = GenerationStore(Path(ctx.cfg.cache_dir) / "nll" / f"{content_hash([lm.fingerprint])}.jsonl")
     keys = [GenerationStore.key(f"{p}\0{t}") for p, t in zip(prompts, texts)]
-    todo = sorted({i for i, (k, t) in enumerate(zip(keys, texts)) if t and k not in store.items},
-                  key=lambda i: keys[i])
+    # one row per distinct (prompt, prediction) not yet scored
+    todo = list({k: i for i, (k, t) in enumerate(zip(keys, texts))
+                 if t and k not in store.items}.values())
     if todo:
         got = mean_token_nll(lm, [prompts[i] for i in todo], [texts[i] for i in todo],
                              batch_size=ctx.cfg.generation.batch_size)

@@ -16,7 +16,8 @@ from fints_repro.eval.postprocess import POSTPROCESS
 from fints_repro.tasks.base import TASKS, PairVerdict, Scores, Task
 
 # Per-sample score names each metric reports (the aggregate adds bootstrap medians etc.).
-_METRIC_SCORES = {"rouge": ("rouge1", "rougeL"), "meteor": ("meteor",)}
+_METRIC_SCORES = {"rouge": ("rouge1", "rougeL"), "meteor": ("meteor",),
+                  "style": ("style", "casual", "positive", "fluent")}
 
 
 @TASKS.register("text_gen")

@@ -18,8 +18,6 @@ from fints_repro.eval import compute_metrics
 from fints_repro.tasks.base import TASKS, Scores
 from fints_repro.tasks.text_gen import TextGenTask
 
-_STYLE_SCORES = ("style", "casual", "positive", "fluent")
-
 
 @TASKS.register("text_style")
 class TextStyleTask(TextGenTask):
@@ -32,9 +30,7 @@ class TextStyleTask(TextGenTask):
         if "style" not in dataset.metrics:
             raise DataError(f"dataset {dataset.name}: task_type=text_style scores with the style "
                             f"metric; dataset.metrics={list(dataset.metrics)} does not name it")
-        names = [n for m in dataset.metrics if m != "style"
-                 for n in {"rouge": ("rouge1", "rougeL"), "meteor": ("meteor",)}.get(m, (m,))]
-        self.metric_names = tuple(names) + _STYLE_SCORES + ("nll",)
+        self.metric_names += ("nll",)
         self.primary_metric = "style"
 
     def score_predictions(self, predictions: Sequence[str], samples: Sequence[Sample], seed: int,
